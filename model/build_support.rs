@@ -1,0 +1,23 @@
+// Shared by the build scripts of droppos-model and droppos-pipeline (included with `include!`).
+//
+// torch-sys links libtorch dynamically but leaves finding it at run time to LD_LIBRARY_PATH. We
+// record its folder as an rpath so binaries and test executables run without that variable, and
+// force libtorch_cuda into DT_NEEDED: nothing references its symbols directly, so the default
+// `--as-needed` would drop it and CUDA would silently be unavailable on GPU machines.
+
+fn link_libtorch() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        println!("cargo:warning=torch-sys did not report its libtorch folder; no rpath is set");
+        return;
+    };
+    let lib = std::path::PathBuf::from(lib);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    let cuda = lib.join("libtorch_cuda.so");
+    if cuda.exists() {
+        println!(
+            "cargo:rustc-link-arg=-Wl,--no-as-needed,{},--as-needed",
+            cuda.display()
+        );
+    }
+}

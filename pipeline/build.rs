@@ -1,0 +1,5 @@
+include!("../model/build_support.rs");
+
+fn main() {
+    link_libtorch();
+}
