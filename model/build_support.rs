@@ -13,6 +13,8 @@ fn link_libtorch() {
     };
     let lib = std::path::PathBuf::from(lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // Lets the binary report where libtorch came from and find the venv's ONNX Runtime beside it.
+    println!("cargo:rustc-env=DROPPOS_LIBTORCH_LIB={}", lib.display());
     let cuda = lib.join("libtorch_cuda.so");
     if cuda.exists() {
         println!(

@@ -1,1 +1,33 @@
-fn main(){}
+//! `droppos-pipeline`: shard datasets, pre-train DropPos, export ONNX, evaluate with ONNX Runtime.
+
+mod commands;
+mod logging;
+mod ort_runtime;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "droppos-pipeline", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `debug`, `droppos_shards=trace`.
+    #[arg(long, global = true, env = "DROPPOS_LOG", default_value = "info")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Report libtorch, CUDA, cuDNN, NCCL and ONNX Runtime availability.
+    Doctor(commands::doctor::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    logging::init(&cli.log);
+    match cli.command {
+        Command::Doctor(args) => commands::doctor::run(args),
+    }
+}
