@@ -82,7 +82,11 @@ fn collect() -> Report {
         libtorch_cuda_linked,
         cuda_available,
         cuda_device_count,
-        cuda_devices: if cuda_available { gpu_info() } else { Vec::new() },
+        cuda_devices: if cuda_available {
+            gpu_info()
+        } else {
+            Vec::new()
+        },
         cudnn_available: cuda_available && tch::Cuda::cudnn_is_available(),
         cudnn_version: cudnn_version(),
         nccl_version: nccl_version(),
@@ -108,10 +112,17 @@ fn print_text(r: &Report) {
     );
     println!(
         "libtorch_cuda      {}",
-        if r.libtorch_cuda_linked { "linked" } else { "not linked (CPU-only libtorch)" }
+        if r.libtorch_cuda_linked {
+            "linked"
+        } else {
+            "not linked (CPU-only libtorch)"
+        }
     );
     if r.cuda_available {
-        println!("CUDA               available, {} device(s)", r.cuda_device_count);
+        println!(
+            "CUDA               available, {} device(s)",
+            r.cuda_device_count
+        );
         for d in &r.cuda_devices {
             println!(
                 "  cuda:{}           {} (compute capability {}, {:.1} GiB)",
@@ -123,14 +134,28 @@ fn print_text(r: &Report) {
     }
     println!(
         "cuDNN              {}{}",
-        if r.cudnn_available { "available" } else { "not available" },
-        r.cudnn_version.as_ref().map(|v| format!(" (library {v})")).unwrap_or_default()
+        if r.cudnn_available {
+            "available"
+        } else {
+            "not available"
+        },
+        r.cudnn_version
+            .as_ref()
+            .map(|v| format!(" (library {v})"))
+            .unwrap_or_default()
     );
     println!(
         "NCCL               {}",
         r.nccl_version
             .as_ref()
-            .map(|v| format!("library {v}{}", if r.cuda_available { "" } else { " (unused without CUDA)" }))
+            .map(|v| format!(
+                "library {v}{}",
+                if r.cuda_available {
+                    ""
+                } else {
+                    " (unused without CUDA)"
+                }
+            ))
             .unwrap_or_else(|| "not found".into())
     );
     match &r.onnxruntime {
@@ -171,7 +196,12 @@ fn torch_version_beside(lib: &str) -> Option<String> {
     let text = std::fs::read_to_string(torch_dir.join("version.py")).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("__version__"))
-        .map(|v| v.trim_start_matches([' ', '=', ':']).trim().trim_matches(['\'', '"']).to_string())
+        .map(|v| {
+            v.trim_start_matches([' ', '=', ':'])
+                .trim()
+                .trim_matches(['\'', '"'])
+                .to_string()
+        })
 }
 
 // The versions of cuDNN and NCCL are asked from the libraries themselves. Both are already in
@@ -180,7 +210,8 @@ fn cudnn_version() -> Option<String> {
     // SAFETY: cudnnGetVersion takes no arguments and returns a size_t.
     unsafe {
         let lib = libloading::Library::new("libcudnn.so.9").ok()?;
-        let f: libloading::Symbol<unsafe extern "C" fn() -> usize> = lib.get(b"cudnnGetVersion").ok()?;
+        let f: libloading::Symbol<unsafe extern "C" fn() -> usize> =
+            lib.get(b"cudnnGetVersion").ok()?;
         let v = f();
         Some(format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100))
     }
@@ -190,7 +221,8 @@ fn nccl_version() -> Option<String> {
     // SAFETY: ncclGetVersion writes one int.
     unsafe {
         let lib = libloading::Library::new("libnccl.so.2").ok()?;
-        let f: libloading::Symbol<unsafe extern "C" fn(*mut c_int) -> c_int> = lib.get(b"ncclGetVersion").ok()?;
+        let f: libloading::Symbol<unsafe extern "C" fn(*mut c_int) -> c_int> =
+            lib.get(b"ncclGetVersion").ok()?;
         let mut v: c_int = 0;
         if f(&mut v) != 0 {
             return None;
