@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Report libtorch, CUDA, cuDNN, NCCL and ONNX Runtime availability.
     Doctor(commands::doctor::Args),
+    /// Performance measurements.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -29,5 +31,6 @@ fn main() -> Result<()> {
     logging::init(&cli.log);
     match cli.command {
         Command::Doctor(args) => commands::doctor::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     }
 }

@@ -1,0 +1,22 @@
+//! `droppos-pipeline bench ...`: performance measurements (one subcommand per component).
+
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Median wall time of one DropPos pre-training step (forward, backward, clip, AdamW).
+    TrainStep(super::bench_train_step::Args),
+}
+
+pub fn run(args: Args) -> Result<()> {
+    match args.command {
+        BenchCommand::TrainStep(a) => super::bench_train_step::run(a),
+    }
+}
