@@ -25,13 +25,16 @@ fn site_packages_candidates() -> Vec<PathBuf> {
     if let Ok(venv) = std::env::var("DROPPOS_VENV") {
         roots.push(PathBuf::from(venv));
     }
-    let cache = std::env::var("DROPPOS_CACHE").map(PathBuf::from).ok().or_else(|| {
-        std::env::var("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .ok()
-            .map(|c| c.join("droppos-pipeline"))
-    });
+    let cache = std::env::var("DROPPOS_CACHE")
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| {
+            std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .ok()
+                .map(|c| c.join("droppos-pipeline"))
+        });
     if let Some(cache) = cache {
         roots.push(cache.join("venv"));
     }
@@ -74,7 +77,10 @@ pub fn locate() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
         let p = PathBuf::from(p);
         if !p.exists() {
-            bail!("ORT_DYLIB_PATH points at {}, which does not exist; {FIX_HINT}", p.display());
+            bail!(
+                "ORT_DYLIB_PATH points at {}, which does not exist; {FIX_HINT}",
+                p.display()
+            );
         }
         return Ok(p);
     }
