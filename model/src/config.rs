@@ -180,10 +180,10 @@ impl VitConfig {
                 self.embed_dim
             ));
         }
-        if !(self.mlp_ratio > 0.0) || self.mlp_hidden() <= 0 {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 || self.mlp_hidden() <= 0 {
             return err(format!("mlp_ratio {} must be positive", self.mlp_ratio));
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return err(format!(
                 "layer_norm_eps {} must be positive",
                 self.layer_norm_eps
@@ -396,7 +396,7 @@ impl DropPosConfig {
                 self.pos_mask_ratio
             )));
         }
-        if !(self.sigma >= 0.0) || !self.sigma.is_finite() {
+        if !self.sigma.is_finite() || self.sigma < 0.0 {
             return Err(ModelError::Config(format!(
                 "sigma {} must be >= 0",
                 self.sigma

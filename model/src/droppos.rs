@@ -227,11 +227,18 @@ impl DropPos {
     /// Attention guide: softmax over patches of cos(cls, patch)/0.1 from a no-grad pass of the
     /// full image with true positions. [N, L].
     pub fn attention_guide(&self, images: &Tensor) -> Result<Tensor> {
+        let n = self.encoder.check_images(images)?;
+        tch::no_grad(|| self.guide_from_patches(&self.encoder.patch_embed.forward(images), n))
+    }
+
+    /// The guide from already computed patch embeddings [N, L, D] (shared with the masked pass:
+    /// the same convolution, so the values equal those of a separate pass).
+    fn guide_from_patches(&self, patches: &Tensor, n: i64) -> Result<Tensor> {
         let l = self.cfg.encoder.num_patches();
         tch::no_grad(|| {
-            let z = self
-                .encoder
-                .forward_tokens(self.encoder.embed_full(images)?);
+            let enc = &self.encoder;
+            let x = patches.detach() + enc.pos_embed.narrow(1, 1, l);
+            let z = enc.forward_tokens(Tensor::cat(&[enc.cls_with_pos(n), x], 1));
             let sim = Tensor::cosine_similarity(&z.narrow(1, 0, 1), &z.narrow(1, 1, l), -1, 1e-8);
             Ok((sim / ATTN_GUIDE_TEMPERATURE).softmax(-1, None::<Kind>))
         })
@@ -296,9 +303,9 @@ impl DropPos {
         }
 
         // Encoder on the visible patches.
-        let x = enc.patch_embed.forward(images);
+        let patches = enc.patch_embed.forward(images);
         let idx_keep = patch_mask.ids_keep.unsqueeze(-1).expand([n, k, d], false);
-        let x_vis = x.gather(1, &idx_keep, false);
+        let x_vis = patches.gather(1, &idx_keep, false);
         let pe_all = enc
             .pos_embed
             .narrow(1, 1, l)
@@ -309,7 +316,7 @@ impl DropPos {
         let x = Tensor::cat(&[enc.cls_with_pos(n), x_vis + pe], 1);
 
         let (attn_full, attn_weights) = if self.cfg.attn_guide {
-            let full = self.attention_guide(images)?;
+            let full = self.guide_from_patches(&patches, n)?;
             let a = full.gather(1, &patch_mask.ids_keep, false);
             let w = &a / a.sum_dim_intlist(-1, true, None::<Kind>);
             (Some(full), Some(w))

@@ -11,7 +11,7 @@ use crate::error::{ModelError, Result};
 
 /// The [P, P] float32 smoothing map for `sigma`.
 pub fn smoothing_map(num_positions: i64, sigma: f64, device: Device) -> Result<Tensor> {
-    if num_positions <= 0 || !(sigma >= 0.0) || !sigma.is_finite() {
+    if num_positions <= 0 || !sigma.is_finite() || sigma < 0.0 {
         return Err(ModelError::Config(format!(
             "smoothing map needs P > 0 and sigma >= 0 (got {num_positions}, {sigma})"
         )));
