@@ -26,6 +26,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod droppos;
 pub mod error;
 pub mod layers;

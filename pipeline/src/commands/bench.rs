@@ -13,10 +13,13 @@ pub struct Args {
 pub enum BenchCommand {
     /// Median wall time of one DropPos pre-training step (forward, backward, clip, AdamW).
     TrainStep(super::bench_train_step::Args),
+    /// Images/s of the streaming loader over a shard folder (full pre-training augmentation).
+    Loader(super::bench_loader::Args),
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         BenchCommand::TrainStep(a) => super::bench_train_step::run(a),
+        BenchCommand::Loader(a) => super::bench_loader::run(a),
     }
 }

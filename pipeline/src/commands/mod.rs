@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_loader;
 pub mod bench_train_step;
 pub mod doctor;

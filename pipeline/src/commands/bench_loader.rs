@@ -1,0 +1,165 @@
+//! `droppos-pipeline bench loader`: images/s of the streaming loader for one or more passes with
+//! the pre-training augmentation (or the evaluation transform), plus peak resident memory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use droppos_shards::loader::{Loader, LoaderConfig, PixelFormat, ShardSet};
+use serde::Serialize;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// u8 RGB (normalisation happens on the device).
+    U8,
+    /// f32 normalised with ImageNet mean/std (what a torchvision pipeline produces).
+    F32,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Shard folder(s) (each with a manifest.json).
+    #[arg(long, required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Decode threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Output side S.
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    /// Passes over the data (epochs 0..N, each reshuffled).
+    #[arg(long, default_value_t = 1)]
+    epochs: u64,
+    #[arg(long, value_enum, default_value_t = Format::F32)]
+    format: Format,
+    /// Evaluation transform (resize + centre crop) instead of the pre-training augmentation.
+    #[arg(long)]
+    eval: bool,
+    /// Turn off DCT-domain downscaling of large crops.
+    #[arg(long)]
+    no_dct: bool,
+    /// Skip the sha256 check of the shards (it reads each shard once more).
+    #[arg(long)]
+    no_verify: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Debug)]
+struct Report {
+    images: u64,
+    batches: u64,
+    skipped: u64,
+    seconds: f64,
+    images_per_s: f64,
+    /// After the first batch of the first epoch (excludes start-up and the first row groups).
+    steady_images_per_s: f64,
+    first_batch_s: f64,
+    threads: usize,
+    batch_size: usize,
+    size: usize,
+    format: &'static str,
+    peak_rss_mib: Option<f64>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let set = Arc::new(
+        ShardSet::open(&a.data, !a.no_verify).with_context(|| format!("opening {:?}", a.data))?,
+    );
+    let mut cfg = if a.eval {
+        LoaderConfig::eval(a.size, a.batch_size)
+    } else {
+        LoaderConfig::pretrain(a.size, a.batch_size)
+    };
+    cfg.drop_last = false;
+    cfg.seed = a.seed;
+    cfg.dct_scaling = !a.no_dct;
+    cfg.pixel_format = match a.format {
+        Format::U8 => PixelFormat::U8,
+        Format::F32 => PixelFormat::F32Normalized,
+    };
+    if let Some(t) = a.threads {
+        cfg.threads = t;
+    }
+    if !a.no_verify {
+        // Hash before the clock starts: verification is a one-off, not loader throughput.
+        set.verify_all().context("verifying shards")?;
+    }
+    let loader = Loader::new(set.clone(), cfg)?;
+    tracing::info!(
+        samples = set.num_samples(),
+        threads = cfg.threads,
+        "benchmarking the loader"
+    );
+    let start = Instant::now();
+    let mut first_batch = None;
+    let mut images = 0u64;
+    let mut after_first = 0u64;
+    let mut batches = 0u64;
+    let mut skipped = 0u64;
+    for epoch in 0..a.epochs {
+        let mut it = loader.epoch(epoch, 0)?;
+        while let Some(b) = it.next() {
+            let b = b?;
+            images += b.len() as u64;
+            skipped += b.skipped.len() as u64;
+            batches += 1;
+            if first_batch.is_none() {
+                first_batch = Some(start.elapsed().as_secs_f64());
+            } else {
+                after_first += b.len() as u64;
+            }
+            it.recycle(b);
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let fb = first_batch.unwrap_or(seconds);
+    let report = Report {
+        images,
+        batches,
+        skipped,
+        seconds,
+        images_per_s: images as f64 / seconds,
+        steady_images_per_s: after_first as f64 / (seconds - fb).max(1e-9),
+        first_batch_s: fb,
+        threads: cfg.threads,
+        batch_size: a.batch_size,
+        size: a.size,
+        format: match a.format {
+            Format::U8 => "u8",
+            Format::F32 => "f32",
+        },
+        peak_rss_mib: peak_rss_mib(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} images in {:.2} s: {:.1} images/s ({:.1} after the first batch), {} threads, peak RSS {}",
+            report.images,
+            report.seconds,
+            report.images_per_s,
+            report.steady_images_per_s,
+            report.threads,
+            report
+                .peak_rss_mib
+                .map(|m| format!("{m:.0} MiB"))
+                .unwrap_or_else(|| "n/a".into())
+        );
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

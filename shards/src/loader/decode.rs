@@ -1,0 +1,383 @@
+//! Image decoding: libjpeg-turbo (TurboJPEG 3 API) for JPEG, with partial decoding of the crop
+//! region and optional DCT-domain downscaling; the `image` crate for anything else (PNG files
+//! named .JPEG exist in ImageNet). The format is detected from the magic bytes.
+//!
+//! Output follows Pillow's `Image.open(f).convert("RGB")` (what torchvision's ImageFolder
+//! loader does): grayscale stays one channel here (replicated to RGB after resampling, which
+//! gives identical pixels since the resampler treats channels independently), CMYK JPEGs are
+//! read with Adobe's inverted convention and converted with Pillow's `cmyk2rgb`, alpha is dropped,
+//! and EXIF orientation is ignored, as Pillow does without `exif_transpose`.
+//!
+//! Partial decoding (`tj3SetCroppingRegion`) decodes only the MCU rows and columns that cover
+//! the crop; libjpeg-turbo produces the same pixels as a full decode for them (checked by tests).
+
+use std::ffi::CStr;
+
+use turbojpeg::raw;
+
+/// Why a sample could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty image bytes")]
+    Empty,
+    #[error("JPEG: {0}")]
+    Jpeg(String),
+    #[error("image: {0}")]
+    Image(String),
+    #[error("image has zero size")]
+    ZeroSize,
+    #[error("image of {0}x{1} pixels exceeds the decoding limit")]
+    TooLarge(usize, usize),
+}
+
+/// Largest accepted image (pixels); guards memory against hostile headers.
+pub const MAX_PIXELS: usize = 16384 * 16384;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Jpeg { colorspace: i32, subsamp: i32 },
+    Other,
+}
+
+/// Image dimensions and how to decode it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub width: usize,
+    pub height: usize,
+    kind: Kind,
+}
+
+impl Header {
+    /// JPEG that supports DCT scaling and cropped decoding.
+    pub fn is_jpeg(&self) -> bool {
+        matches!(self.kind, Kind::Jpeg { .. })
+    }
+}
+
+/// Decoded pixels of a region, in the (possibly DCT-scaled) pixel grid: the region starts at
+/// scaled pixel (`x0`, `y0`); one scaled pixel covers `denom` source pixels per axis.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub pixels: Vec<u8>,
+    pub width: usize,
+    pub height: usize,
+    /// 1 (gray) or 3 (RGB).
+    pub channels: usize,
+    pub x0: usize,
+    pub y0: usize,
+    pub denom: usize,
+}
+
+/// A TurboJPEG decompressor; one per thread.
+pub struct Decoder {
+    handle: raw::tjhandle,
+    cmyk: Vec<u8>,
+}
+
+// The handle is only used through &mut self.
+unsafe impl Send for Decoder {}
+
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tj3Init and is destroyed once.
+        unsafe { raw::tj3Destroy(self.handle) }
+    }
+}
+
+fn is_jpeg(bytes: &[u8]) -> bool {
+    bytes.len() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF
+}
+
+impl Decoder {
+    pub fn new() -> Result<Decoder, DecodeError> {
+        // SAFETY: plain constructor; null on failure.
+        let handle = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as CInt) };
+        if handle.is_null() {
+            return Err(DecodeError::Jpeg("tj3Init failed".into()));
+        }
+        Ok(Decoder {
+            handle,
+            cmyk: Vec::new(),
+        })
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: returns a static or handle-owned C string.
+        unsafe { CStr::from_ptr(raw::tj3GetErrorStr(self.handle)) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn get(&self, p: raw::TJPARAM) -> i32 {
+        // SAFETY: valid handle.
+        unsafe { raw::tj3Get(self.handle, p as CInt) }
+    }
+
+    /// Replaces the handle: after an error TurboJPEG may keep state from the failed stream,
+    /// which would make the next (valid) image fail too.
+    fn reset(&mut self) {
+        // SAFETY: the old handle is destroyed once; a null new handle is reported on next use.
+        unsafe {
+            let fresh = raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as CInt);
+            if !fresh.is_null() {
+                raw::tj3Destroy(self.handle);
+                self.handle = fresh;
+            }
+        }
+    }
+
+    /// Reads the dimensions (JPEG header, or the other format's header).
+    pub fn header(&mut self, bytes: &[u8]) -> Result<Header, DecodeError> {
+        let r = self.header_inner(bytes);
+        if r.is_err() {
+            self.reset();
+        }
+        r
+    }
+
+    fn header_inner(&mut self, bytes: &[u8]) -> Result<Header, DecodeError> {
+        if bytes.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let (width, height, kind) = if is_jpeg(bytes) {
+            // SAFETY: valid handle and buffer.
+            let rc = unsafe {
+                raw::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as raw::size_t)
+            };
+            if rc != 0 {
+                return Err(DecodeError::Jpeg(self.error()));
+            }
+            let w = self.get(raw::TJPARAM_TJPARAM_JPEGWIDTH);
+            let h = self.get(raw::TJPARAM_TJPARAM_JPEGHEIGHT);
+            let kind = Kind::Jpeg {
+                colorspace: self.get(raw::TJPARAM_TJPARAM_COLORSPACE),
+                subsamp: self.get(raw::TJPARAM_TJPARAM_SUBSAMP),
+            };
+            (w.max(0) as usize, h.max(0) as usize, kind)
+        } else {
+            let r = image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| DecodeError::Image(e.to_string()))?;
+            let (w, h) = r
+                .into_dimensions()
+                .map_err(|e| DecodeError::Image(e.to_string()))?;
+            (w as usize, h as usize, Kind::Other)
+        };
+        if width == 0 || height == 0 {
+            return Err(DecodeError::ZeroSize);
+        }
+        if width.saturating_mul(height) > MAX_PIXELS {
+            return Err(DecodeError::TooLarge(width, height));
+        }
+        Ok(Header {
+            width,
+            height,
+            kind,
+        })
+    }
+
+    /// Decodes at least the source rectangle (x, y, w, h) at scale 1/`denom` (1, 2, 4 or 8; only
+    /// honoured for JPEG, others decode at 1) into `out`, reusing its buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_region(
+        &mut self,
+        bytes: &[u8],
+        hdr: &Header,
+        rect: (usize, usize, usize, usize),
+        denom: usize,
+        out: &mut Decoded,
+    ) -> Result<(), DecodeError> {
+        match hdr.kind {
+            Kind::Jpeg {
+                colorspace,
+                subsamp,
+            } => {
+                let r = self.decode_jpeg(bytes, hdr, colorspace, subsamp, rect, denom, out);
+                if r.is_err() {
+                    self.reset();
+                }
+                r
+            }
+            Kind::Other => decode_other(bytes, out),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_jpeg(
+        &mut self,
+        bytes: &[u8],
+        hdr: &Header,
+        colorspace: i32,
+        subsamp: i32,
+        rect: (usize, usize, usize, usize),
+        denom: usize,
+        out: &mut Decoded,
+    ) -> Result<(), DecodeError> {
+        let denom = if matches!(denom, 1 | 2 | 4 | 8) {
+            denom
+        } else {
+            1
+        };
+        // SAFETY (all calls below): valid handle, buffers sized from the header read here.
+        let rc = unsafe {
+            raw::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as raw::size_t)
+        };
+        if rc != 0 {
+            return Err(DecodeError::Jpeg(self.error()));
+        }
+        let sf = raw::tjscalingfactor {
+            num: 1,
+            denom: denom as CInt,
+        };
+        if unsafe { raw::tj3SetScalingFactor(self.handle, sf) } != 0 {
+            return Err(DecodeError::Jpeg(self.error()));
+        }
+        let sw = hdr.width.div_ceil(denom);
+        let sh = hdr.height.div_ceil(denom);
+        let (x, y, w, h) = rect;
+        let mcu_w = mcu_width(subsamp);
+        let smcu = (mcu_w / denom).max(1);
+        // One iMCU of margin on every side: chroma upsampling at the edge of a cropped decode
+        // lacks its neighbours, so those pixels may differ from a full decode; the margin keeps
+        // every pixel the resampler reads identical to Pillow's full decode.
+        let margin = (mcu_w.max(16) / denom).max(1);
+        let x0 = ((x / denom).saturating_sub(margin)) / smcu * smcu;
+        let y0 = (y / denom).saturating_sub(margin);
+        let x1 = ((x + w).div_ceil(denom) + margin).min(sw);
+        let y1 = ((y + h).div_ceil(denom) + margin).min(sh);
+        let (x0, y0, rw, rh) = if x0 == 0 && y0 == 0 && x1 == sw && y1 == sh {
+            (0, 0, sw, sh)
+        } else {
+            (x0, y0, x1 - x0, y1 - y0)
+        };
+        let region = if (x0, y0, rw, rh) == (0, 0, sw, sh) {
+            raw::tjregion {
+                x: 0,
+                y: 0,
+                w: 0,
+                h: 0,
+            }
+        } else {
+            raw::tjregion {
+                x: x0 as CInt,
+                y: y0 as CInt,
+                w: rw as CInt,
+                h: rh as CInt,
+            }
+        };
+        let (x0, y0, rw, rh) = if unsafe { raw::tj3SetCroppingRegion(self.handle, region) } != 0 {
+            // Some layouts refuse a cropping region; decode the whole (scaled) image instead.
+            let none = raw::tjregion {
+                x: 0,
+                y: 0,
+                w: 0,
+                h: 0,
+            };
+            if unsafe { raw::tj3SetCroppingRegion(self.handle, none) } != 0 {
+                return Err(DecodeError::Jpeg(self.error()));
+            }
+            (0, 0, sw, sh)
+        } else {
+            (x0, y0, rw, rh)
+        };
+        let (pf, ch_in) = if colorspace == raw::TJCS_TJCS_GRAY as i32 {
+            (raw::TJPF_TJPF_GRAY, 1)
+        } else if colorspace == raw::TJCS_TJCS_CMYK as i32
+            || colorspace == raw::TJCS_TJCS_YCCK as i32
+        {
+            (raw::TJPF_TJPF_CMYK, 4)
+        } else {
+            (raw::TJPF_TJPF_RGB, 3)
+        };
+        let n = rw * rh * ch_in;
+        let buf = if ch_in == 4 {
+            &mut self.cmyk
+        } else {
+            &mut out.pixels
+        };
+        buf.clear();
+        buf.resize(n, 0);
+        let rc = unsafe {
+            raw::tj3Decompress8(
+                self.handle,
+                bytes.as_ptr(),
+                bytes.len() as raw::size_t,
+                buf.as_mut_ptr(),
+                (rw * ch_in) as CInt,
+                pf as CInt,
+            )
+        };
+        if rc != 0 {
+            let code = unsafe { raw::tj3GetErrorCode(self.handle) };
+            let msg = self.error();
+            // Pillow ignores libjpeg warnings except running out of data (truncated file).
+            if code != raw::TJERR_TJERR_WARNING as i32 || msg.contains("Premature end") {
+                return Err(DecodeError::Jpeg(msg));
+            }
+        }
+        if ch_in == 4 {
+            out.pixels.clear();
+            out.pixels.reserve(rw * rh * 3);
+            for p in self.cmyk.chunks_exact(4) {
+                out.pixels.extend_from_slice(&cmyk_to_rgb(p));
+            }
+        }
+        out.width = rw;
+        out.height = rh;
+        out.channels = if ch_in == 1 { 1 } else { 3 };
+        out.x0 = x0;
+        out.y0 = y0;
+        out.denom = denom;
+        Ok(())
+    }
+}
+
+type CInt = std::os::raw::c_int;
+
+fn mcu_width(subsamp: i32) -> usize {
+    // tjMCUWidth: 444 8, 422 16, 420 16, gray 8, 440 8, 411 32, 441 8.
+    match subsamp {
+        1 | 2 => 16,
+        5 => 32,
+        _ => 8,
+    }
+}
+
+/// Pillow: JPEG CMYK is read as "CMYK;I" (inverted), then `cmyk2rgb`:
+/// `out = clip(nk - nk·c/255)` with `nk = 255 - k`, using Pillow's MULDIV255 rounding.
+fn cmyk_to_rgb(raw: &[u8]) -> [u8; 3] {
+    let nk = raw[3] as i32; // 255 - (255 - raw_k)
+    let f = |v: u8| {
+        let c = 255 - v as i32;
+        let tmp = c * nk + 128;
+        let m = ((tmp >> 8) + tmp) >> 8;
+        (nk - m).clamp(0, 255) as u8
+    };
+    [f(raw[0]), f(raw[1]), f(raw[2])]
+}
+
+fn decode_other(bytes: &[u8], out: &mut Decoded) -> Result<(), DecodeError> {
+    let img = image::load_from_memory(bytes).map_err(|e| DecodeError::Image(e.to_string()))?;
+    let gray = matches!(
+        img.color(),
+        image::ColorType::L8
+            | image::ColorType::L16
+            | image::ColorType::La8
+            | image::ColorType::La16
+    );
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    out.pixels.clear();
+    if gray {
+        out.pixels.extend_from_slice(img.to_luma8().as_raw());
+        out.channels = 1;
+    } else {
+        out.pixels.extend_from_slice(img.to_rgb8().as_raw());
+        out.channels = 3;
+    }
+    out.width = w;
+    out.height = h;
+    out.x0 = 0;
+    out.y0 = 0;
+    out.denom = 1;
+    Ok(())
+}

@@ -1,0 +1,477 @@
+//! Shard access for the loader: the blocks (row groups) of one or more dataset folders, read one
+//! row group at a time, with each shard's size and sha256 checked against the manifest the
+//! first time the loader touches it.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, AsArray, BinaryArray, Int32Array, ListArray, StringArray};
+use arrow::datatypes::DataType;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::LoaderError;
+
+/// Column names of the shard format (issue 3's `format::columns`).
+mod columns {
+    pub const KEY: &str = "key";
+    pub const IMAGE: &str = "image";
+    pub const LABEL: &str = "label";
+    pub const MASK: &str = "mask";
+    pub const PATCH_LABELS: &str = "patch_labels";
+}
+
+/// The parts of `manifest.json` the loader needs (the full type lives with the shard writer);
+/// unknown fields are ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub shards: Vec<ShardEntry>,
+    #[serde(default = "default_patch")]
+    pub patch_size: u32,
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+fn default_patch() -> u32 {
+    16
+}
+
+/// One shard of the manifest.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShardEntry {
+    pub file: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`; shard files must stay inside `dir`.
+    pub fn load(dir: &Path) -> Result<Manifest, LoaderError> {
+        let file = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&file).map_err(|e| LoaderError::io(&file, e))?;
+        let mut m: Manifest = serde_json::from_str(&text).map_err(|e| LoaderError::Manifest {
+            path: file.clone(),
+            message: e.to_string(),
+        })?;
+        for s in &m.shards {
+            let p = Path::new(&s.file);
+            if s.file.is_empty()
+                || p.components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(LoaderError::Manifest {
+                    path: file.clone(),
+                    message: format!(
+                        "shard file {:?} must be a relative path inside the folder",
+                        s.file
+                    ),
+                });
+            }
+        }
+        m.dir = dir.to_path_buf();
+        Ok(m)
+    }
+
+    pub fn shard_path(&self, i: usize) -> PathBuf {
+        self.dir.join(&self.shards[i].file)
+    }
+
+    /// Checks shard `i`'s size, then its sha256 (streamed), against the manifest.
+    pub fn verify_shard(&self, i: usize) -> Result<(), LoaderError> {
+        let path = self.shard_path(i);
+        let e = &self.shards[i];
+        let len = std::fs::metadata(&path)
+            .map_err(|err| LoaderError::io(&path, err))?
+            .len();
+        if len != e.bytes {
+            return Err(LoaderError::ShardMismatch {
+                path,
+                what: "size in bytes",
+                expected: e.bytes.to_string(),
+                actual: len.to_string(),
+            });
+        }
+        let sha = sha256_file(&path)?;
+        if sha != e.sha256 {
+            return Err(LoaderError::ShardMismatch {
+                path,
+                what: "sha256",
+                expected: e.sha256.clone(),
+                actual: sha,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Lowercase hex sha256 of a file, read in 1 MiB pieces.
+pub fn sha256_file(path: &Path) -> Result<String, LoaderError> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(|e| LoaderError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| LoaderError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// One shard file.
+#[derive(Debug, Clone)]
+pub struct ShardFile {
+    pub path: PathBuf,
+    /// Manifest index within its dataset folder.
+    manifest: usize,
+    entry: usize,
+}
+
+/// One block: a row group of a shard.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockInfo {
+    pub shard: usize,
+    pub row_group: usize,
+    pub rows: u64,
+}
+
+/// Which optional columns the shards carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Columns {
+    pub label: bool,
+    pub mask: bool,
+    pub patch_labels: bool,
+}
+
+/// All shards of one or more dataset folders, as blocks in manifest order.
+#[derive(Debug)]
+pub struct ShardSet {
+    manifests: Vec<Manifest>,
+    shards: Vec<ShardFile>,
+    blocks: Vec<BlockInfo>,
+    columns: Columns,
+    patch_size: usize,
+    verify: bool,
+    verified: Mutex<HashSet<usize>>,
+}
+
+impl ShardSet {
+    /// Opens the manifests of `dirs` and reads every shard's Parquet footer (row-group sizes).
+    /// With `verify`, each shard's size and sha256 are checked the first time it is read.
+    pub fn open(dirs: &[PathBuf], verify: bool) -> Result<ShardSet, LoaderError> {
+        if dirs.is_empty() {
+            return Err(LoaderError::Config("no dataset folder given".into()));
+        }
+        let mut manifests = Vec::new();
+        let mut shards = Vec::new();
+        let mut blocks = Vec::new();
+        let mut columns: Option<Columns> = None;
+        let mut patch_size = None;
+        for dir in dirs {
+            let m = Manifest::load(dir)?;
+            let mi = manifests.len();
+            if *patch_size.get_or_insert(m.patch_size) != m.patch_size {
+                return Err(LoaderError::Config(format!(
+                    "{}: patch_size {} differs from the other folders",
+                    dir.display(),
+                    m.patch_size
+                )));
+            }
+            for (ei, entry) in m.shards.iter().enumerate() {
+                let path = m.shard_path(ei);
+                let file = File::open(&path).map_err(|e| LoaderError::io(&path, e))?;
+                let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| parquet_err(&path, e))?;
+                let schema = builder.schema();
+                let has = |name: &str| schema.field_with_name(name).is_ok();
+                if !has(columns::KEY) || !has(columns::IMAGE) {
+                    return Err(LoaderError::Parquet {
+                        path: path.clone(),
+                        message: "missing the key or image column".into(),
+                    });
+                }
+                let c = Columns {
+                    label: has(columns::LABEL),
+                    mask: has(columns::MASK),
+                    patch_labels: has(columns::PATCH_LABELS),
+                };
+                if *columns.get_or_insert(c) != c {
+                    return Err(LoaderError::Config(format!(
+                        "{}: columns differ from the other shards",
+                        path.display()
+                    )));
+                }
+                let md = builder.metadata();
+                let si = shards.len();
+                let mut rows = 0u64;
+                for rg in 0..md.num_row_groups() {
+                    let n = md.row_group(rg).num_rows() as u64;
+                    rows += n;
+                    if n > 0 {
+                        blocks.push(BlockInfo {
+                            shard: si,
+                            row_group: rg,
+                            rows: n,
+                        });
+                    }
+                }
+                if rows != entry.rows {
+                    return Err(LoaderError::ShardMismatch {
+                        path,
+                        what: "row count",
+                        expected: entry.rows.to_string(),
+                        actual: rows.to_string(),
+                    });
+                }
+                shards.push(ShardFile {
+                    path,
+                    manifest: mi,
+                    entry: ei,
+                });
+            }
+            manifests.push(m);
+        }
+        Ok(ShardSet {
+            manifests,
+            shards,
+            blocks,
+            columns: columns.unwrap_or(Columns {
+                label: false,
+                mask: false,
+                patch_labels: false,
+            }),
+            patch_size: patch_size.unwrap_or(16) as usize,
+            verify,
+            verified: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn blocks(&self) -> &[BlockInfo] {
+        &self.blocks
+    }
+
+    pub fn block_sizes(&self) -> Vec<u64> {
+        self.blocks.iter().map(|b| b.rows).collect()
+    }
+
+    pub fn num_samples(&self) -> u64 {
+        self.blocks.iter().map(|b| b.rows).sum()
+    }
+
+    pub fn columns(&self) -> Columns {
+        self.columns
+    }
+
+    pub fn patch_size(&self) -> usize {
+        self.patch_size
+    }
+
+    pub fn manifests(&self) -> &[Manifest] {
+        &self.manifests
+    }
+
+    /// Display name of a shard (its path).
+    pub fn shard_name(&self, shard: usize) -> String {
+        self.shards[shard].path.display().to_string()
+    }
+
+    /// Checks every shard now (size + sha256), instead of on first use.
+    pub fn verify_all(&self) -> Result<(), LoaderError> {
+        for s in 0..self.shards.len() {
+            self.ensure_verified(s)?;
+        }
+        Ok(())
+    }
+
+    fn ensure_verified(&self, shard: usize) -> Result<(), LoaderError> {
+        if !self.verify {
+            return Ok(());
+        }
+        if self.verified.lock().expect("lock").contains(&shard) {
+            return Ok(());
+        }
+        let f = &self.shards[shard];
+        self.manifests[f.manifest].verify_shard(f.entry)?;
+        self.verified.lock().expect("lock").insert(shard);
+        Ok(())
+    }
+
+    /// Reads one block's columns.
+    pub fn read_block(&self, block: usize) -> Result<LoadedBlock, LoaderError> {
+        let b = self.blocks[block];
+        self.ensure_verified(b.shard)?;
+        let path = &self.shards[b.shard].path;
+        let file = File::open(path).map_err(|e| LoaderError::io(path, e))?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
+        let mut names = vec![columns::KEY, columns::IMAGE];
+        if self.columns.label {
+            names.push(columns::LABEL);
+        }
+        if self.columns.mask {
+            names.push(columns::MASK);
+        }
+        if self.columns.patch_labels {
+            names.push(columns::PATCH_LABELS);
+        }
+        let mask = ProjectionMask::columns(builder.parquet_schema(), names.iter().copied());
+        let reader = builder
+            .with_row_groups(vec![b.row_group])
+            .with_projection(mask)
+            .with_batch_size(b.rows as usize)
+            .build()
+            .map_err(|e| parquet_err(path, e))?;
+        let mut batches = Vec::new();
+        for rb in reader {
+            batches.push(rb.map_err(|e| parquet_err(path, e.into()))?);
+        }
+        let schema = batches
+            .first()
+            .map(|b| b.schema())
+            .ok_or_else(|| bad(path, "empty row group"))?;
+        let rb = arrow::compute::concat_batches(&schema, &batches)
+            .map_err(|e| parquet_err(path, e.into()))?;
+        let col = |name: &str| -> Result<Arc<dyn Array>, LoaderError> {
+            rb.column_by_name(name)
+                .cloned()
+                .ok_or_else(|| bad(path, &format!("missing column {name}")))
+        };
+        let keys = col(columns::KEY)?;
+        let keys = match keys.data_type() {
+            DataType::Utf8 => keys.as_string::<i32>().clone(),
+            DataType::LargeUtf8 | DataType::Utf8View => {
+                let c = arrow::compute::cast(&keys, &DataType::Utf8)
+                    .map_err(|e| parquet_err(path, e.into()))?;
+                c.as_string::<i32>().clone()
+            }
+            t => return Err(bad(path, &format!("key column has type {t}"))),
+        };
+        let images = binary(col(columns::IMAGE)?, path)?;
+        let labels = if self.columns.label {
+            let c = col(columns::LABEL)?;
+            let c = arrow::compute::cast(&c, &DataType::Int32)
+                .map_err(|e| parquet_err(path, e.into()))?;
+            Some(c.as_primitive::<arrow::datatypes::Int32Type>().clone())
+        } else {
+            None
+        };
+        let masks = if self.columns.mask {
+            Some(binary(col(columns::MASK)?, path)?)
+        } else {
+            None
+        };
+        let patch_labels = if self.columns.patch_labels {
+            let c = col(columns::PATCH_LABELS)?;
+            Some(
+                c.as_list_opt::<i32>()
+                    .ok_or_else(|| bad(path, "patch_labels is not list<int32>"))?
+                    .clone(),
+            )
+        } else {
+            None
+        };
+        Ok(LoadedBlock {
+            shard: b.shard,
+            keys,
+            images,
+            labels,
+            masks,
+            patch_labels,
+        })
+    }
+}
+
+/// The columns of one row group in memory.
+#[derive(Debug)]
+pub struct LoadedBlock {
+    pub shard: usize,
+    keys: StringArray,
+    images: BinaryArray,
+    labels: Option<Int32Array>,
+    masks: Option<BinaryArray>,
+    patch_labels: Option<ListArray>,
+}
+
+impl LoadedBlock {
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn key(&self, row: usize) -> &str {
+        self.keys.value(row)
+    }
+
+    pub fn image(&self, row: usize) -> &[u8] {
+        if self.images.is_null(row) {
+            &[]
+        } else {
+            self.images.value(row)
+        }
+    }
+
+    pub fn label(&self, row: usize) -> i64 {
+        self.labels
+            .as_ref()
+            .map(|l| {
+                if l.is_null(row) {
+                    -1
+                } else {
+                    l.value(row) as i64
+                }
+            })
+            .unwrap_or(-1)
+    }
+
+    pub fn mask(&self, row: usize) -> Option<&[u8]> {
+        self.masks.as_ref().map(|m| m.value(row))
+    }
+
+    /// Patch labels of a row (a slice of the list's values).
+    pub fn patch_labels(&self, row: usize) -> Option<&[i32]> {
+        let l = self.patch_labels.as_ref()?;
+        let offs = l.value_offsets();
+        let (a, b) = (offs[row] as usize, offs[row + 1] as usize);
+        let vals = l
+            .values()
+            .as_primitive_opt::<arrow::datatypes::Int32Type>()?;
+        Some(&vals.values()[a..b])
+    }
+}
+
+fn binary(a: Arc<dyn Array>, path: &Path) -> Result<BinaryArray, LoaderError> {
+    match a.data_type() {
+        DataType::Binary => Ok(a.as_binary::<i32>().clone()),
+        DataType::LargeBinary | DataType::BinaryView => {
+            let c = arrow::compute::cast(&a, &DataType::Binary)
+                .map_err(|e| parquet_err(path, e.into()))?;
+            Ok(c.as_binary::<i32>().clone())
+        }
+        t => Err(bad(path, &format!("binary column has type {t}"))),
+    }
+}
+
+fn parquet_err(path: &Path, e: parquet::errors::ParquetError) -> LoaderError {
+    LoaderError::Parquet {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn bad(path: &Path, msg: &str) -> LoaderError {
+    LoaderError::Parquet {
+        path: path.to_path_buf(),
+        message: msg.to_string(),
+    }
+}

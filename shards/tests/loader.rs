@@ -1,0 +1,595 @@
+//! Loader tests: Pillow agreement, crop statistics vs torchvision, order determinism, ranks,
+//! resume, failure handling. Fixtures: tests/fixtures/loader (override with
+//! DROPPOS_LOADER_FIXTURES); see its PROVENANCE.md and scripts/make_resize_fixtures.py.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BinaryArray, Int32Array, ListArray, StringArray};
+use arrow::datatypes::{DataType, Field, Int32Type, Schema};
+use arrow::record_batch::RecordBatch;
+use droppos_shards::loader::rng::Rng;
+use droppos_shards::loader::transform::{
+    random_resized_crop_box, Augment, CropBox, ImageSlot, RrcParams, SampleIn, SampleOut,
+    TransformConfig, Worker,
+};
+use droppos_shards::loader::{Batch, Images, Loader, LoaderConfig, LoaderError, OnError, ShardSet};
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("DROPPOS_LOADER_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/loader"))
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Runs one fixture case through the loader's per-sample path; returns HWC RGB.
+fn run_case(case: &Value, dct: bool) -> (Vec<u8>, usize) {
+    let dir = fixtures();
+    let bytes = std::fs::read(dir.join("images").join(case["image"].as_str().unwrap())).unwrap();
+    let size = case["size"].as_u64().unwrap() as usize;
+    let eval = case["kind"] == "eval";
+    let cfg = TransformConfig {
+        augment: if eval {
+            Augment::Eval
+        } else {
+            Augment::Pretrain {
+                rrc: RrcParams::default(),
+                flip: false,
+            }
+        },
+        size,
+        dct_scaling: dct,
+        patch_size: 16,
+    };
+    let mut w = Worker::new().unwrap();
+    let hdr = w.header(&bytes).unwrap();
+    let cb = if eval {
+        CropBox {
+            i: 0,
+            j: 0,
+            h: hdr.height,
+            w: hdr.width,
+        }
+    } else {
+        let b: Vec<usize> = case["box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        CropBox {
+            i: b[0],
+            j: b[1],
+            h: b[2],
+            w: b[3],
+        }
+    };
+    let mut out = vec![0u8; 3 * size * size];
+    let input = SampleIn {
+        image: &bytes,
+        mask: None,
+        patch_labels: None,
+    };
+    let so = SampleOut {
+        image: ImageSlot::U8(&mut out),
+        mask: None,
+        patch_labels: None,
+    };
+    w.process_geometry(&cfg, input, &hdr, cb, false, so)
+        .unwrap();
+    // CHW → HWC
+    let plane = size * size;
+    let mut hwc = vec![0u8; 3 * plane];
+    for c in 0..3 {
+        for p in 0..plane {
+            hwc[p * 3 + c] = out[c * plane + p];
+        }
+    }
+    (hwc, size)
+}
+
+fn diff(a: &[u8], b: &[u8]) -> (f64, u8) {
+    assert_eq!(a.len(), b.len());
+    let mut sum = 0u64;
+    let mut max = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        let d = x.abs_diff(*y);
+        sum += d as u64;
+        max = max.max(d);
+    }
+    (sum as f64 / a.len() as f64, max)
+}
+
+#[test]
+fn resize_agrees_with_pillow() {
+    let dir = fixtures();
+    let cases = read_json(&dir.join("cases.json"));
+    let mut exact = 0;
+    let cases = cases.as_array().unwrap();
+    for case in cases {
+        let reference = image::open(dir.join("ref").join(case["ref"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        for dct in [false, true] {
+            let (ours, size) = run_case(case, dct);
+            assert_eq!(reference.dimensions(), (size as u32, size as u32));
+            let (mean, max) = diff(&ours, reference.as_raw());
+            eprintln!(
+                "{} {} dct={dct}: mean |Δ| {mean:.4}, max {max}",
+                case["ref"], case["image"]
+            );
+            assert!(
+                mean < 1.0,
+                "{case}: mean abs difference {mean} ≥ 1 grey level"
+            );
+            if !dct && max == 0 {
+                exact += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{exact}/{} cases bit-exact without DCT scaling",
+        cases.len()
+    );
+}
+
+#[test]
+fn crop_box_statistics_match_torchvision() {
+    let stats = read_json(&fixtures().join("crop_stats.json"));
+    let p = RrcParams::default();
+    for s in stats.as_array().unwrap() {
+        let (w, h) = (
+            s["width"].as_u64().unwrap() as usize,
+            s["height"].as_u64().unwrap() as usize,
+        );
+        let n = s["draws"].as_u64().unwrap() as usize;
+        let fb: Vec<usize> = s["fallback_box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let mut rng = Rng::from_key(99);
+        let mut feats: Vec<[f64; 6]> = Vec::with_capacity(n);
+        let mut fallbacks = 0usize;
+        for _ in 0..n {
+            let b = random_resized_crop_box(w, h, &p, &mut rng);
+            if [b.i, b.j, b.h, b.w] == fb[..] {
+                fallbacks += 1;
+            }
+            assert!(b.i + b.h <= h && b.j + b.w <= w && b.h > 0 && b.w > 0);
+            feats.push([
+                b.i as f64,
+                b.j as f64,
+                b.h as f64,
+                b.w as f64,
+                (b.h * b.w) as f64 / (w * h) as f64,
+                (b.w as f64 / b.h as f64).ln(),
+            ]);
+        }
+        for (k, name) in ["i", "j", "h", "w", "area", "log_aspect"]
+            .iter()
+            .enumerate()
+        {
+            let ours = feats.iter().map(|f| f[k]).sum::<f64>() / n as f64;
+            let theirs = s["mean"][name].as_f64().unwrap();
+            let sd = s["std"][name].as_f64().unwrap();
+            // Two independent samples of n: the difference of means has sd·sqrt(2/n).
+            let se = (sd * (2.0 / n as f64).sqrt()).max(1e-9);
+            let z = (ours - theirs) / se;
+            assert!(
+                z.abs() < 5.0 || sd == 0.0 && (ours - theirs).abs() < 1e-9,
+                "{w}x{h} {name}: ours {ours}, torchvision {theirs} (z = {z:.2})"
+            );
+        }
+        let f_ours = fallbacks as f64 / n as f64;
+        let f_theirs = s["fallback_fraction"].as_f64().unwrap();
+        let pbar = ((f_ours + f_theirs) / 2.0).max(1.0 / n as f64);
+        let se = (2.0 * pbar * (1.0 - pbar) / n as f64).sqrt();
+        assert!(
+            (f_ours - f_theirs).abs() < 5.0 * se + 1e-9,
+            "{w}x{h} fallback: ours {f_ours}, torchvision {f_theirs}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// A small dataset written in the shard format.
+
+struct Row {
+    key: String,
+    image: Vec<u8>,
+    label: i32,
+}
+
+fn fixture_images() -> Vec<(String, Vec<u8>)> {
+    let dir = fixtures().join("images");
+    let mut v: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v.into_iter()
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Writes `rows` as shards of `per_shard` rows with row groups of `per_group` rows.
+fn write_dataset(dir: &Path, rows: &[Row], per_shard: usize, per_group: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("image", DataType::Binary, false),
+        Field::new("width", DataType::Int32, false),
+        Field::new("height", DataType::Int32, false),
+        Field::new("label", DataType::Int32, false),
+    ]));
+    let mut shards = vec![];
+    for (si, chunk) in rows.chunks(per_shard).enumerate() {
+        let file = format!("shard-{si:06}.parquet");
+        let path = dir.join(&file);
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(per_group))
+            .build();
+        let f = std::fs::File::create(&path).unwrap();
+        let mut w = ArrowWriter::try_new(f, schema.clone(), Some(props)).unwrap();
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(
+                chunk.iter().map(|r| r.key.clone()),
+            )),
+            Arc::new(BinaryArray::from_iter_values(
+                chunk.iter().map(|r| r.image.as_slice()),
+            )),
+            Arc::new(Int32Array::from(vec![0; chunk.len()])),
+            Arc::new(Int32Array::from(vec![0; chunk.len()])),
+            Arc::new(Int32Array::from_iter_values(chunk.iter().map(|r| r.label))),
+        ];
+        w.write(&RecordBatch::try_new(schema.clone(), cols).unwrap())
+            .unwrap();
+        w.close().unwrap();
+        let (bytes, sha) = (
+            std::fs::metadata(&path).unwrap().len(),
+            droppos_shards::loader::reader::sha256_file(&path).unwrap(),
+        );
+        shards.push(json!({"file": file, "rows": chunk.len(), "bytes": bytes, "sha256": sha}));
+    }
+    write_manifest(dir, "imagenet", rows.len(), shards);
+}
+
+fn write_manifest(dir: &Path, dataset: &str, rows: usize, shards: Vec<Value>) {
+    let m = json!({
+        "format_version": 1, "tool": "test", "tool_version": "0", "dataset": dataset,
+        "split": "train", "num_rows": rows, "classes": [], "patch_size": 16,
+        "shards": shards, "skipped": [], "options": {},
+        "inputs": {"count": rows, "sha256": ""}
+    });
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_string_pretty(&m).unwrap(),
+    )
+    .unwrap();
+}
+
+fn dataset(n: usize, corrupt: Option<usize>) -> (tempfile::TempDir, Arc<ShardSet>) {
+    let imgs = fixture_images();
+    let rows: Vec<Row> = (0..n)
+        .map(|i| {
+            let (name, bytes) = &imgs[i % imgs.len()];
+            let image = if Some(i) == corrupt {
+                b"\xFF\xD8\xFFnot really a jpeg".to_vec()
+            } else {
+                bytes.clone()
+            };
+            Row {
+                key: format!("{i:04}/{name}"),
+                image,
+                label: i as i32,
+            }
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    write_dataset(tmp.path(), &rows, 11, 4);
+    let set = Arc::new(ShardSet::open(&[tmp.path().to_path_buf()], true).unwrap());
+    (tmp, set)
+}
+
+fn small_cfg() -> LoaderConfig {
+    LoaderConfig {
+        window_blocks: 2,
+        threads: 2,
+        ..LoaderConfig::pretrain(32, 4)
+    }
+}
+
+fn collect(loader: &Loader, epoch: u64, consumed: u64) -> Vec<Batch> {
+    loader
+        .epoch(epoch, consumed)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+#[test]
+fn batches_are_deterministic_and_thread_independent() {
+    let (_t, set) = dataset(23, None);
+    let a = collect(&Loader::new(set.clone(), small_cfg()).unwrap(), 3, 0);
+    let one = LoaderConfig {
+        threads: 1,
+        ..small_cfg()
+    };
+    let b = collect(&Loader::new(set.clone(), one).unwrap(), 3, 0);
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 5); // 23 samples, batch 4, drop_last
+    let c = collect(&Loader::new(set.clone(), small_cfg()).unwrap(), 4, 0);
+    assert_ne!(a[0].keys, c[0].keys, "a new epoch reshuffles");
+    for batch in &a {
+        assert_eq!(batch.image_shape(), [4, 3, 32, 32]);
+        assert!(matches!(&batch.images, Images::U8(v) if v.len() == 4 * 3 * 32 * 32));
+        for (k, l) in batch.keys.iter().zip(&batch.labels) {
+            assert_eq!(
+                k[..4].parse::<i64>().unwrap(),
+                *l,
+                "label travels with its key"
+            );
+        }
+    }
+    let f = LoaderConfig {
+        pixel_format: droppos_shards::loader::PixelFormat::F32Normalized,
+        ..small_cfg()
+    };
+    let fb = collect(&Loader::new(set, f).unwrap(), 3, 0);
+    let (Images::U8(u), Images::F32(x)) = (&a[0].images, &fb[0].images) else {
+        panic!("formats")
+    };
+    let plane = 32 * 32;
+    for (idx, (&u, &x)) in u.iter().zip(x).enumerate() {
+        let c = idx / plane % 3;
+        let want = (u as f32 / 255.0 - droppos_shards::loader::IMAGENET_MEAN[c])
+            / droppos_shards::loader::IMAGENET_STD[c];
+        assert_eq!(want, x);
+    }
+}
+
+#[test]
+fn ranks_are_disjoint_equal_and_cover_everything() {
+    let n = 23;
+    let (_t, set) = dataset(n, None);
+    for world in [1usize, 2, 3, 4] {
+        let mut keys = HashSet::new();
+        let mut total = 0;
+        let mut lens = vec![];
+        for rank in 0..world {
+            let cfg = LoaderConfig {
+                world,
+                rank,
+                drop_last: false,
+                ..small_cfg()
+            };
+            let loader = Loader::new(set.clone(), cfg).unwrap();
+            let batches = collect(&loader, 1, 0);
+            let len: usize = batches.iter().map(|b| b.len()).sum();
+            assert_eq!(len as u64, loader.samples_per_epoch());
+            lens.push(len);
+            total += len;
+            for b in &batches {
+                keys.extend(b.keys.iter().cloned());
+            }
+        }
+        assert!(lens.iter().all(|&l| l == n.div_ceil(world)), "{lens:?}");
+        assert_eq!(keys.len(), n, "every sample seen once per epoch");
+        assert_eq!(
+            total - keys.len(),
+            lens[0] * world - n,
+            "only wrap padding repeats"
+        );
+    }
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run() {
+    let (_t, set) = dataset(23, None);
+    let cfg = LoaderConfig {
+        world: 2,
+        rank: 1,
+        drop_last: false,
+        ..small_cfg()
+    };
+    let loader = Loader::new(set, cfg).unwrap();
+    let full = collect(&loader, 2, 0);
+    for k in 0..full.len() {
+        let resumed = collect(&loader, 2, full[k].consumed);
+        assert_eq!(&full[k + 1..], &resumed[..], "resume after batch {k}");
+    }
+}
+
+#[test]
+fn corrupt_sample_is_skipped_or_fails_by_policy() {
+    let (_t, set) = dataset(16, Some(5));
+    let cfg = LoaderConfig {
+        shuffle: false,
+        drop_last: false,
+        ..small_cfg()
+    };
+    let batches = collect(&Loader::new(set.clone(), cfg).unwrap(), 0, 0);
+    let skipped: Vec<_> = batches.iter().flat_map(|b| b.skipped.clone()).collect();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(skipped[0].key.starts_with("0005/"), "{skipped:?}");
+    assert!(skipped[0].shard.ends_with("shard-000000.parquet"));
+    assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), 15);
+    assert_eq!(batches[1].keys[0][..4].to_string(), "0004");
+    assert_eq!(
+        batches[1].keys[1][..4].to_string(),
+        "0006",
+        "the hole is filled by the next"
+    );
+
+    let fail = LoaderConfig {
+        on_error: OnError::Fail,
+        ..cfg
+    };
+    let results: Vec<_> = Loader::new(set, fail)
+        .unwrap()
+        .epoch(0, 0)
+        .unwrap()
+        .collect();
+    let err = results.into_iter().find_map(|r| r.err()).expect("an error");
+    match &err {
+        LoaderError::Sample { shard, key, .. } => {
+            assert!(shard.ends_with("shard-000000.parquet"));
+            assert!(key.starts_with("0005/"));
+        }
+        e => panic!("unexpected {e}"),
+    }
+}
+
+#[test]
+fn corrupt_shard_is_an_error_naming_it() {
+    let (t, set) = dataset(16, None);
+    drop(set);
+    let path = t.path().join("shard-000001.parquet");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&path, bytes).unwrap();
+    let set = Arc::new(ShardSet::open(&[t.path().to_path_buf()], true).unwrap());
+    let cfg = LoaderConfig {
+        shuffle: false,
+        ..small_cfg()
+    };
+    let results: Vec<_> = Loader::new(set, cfg)
+        .unwrap()
+        .epoch(0, 0)
+        .unwrap()
+        .collect();
+    let err = results.into_iter().find_map(|r| r.err()).expect("an error");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("shard-000001.parquet") && msg.contains("sha256"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn dense_masks_and_patch_labels_follow_the_geometry() {
+    // An image whose mask and patch labels encode the source patch index.
+    let (w, h, p) = (96usize, 64usize, 16usize);
+    let (gw, gh) = (w / p, h / p);
+    let rgb = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, 7])
+    });
+    let mut png = vec![];
+    rgb.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let label_at = |x: usize, y: usize| (1 + (y / p) * gw + x / p) as u8;
+    let mask = image::GrayImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Luma([label_at(x as usize, y as usize)])
+    });
+    let mut mpng = vec![];
+    mask.write_to(
+        &mut std::io::Cursor::new(&mut mpng),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    let pl: Vec<i32> = (0..gh * gw).map(|i| 1 + i as i32).collect();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("image", DataType::Binary, false),
+        Field::new("mask", DataType::Binary, false),
+        Field::new(
+            "patch_labels",
+            DataType::List(Arc::new(Field::new("item", DataType::Int32, false))),
+            false,
+        ),
+    ]));
+    let n = 6;
+    let path = tmp.path().join("shard-000000.parquet");
+    let mut wr =
+        ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema.clone(), None).unwrap();
+    let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(
+        (0..n).map(|_| Some(pl.iter().map(|&v| Some(v)).collect::<Vec<_>>())),
+    );
+    let lists = ListArray::new(
+        Arc::new(Field::new("item", DataType::Int32, false)),
+        lists.offsets().clone(),
+        lists.values().clone(),
+        None,
+    );
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            (0..n).map(|i| format!("k{i}")),
+        )),
+        Arc::new(BinaryArray::from_iter_values(
+            (0..n).map(|_| png.as_slice()),
+        )),
+        Arc::new(BinaryArray::from_iter_values(
+            (0..n).map(|_| mpng.as_slice()),
+        )),
+        Arc::new(lists),
+    ];
+    wr.write(&RecordBatch::try_new(schema, cols).unwrap())
+        .unwrap();
+    wr.close().unwrap();
+    let (bytes, sha) = (
+        std::fs::metadata(&path).unwrap().len(),
+        droppos_shards::loader::reader::sha256_file(&path).unwrap(),
+    );
+    write_manifest(
+        tmp.path(),
+        "ade20k",
+        n,
+        vec![json!({"file": "shard-000000.parquet", "rows": n, "bytes": bytes, "sha256": sha})],
+    );
+    let set = Arc::new(ShardSet::open(&[tmp.path().to_path_buf()], true).unwrap());
+    for cfg in [LoaderConfig::pretrain(32, 3), LoaderConfig::eval(32, 3)] {
+        let batches = collect(&Loader::new(set.clone(), cfg).unwrap(), 0, 0);
+        let s = 32;
+        let g = s / p;
+        let mut agree = 0;
+        let mut total = 0;
+        for b in &batches {
+            let masks = b.masks.as_ref().expect("masks");
+            let pls = b.patch_labels.as_ref().expect("patch labels");
+            assert_eq!(masks.len(), b.len() * s * s);
+            assert_eq!(pls.len(), b.len() * g * g);
+            assert!(b.labels.iter().all(|&l| l == -1));
+            for k in 0..b.len() {
+                for py in 0..g {
+                    for px in 0..g {
+                        // The patch centre lies between output pixels p/2 - 1 and p/2 on
+                        // each axis; nearest sampling gives it the label of one of them.
+                        let want = pls[k * g * g + py * g + px];
+                        let near = [
+                            (p / 2 - 1, p / 2 - 1),
+                            (p / 2 - 1, p / 2),
+                            (p / 2, p / 2 - 1),
+                            (p / 2, p / 2),
+                        ];
+                        let hit = near.iter().any(|&(dy, dx)| {
+                            masks[k * s * s + (py * p + dy) * s + px * p + dx] as i32 == want
+                        });
+                        total += 1;
+                        agree += hit as usize;
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            agree, total,
+            "patch labels agree with the mask at every patch centre"
+        );
+    }
+}
