@@ -31,6 +31,7 @@ pub mod droppos;
 pub mod error;
 pub mod layers;
 pub mod masking;
+pub mod onnx;
 pub mod optim;
 pub mod pos_embed;
 pub mod schedule;

@@ -4,6 +4,9 @@ mod commands;
 mod logging;
 mod ort_runtime;
 
+#[cfg(test)]
+mod onnx_tests;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -24,6 +27,8 @@ enum Command {
     Doctor(commands::doctor::Args),
     /// Performance measurements.
     Bench(commands::bench::Args),
+    /// Export a checkpoint to ONNX (encoder or DropPos position model), written without Python.
+    Export(commands::export::Args),
 }
 
 fn main() -> Result<()> {
@@ -32,5 +37,6 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Doctor(args) => commands::doctor::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Export(args) => commands::export::run(args),
     }
 }

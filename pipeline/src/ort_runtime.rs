@@ -92,14 +92,18 @@ pub fn locate() -> Result<PathBuf> {
 
 type Loaded = (RuntimeInfo, ort::environment::Environment);
 
+fn loaded() -> Result<&'static Loaded> {
+    static LOADED: OnceLock<std::result::Result<Loaded, String>> = OnceLock::new();
+    match LOADED.get_or_init(|| load().map_err(|e| format!("{e:#}"))) {
+        Ok(l) => Ok(l),
+        Err(e) => Err(anyhow!("{e}")),
+    }
+}
+
 /// Load ONNX Runtime once per process; later calls return the same result. The environment is
 /// kept for the life of the process so every session shares it.
 pub fn init() -> Result<RuntimeInfo> {
-    static LOADED: OnceLock<std::result::Result<Loaded, String>> = OnceLock::new();
-    match LOADED.get_or_init(|| load().map_err(|e| format!("{e:#}"))) {
-        Ok((info, _env)) => Ok(info.clone()),
-        Err(e) => Err(anyhow!("{e}")),
-    }
+    loaded().map(|(info, _)| info.clone())
 }
 
 fn load() -> Result<Loaded> {
@@ -123,6 +127,166 @@ fn version_from_build_info(info: &str) -> Option<String> {
     let branch = info.split("git-branch=").nth(1)?;
     let branch = branch.split(',').next()?.trim();
     Some(branch.strip_prefix("rel-").unwrap_or(branch).to_string())
+}
+
+/// Input data for [`OrtModel::run`]: plain row-major slices with their shapes (no ndarray, so
+/// tch's and ort's ndarray versions never have to agree).
+#[derive(Debug, Clone, Copy)]
+pub enum InputData<'a> {
+    F32(&'a [f32]),
+    I64(&'a [i64]),
+}
+
+/// One named input.
+#[derive(Debug, Clone)]
+pub struct Input<'a> {
+    pub name: &'a str,
+    pub shape: Vec<i64>,
+    pub data: InputData<'a>,
+}
+
+impl<'a> Input<'a> {
+    pub fn f32(name: &'a str, shape: &[i64], data: &'a [f32]) -> Self {
+        Self {
+            name,
+            shape: shape.to_vec(),
+            data: InputData::F32(data),
+        }
+    }
+
+    pub fn i64(name: &'a str, shape: &[i64], data: &'a [i64]) -> Self {
+        Self {
+            name,
+            shape: shape.to_vec(),
+            data: InputData::I64(data),
+        }
+    }
+}
+
+/// One fp32 output, copied out of ONNX Runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub shape: Vec<i64>,
+    pub data: Vec<f32>,
+}
+
+/// An ONNX model loaded into an ONNX Runtime CPU session.
+pub struct OrtModel {
+    session: ort::session::Session,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for OrtModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrtModel")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl OrtModel {
+    /// Loads `path` (and its external data, if any) with `threads` intra-op threads (0 lets
+    /// ONNX Runtime choose) and all graph optimisations.
+    pub fn load(path: &Path, threads: usize) -> Result<Self> {
+        let (_, env) = loaded()?;
+        let fail = |e: &dyn std::fmt::Display| {
+            anyhow!("loading {} into ONNX Runtime: {e}", path.display())
+        };
+        let session = ort::session::Session::builder(env)
+            .map_err(|e| fail(&e))?
+            .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
+            .map_err(|e| fail(&e))?
+            .with_intra_threads(threads)
+            .map_err(|e| fail(&e))?
+            .with_inter_threads(1)
+            .map_err(|e| fail(&e))?
+            .commit_from_file(path)
+            .map_err(|e| fail(&e))?;
+        Ok(Self {
+            session,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn input_names(&self) -> Vec<String> {
+        self.session
+            .inputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect()
+    }
+
+    /// The declared shape of input `name` (-1 for dynamic axes).
+    pub fn input_shape(&self, name: &str) -> Option<Vec<i64>> {
+        self.session
+            .inputs()
+            .iter()
+            .find(|o| o.name() == name)
+            .and_then(|o| o.dtype().tensor_shape())
+            .map(|s| s.to_vec())
+    }
+
+    /// The declared shape of output `name` (-1 for dynamic axes).
+    pub fn output_shape(&self, name: &str) -> Option<Vec<i64>> {
+        self.session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == name)
+            .and_then(|o| o.dtype().tensor_shape())
+            .map(|s| s.to_vec())
+    }
+
+    pub fn output_names(&self) -> Vec<String> {
+        self.session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect()
+    }
+
+    /// Runs the model and returns the fp32 outputs named in `wanted`, in that order.
+    pub fn run(&mut self, inputs: &[Input<'_>], wanted: &[&str]) -> Result<Vec<Output>> {
+        let mut values: Vec<(
+            std::borrow::Cow<'_, str>,
+            ort::session::SessionInputValue<'_>,
+        )> = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let bad = |e: ort::Error| anyhow!("input `{}` {:?}: {e}", input.name, input.shape);
+            let v: ort::session::SessionInputValue<'_> = match input.data {
+                InputData::F32(d) => {
+                    ort::value::TensorRef::from_array_view((input.shape.clone(), d))
+                        .map_err(bad)?
+                        .into()
+                }
+                InputData::I64(d) => {
+                    ort::value::TensorRef::from_array_view((input.shape.clone(), d))
+                        .map_err(bad)?
+                        .into()
+                }
+            };
+            values.push((input.name.into(), v));
+        }
+        let path = self.path.clone();
+        let outputs = self
+            .session
+            .run(values)
+            .map_err(|e| anyhow!("running {} in ONNX Runtime: {e}", path.display()))?;
+        wanted
+            .iter()
+            .map(|name| {
+                let value = outputs
+                    .get(*name)
+                    .ok_or_else(|| anyhow!("{} has no output `{name}`", path.display()))?;
+                let (shape, data) = value
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| anyhow!("output `{name}`: {e}"))?;
+                Ok(Output {
+                    shape: shape.to_vec(),
+                    data: data.to_vec(),
+                })
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

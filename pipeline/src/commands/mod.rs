@@ -4,3 +4,4 @@ pub mod bench;
 pub mod bench_loader;
 pub mod bench_train_step;
 pub mod doctor;
+pub mod export;

@@ -1,0 +1,531 @@
+//! ONNX graphs for the ViT encoder and the DropPos position head, written from reference (timm)
+//! parameter names.
+//!
+//! Linear layers become MatMul with the weight stored transposed (`{name}.weight.T`, [in, out])
+//! plus Add; LayerNorm is `LayerNormalization` (opset 17+); GELU is the exact erf form, either as
+//! the Div-Erf-Add-Mul-Mul pattern ONNX Runtime fuses (opset 17) or the `Gelu` op (opset 20).
+
+use super::builder::{Attr, Dim, ElemType, GraphBuilder};
+use super::weights::{HostTensor, Weights};
+use super::OnnxError;
+
+/// ONNX opsets the exporters write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opset {
+    /// GELU spelled with Erf (ONNX Runtime fuses it).
+    V17,
+    /// GELU as the `Gelu` operator.
+    V20,
+}
+
+impl Opset {
+    pub fn version(self) -> i64 {
+        match self {
+            Opset::V17 => 17,
+            Opset::V20 => 20,
+        }
+    }
+
+    pub fn from_version(v: i64) -> Result<Self, OnnxError> {
+        match v {
+            17 => Ok(Opset::V17),
+            20 => Ok(Opset::V20),
+            _ => Err(OnnxError::Invalid(format!(
+                "opset {v} is not supported; use 17 or 20"
+            ))),
+        }
+    }
+}
+
+/// The encoder's architecture; everything but the head count is read from weight shapes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderSpec {
+    pub img_size: i64,
+    pub patch_size: i64,
+    pub in_chans: i64,
+    pub embed_dim: i64,
+    pub depth: usize,
+    pub num_heads: i64,
+    pub mlp_hidden: i64,
+    pub eps: f32,
+}
+
+impl EncoderSpec {
+    /// Reads the shapes from `w`; `num_heads` cannot be derived from shapes.
+    pub fn infer(w: &Weights, img_size: i64, num_heads: i64) -> Result<Self, OnnxError> {
+        let pw = w.get("patch_embed.proj.weight")?;
+        let [embed_dim, in_chans, p, p2] = pw.dims[..] else {
+            return Err(OnnxError::Invalid(format!(
+                "patch_embed.proj.weight should be [D, C, p, p], got {:?}",
+                pw.dims
+            )));
+        };
+        if p != p2 || p <= 0 {
+            return Err(OnnxError::Invalid(format!(
+                "non-square patch {p}x{p2} is not supported"
+            )));
+        }
+        if img_size <= 0 || img_size % p != 0 {
+            return Err(OnnxError::Invalid(format!(
+                "image size {img_size} is not a positive multiple of the patch size {p}"
+            )));
+        }
+        if num_heads <= 0 || embed_dim % num_heads != 0 {
+            return Err(OnnxError::Invalid(format!(
+                "{num_heads} heads do not divide the width {embed_dim}"
+            )));
+        }
+        let depth = w.count_indexed("blocks");
+        if depth == 0 {
+            return Err(OnnxError::MissingWeight("blocks.0.*".into()));
+        }
+        let mlp_hidden = w.get("blocks.0.mlp.fc1.weight")?.dims[0];
+        Ok(Self {
+            img_size,
+            patch_size: p,
+            in_chans,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_hidden,
+            eps: 1e-6,
+        })
+    }
+
+    pub fn grid(&self) -> i64 {
+        self.img_size / self.patch_size
+    }
+
+    pub fn num_patches(&self) -> i64 {
+        self.grid() * self.grid()
+    }
+}
+
+/// The DropPos position decoder (no positional embedding; predicts one of L positions).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderSpec {
+    pub embed_dim: i64,
+    pub depth: usize,
+    pub num_heads: i64,
+    pub mlp_hidden: i64,
+}
+
+impl DecoderSpec {
+    pub fn infer(w: &Weights, num_heads: i64) -> Result<Self, OnnxError> {
+        let embed_dim = w.get("decoder_embed.weight")?.dims[0];
+        if num_heads <= 0 || embed_dim % num_heads != 0 {
+            return Err(OnnxError::Invalid(format!(
+                "{num_heads} decoder heads do not divide the decoder width {embed_dim}"
+            )));
+        }
+        let depth = w.count_indexed("decoder_blocks");
+        if depth == 0 {
+            return Err(OnnxError::MissingWeight("decoder_blocks.0.*".into()));
+        }
+        let mlp_hidden = w.get("decoder_blocks.0.mlp.fc1.weight")?.dims[0];
+        Ok(Self {
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_hidden,
+        })
+    }
+}
+
+/// Graph-building helpers over a weight map.
+struct Ctx<'a> {
+    g: GraphBuilder,
+    w: &'a Weights,
+    opset: Opset,
+}
+
+impl Ctx<'_> {
+    fn param(&mut self, name: &str, dims: &[i64]) -> Result<String, OnnxError> {
+        let t = self.w.get_shaped(name, dims)?;
+        Ok(self.g.weight(name, &t.dims, &t.data))
+    }
+
+    fn linear(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        d_in: i64,
+        d_out: i64,
+    ) -> Result<String, OnnxError> {
+        let wname = format!("{prefix}.weight");
+        let wt = self.w.get_shaped(&wname, &[d_out, d_in])?.transposed_2d()?;
+        let wt = self.g.weight(&format!("{wname}.T"), &wt.dims, &wt.data);
+        let b = self.param(&format!("{prefix}.bias"), &[d_out])?;
+        let mm = self.g.op("MatMul", &[x, &wt], vec![]);
+        Ok(self.g.op("Add", &[&mm, &b], vec![]))
+    }
+
+    fn layer_norm(&mut self, x: &str, prefix: &str, d: i64, eps: f32) -> Result<String, OnnxError> {
+        let s = self.param(&format!("{prefix}.weight"), &[d])?;
+        let b = self.param(&format!("{prefix}.bias"), &[d])?;
+        Ok(self.g.op(
+            "LayerNormalization",
+            &[x, &s, &b],
+            vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))],
+        ))
+    }
+
+    fn gelu(&mut self, x: &str) -> String {
+        match self.opset {
+            Opset::V20 => self.g.op(
+                "Gelu",
+                &[x],
+                vec![("approximate", Attr::Str("none".into()))],
+            ),
+            Opset::V17 => {
+                let sqrt2 = self.g.scalar_f32(std::f32::consts::SQRT_2);
+                let one = self.g.scalar_f32(1.0);
+                let half = self.g.scalar_f32(0.5);
+                let d = self.g.op("Div", &[x, &sqrt2], vec![]);
+                let e = self.g.op("Erf", &[&d], vec![]);
+                let a = self.g.op("Add", &[&e, &one], vec![]);
+                let m = self.g.op("Mul", &[x, &a], vec![]);
+                self.g.op("Mul", &[&m, &half], vec![])
+            }
+        }
+    }
+
+    /// Multi-head self-attention over x [N, T, D] (timm `Attention`, qkv with bias).
+    fn attention(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        d: i64,
+        heads: i64,
+    ) -> Result<String, OnnxError> {
+        let dh = d / heads;
+        let qkv = self.linear(x, &format!("{prefix}.qkv"), d, 3 * d)?;
+        let shape = self.g.const_i64(&[0, -1, 3, heads, dh]);
+        let r = self.g.op("Reshape", &[&qkv, &shape], vec![]);
+        // [N, T, 3, H, dh] -> [3, N, H, T, dh]
+        let p = self.g.op(
+            "Transpose",
+            &[&r],
+            vec![("perm", Attr::Ints(vec![2, 0, 3, 1, 4]))],
+        );
+        let mut qkv3 = Vec::with_capacity(3);
+        for i in 0..3 {
+            let idx = self.g.scalar_i64(i);
+            qkv3.push(
+                self.g
+                    .op("Gather", &[&p, &idx], vec![("axis", Attr::Int(0))]),
+            );
+        }
+        let scale = self.g.scalar_f32((dh as f32).powf(-0.5));
+        let q = self.g.op("Mul", &[&qkv3[0], &scale], vec![]);
+        let kt = self.g.op(
+            "Transpose",
+            &[&qkv3[1]],
+            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        );
+        let s = self.g.op("MatMul", &[&q, &kt], vec![]);
+        let a = self.g.op("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
+        let o = self.g.op("MatMul", &[&a, &qkv3[2]], vec![]);
+        let o = self.g.op(
+            "Transpose",
+            &[&o],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
+        let shape = self.g.const_i64(&[0, -1, d]);
+        let o = self.g.op("Reshape", &[&o, &shape], vec![]);
+        self.linear(&o, &format!("{prefix}.proj"), d, d)
+    }
+
+    /// A pre-norm transformer block (timm `Block`).
+    fn block(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        d: i64,
+        heads: i64,
+        hidden: i64,
+        eps: f32,
+    ) -> Result<String, OnnxError> {
+        let h = self.layer_norm(x, &format!("{prefix}.norm1"), d, eps)?;
+        let h = self.attention(&h, &format!("{prefix}.attn"), d, heads)?;
+        let x = self.g.op("Add", &[x, &h], vec![]);
+        let h = self.layer_norm(&x, &format!("{prefix}.norm2"), d, eps)?;
+        let h = self.linear(&h, &format!("{prefix}.mlp.fc1"), d, hidden)?;
+        let h = self.gelu(&h);
+        let h = self.linear(&h, &format!("{prefix}.mlp.fc2"), hidden, d)?;
+        Ok(self.g.op("Add", &[&x, &h], vec![]))
+    }
+
+    /// images [N, C, S, S] -> patch embeddings [N, L, D] (no position yet).
+    fn patch_embed(&mut self, images: &str, s: &EncoderSpec) -> Result<String, OnnxError> {
+        let (d, p) = (s.embed_dim, s.patch_size);
+        let w = self.param("patch_embed.proj.weight", &[d, s.in_chans, p, p])?;
+        let b = self.param("patch_embed.proj.bias", &[d])?;
+        let c = self.g.op(
+            "Conv",
+            &[images, &w, &b],
+            vec![
+                ("kernel_shape", Attr::Ints(vec![p, p])),
+                ("strides", Attr::Ints(vec![p, p])),
+            ],
+        );
+        let shape = self.g.const_i64(&[0, d, -1]);
+        let r = self.g.op("Reshape", &[&c, &shape], vec![]);
+        Ok(self.g.op(
+            "Transpose",
+            &[&r],
+            vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+        ))
+    }
+
+    /// `token` [1, 1, D] repeated along the batch of `like` (any tensor whose axis 0 is N).
+    fn expand_batch(&mut self, token: &str, like: &str, d: i64) -> String {
+        let shape = self.g.op("Shape", &[like], vec![]);
+        let starts = self.g.const_i64(&[0]);
+        let ends = self.g.const_i64(&[1]);
+        let n = self.g.op("Slice", &[&shape, &starts, &ends], vec![]);
+        let rest = self.g.const_i64(&[1, d]);
+        let target = self
+            .g
+            .op("Concat", &[&n, &rest], vec![("axis", Attr::Int(0))]);
+        self.g.op("Expand", &[token, &target], vec![])
+    }
+
+    fn encoder_blocks(&mut self, mut x: String, s: &EncoderSpec) -> Result<String, OnnxError> {
+        for i in 0..s.depth {
+            x = self.block(
+                &x,
+                &format!("blocks.{i}"),
+                s.embed_dim,
+                s.num_heads,
+                s.mlp_hidden,
+                s.eps,
+            )?;
+        }
+        self.layer_norm(&x, "norm", s.embed_dim, s.eps)
+    }
+
+    /// Drops the cls token: [N, 1+T, D] -> [N, T, D].
+    fn drop_first_token(&mut self, x: &str) -> String {
+        let starts = self.g.const_i64(&[1]);
+        let ends = self.g.const_i64(&[i64::MAX]);
+        let axes = self.g.const_i64(&[1]);
+        self.g.op("Slice", &[x, &starts, &ends, &axes], vec![])
+    }
+}
+
+fn metadata(kind: &str, s: &EncoderSpec, opset: Opset) -> Vec<(&'static str, String)> {
+    vec![
+        ("droppos.kind", kind.to_string()),
+        ("droppos.img_size", s.img_size.to_string()),
+        ("droppos.patch_size", s.patch_size.to_string()),
+        ("droppos.embed_dim", s.embed_dim.to_string()),
+        ("droppos.depth", s.depth.to_string()),
+        ("droppos.num_heads", s.num_heads.to_string()),
+        ("droppos.opset", opset.version().to_string()),
+    ]
+}
+
+/// Names of the encoder graph's inputs and outputs.
+pub mod encoder_io {
+    pub const IMAGES: &str = "images";
+    pub const CLS: &str = "cls";
+    pub const PATCH_TOKENS: &str = "patch_tokens";
+    pub const FEATURE_MAP: &str = "feature_map";
+}
+
+/// Names of the DropPos graph's inputs and outputs.
+pub mod droppos_io {
+    pub const IMAGES: &str = "images";
+    pub const IDS_KEEP: &str = "ids_keep";
+    pub const MASK_POS: &str = "mask_pos";
+    pub const LOGITS: &str = "position_logits";
+}
+
+fn check_pos_embed(w: &Weights, s: &EncoderSpec) -> Result<HostTensor, OnnxError> {
+    Ok(
+        w.get_shaped("pos_embed", &[1, 1 + s.num_patches(), s.embed_dim])?
+            .clone(),
+    )
+}
+
+/// The encoder: `images` [N, C, S, S] -> `cls` [N, D] (the cls token after the final
+/// LayerNorm `norm`), `patch_tokens` [N, L, D] (the patch tokens after `norm`) and
+/// `feature_map` [N, D, S/p, S/p] (the same tokens laid out on the patch grid). `pos_embed` in
+/// `w` must match the image size ([1, 1+L, D], cls row first, as timm stores it).
+pub fn encoder_model(
+    w: &Weights,
+    s: &EncoderSpec,
+    opset: Opset,
+) -> Result<super::proto::ModelProto, OnnxError> {
+    use encoder_io::*;
+    let mut cx = Ctx {
+        g: GraphBuilder::new("droppos_vit_encoder"),
+        w,
+        opset,
+    };
+    let (d, grid) = (s.embed_dim, s.grid());
+    let batch = Dim::param("batch");
+    let images = cx.g.input(
+        IMAGES,
+        ElemType::F32,
+        &[
+            batch.clone(),
+            Dim::Fixed(s.in_chans),
+            Dim::Fixed(s.img_size),
+            Dim::Fixed(s.img_size),
+        ],
+    );
+    let tokens = cx.patch_embed(&images, s)?;
+    let cls = cx.param("cls_token", &[1, 1, d])?;
+    let cls = cx.expand_batch(&cls, &images, d);
+    let x =
+        cx.g.op("Concat", &[&cls, &tokens], vec![("axis", Attr::Int(1))]);
+    let pe = check_pos_embed(w, s)?;
+    let pe = cx.g.weight("pos_embed", &pe.dims, &pe.data);
+    let x = cx.g.op("Add", &[&x, &pe], vec![]);
+    let y = cx.encoder_blocks(x, s)?;
+
+    let zero = cx.g.scalar_i64(0);
+    let cls_out =
+        cx.g.op("Gather", &[&y, &zero], vec![("axis", Attr::Int(1))]);
+    let patches = cx.drop_first_token(&y);
+    let t = cx.g.op(
+        "Transpose",
+        &[&patches],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
+    let shape = cx.g.const_i64(&[0, d, grid, grid]);
+    let fmap = cx.g.op("Reshape", &[&t, &shape], vec![]);
+
+    cx.g.output(
+        &cls_out,
+        CLS,
+        ElemType::F32,
+        &[batch.clone(), Dim::Fixed(d)],
+    );
+    cx.g.output(
+        &patches,
+        PATCH_TOKENS,
+        ElemType::F32,
+        &[batch.clone(), Dim::Fixed(s.num_patches()), Dim::Fixed(d)],
+    );
+    cx.g.output(
+        &fmap,
+        FEATURE_MAP,
+        ElemType::F32,
+        &[batch, Dim::Fixed(d), Dim::Fixed(grid), Dim::Fixed(grid)],
+    );
+    Ok(cx.g.finish(
+        opset.version(),
+        "ViT encoder exported by droppos-pipeline: images -> cls (after the final norm), \
+         patch_tokens, feature_map",
+        &metadata("encoder", s, opset),
+    ))
+}
+
+/// The DropPos pre-text model: `images` [N, C, S, S], `ids_keep` [N, K] (int64, indices of the
+/// visible patches), `mask_pos` [N, K] (fp32, 1 where the position is dropped and the
+/// `mask_pos_token` replaces the sin-cos embedding) -> `position_logits` [N, K, L].
+pub fn droppos_model(
+    w: &Weights,
+    s: &EncoderSpec,
+    dec: &DecoderSpec,
+    opset: Opset,
+) -> Result<super::proto::ModelProto, OnnxError> {
+    use droppos_io::*;
+    let mut cx = Ctx {
+        g: GraphBuilder::new("droppos_position_model"),
+        w,
+        opset,
+    };
+    let (d, l) = (s.embed_dim, s.num_patches());
+    let batch = Dim::param("batch");
+    let visible = Dim::param("visible");
+    let images = cx.g.input(
+        IMAGES,
+        ElemType::F32,
+        &[
+            batch.clone(),
+            Dim::Fixed(s.in_chans),
+            Dim::Fixed(s.img_size),
+            Dim::Fixed(s.img_size),
+        ],
+    );
+    let ids =
+        cx.g.input(IDS_KEEP, ElemType::I64, &[batch.clone(), visible.clone()]);
+    let mask =
+        cx.g.input(MASK_POS, ElemType::F32, &[batch.clone(), visible.clone()]);
+
+    let tokens = cx.patch_embed(&images, s)?;
+    // Visible patch embeddings: gather rows ids_keep along the token axis.
+    let axes = cx.g.const_i64(&[-1]);
+    let idx = cx.g.op("Unsqueeze", &[&ids, &axes], vec![]);
+    let ids_shape = cx.g.op("Shape", &[&ids], vec![]);
+    let dd = cx.g.const_i64(&[d]);
+    let target =
+        cx.g.op("Concat", &[&ids_shape, &dd], vec![("axis", Attr::Int(0))]);
+    let idx = cx.g.op("Expand", &[&idx, &target], vec![]);
+    let vis = cx.g.op(
+        "GatherElements",
+        &[&tokens, &idx],
+        vec![("axis", Attr::Int(1))],
+    );
+    // Their positions: the true sin-cos row, or mask_pos_token where dropped.
+    let pe = check_pos_embed(w, s)?;
+    let (cls_row, patch_rows) = pe.data.split_at(d as usize);
+    let pos = cx.g.weight("pos_embed.patches", &[l, d], patch_rows);
+    let pos =
+        cx.g.op("Gather", &[&pos, &ids], vec![("axis", Attr::Int(0))]);
+    let m = cx.g.op("Unsqueeze", &[&mask, &axes], vec![]);
+    let m = cx.g.op(
+        "Cast",
+        &[&m],
+        vec![(
+            "to",
+            Attr::Int(super::proto::tensor_proto::DataType::Bool as i64),
+        )],
+    );
+    let mpt = cx.param("mask_pos_token", &[1, 1, d])?;
+    let pos = cx.g.op("Where", &[&m, &mpt, &pos], vec![]);
+    let x = cx.g.op("Add", &[&vis, &pos], vec![]);
+    // cls token + its (zero) position row, as the reference adds them.
+    let cls_w = w.get_shaped("cls_token", &[1, 1, d])?;
+    let cls_sum: Vec<f32> = cls_w.data.iter().zip(cls_row).map(|(a, b)| a + b).collect();
+    let cls = cx.g.weight("cls_token.with_pos", &[1, 1, d], &cls_sum);
+    let cls = cx.expand_batch(&cls, &images, d);
+    let x = cx.g.op("Concat", &[&cls, &x], vec![("axis", Attr::Int(1))]);
+    let y = cx.encoder_blocks(x, s)?;
+
+    let dd = dec.embed_dim;
+    let mut z = cx.linear(&y, "decoder_embed", d, dd)?;
+    for j in 0..dec.depth {
+        z = cx.block(
+            &z,
+            &format!("decoder_blocks.{j}"),
+            dd,
+            dec.num_heads,
+            dec.mlp_hidden,
+            s.eps,
+        )?;
+    }
+    let z = cx.layer_norm(&z, "decoder_norm", dd, s.eps)?;
+    let z = cx.linear(&z, "decoder_pred", dd, l)?;
+    let logits = cx.drop_first_token(&z);
+    cx.g.output(
+        &logits,
+        LOGITS,
+        ElemType::F32,
+        &[batch, visible, Dim::Fixed(l)],
+    );
+    let mut meta = metadata("droppos", s, opset);
+    meta.push(("droppos.decoder_embed_dim", dec.embed_dim.to_string()));
+    meta.push(("droppos.decoder_depth", dec.depth.to_string()));
+    meta.push(("droppos.decoder_num_heads", dec.num_heads.to_string()));
+    Ok(cx.g.finish(
+        opset.version(),
+        "DropPos position model exported by droppos-pipeline: images, ids_keep, mask_pos -> \
+         position_logits over all patch positions",
+        &meta,
+    ))
+}

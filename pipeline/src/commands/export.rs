@@ -1,0 +1,244 @@
+//! `droppos-pipeline export`: a checkpoint to ONNX, written in Rust (no Python).
+//!
+//! Shapes come from the weights; what shapes cannot tell (head counts, the mask token type) comes
+//! from the checkpoint's config metadata or from `--num-heads` / `--decoder-num-heads`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use droppos_model::onnx::{self, ExternalData, HostTensor, Opset, Weights};
+use serde::Serialize;
+use serde_json::Value;
+
+/// What to export.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum What {
+    /// images [N,3,S,S] -> cls [N,D] (after the final norm), patch_tokens [N,L,D],
+    /// feature_map [N,D,S/p,S/p].
+    Encoder,
+    /// images, ids_keep [N,K] (int64), mask_pos [N,K] (1 = position dropped) ->
+    /// position_logits [N,K,L].
+    Droppos,
+}
+
+/// Where large initializers go.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExternalArg {
+    /// `FILE.onnx.data` beside the model only past 1.5 GiB of weights (protobuf stops at 2 GiB).
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// safetensors checkpoint with reference (timm / DropPos) parameter names.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long, value_enum)]
+    pub what: What,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Encoder attention heads (default: the checkpoint's config metadata).
+    #[arg(long)]
+    pub num_heads: Option<i64>,
+    /// Position-decoder attention heads (default: the checkpoint's config metadata).
+    #[arg(long)]
+    pub decoder_num_heads: Option<i64>,
+    /// Input image size (default: what the checkpoint's pos_embed was made for).
+    #[arg(long)]
+    pub img_size: Option<i64>,
+    #[arg(long, default_value_t = 17, value_parser = parse_opset)]
+    pub opset: i64,
+    #[arg(long, value_enum, default_value_t = ExternalArg::Auto)]
+    pub external_data: ExternalArg,
+}
+
+fn parse_opset(s: &str) -> std::result::Result<i64, String> {
+    match s {
+        "17" => Ok(17),
+        "20" => Ok(20),
+        _ => Err("opset must be 17 (GELU via Erf) or 20 (Gelu op)".into()),
+    }
+}
+
+/// The export report (printed as one JSON line).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub what: What,
+    pub out: PathBuf,
+    pub bytes: u64,
+    pub external_data: Option<PathBuf>,
+    pub external_data_bytes: u64,
+    pub opset: i64,
+    pub ir_version: i64,
+    pub img_size: i64,
+    pub num_heads: i64,
+    pub seconds: f64,
+}
+
+/// What the shapes cannot tell.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ArchHints {
+    pub num_heads: Option<i64>,
+    pub decoder_num_heads: Option<i64>,
+    pub img_size: Option<i64>,
+    /// `param` (default), `zeros` or `wrong_pos`.
+    pub mask_token_type: Option<String>,
+}
+
+/// Metadata keys a checkpoint may carry its config under (JSON: a DropPos config with
+/// `encoder` / `decoder` tables, or a bare ViT config).
+pub const CONFIG_KEYS: [&str; 3] = ["droppos_config", "config", "model_config"];
+
+/// Reads head counts etc. from a config JSON (DropPos config or bare ViT config).
+pub fn hints_from_config(v: &Value) -> ArchHints {
+    let enc = v.get("encoder").unwrap_or(v);
+    let int = |v: &Value, k: &str| v.get(k).and_then(Value::as_i64);
+    ArchHints {
+        num_heads: int(enc, "num_heads"),
+        decoder_num_heads: v.get("decoder").and_then(|d| int(d, "num_heads")),
+        img_size: int(enc, "img_size"),
+        mask_token_type: v
+            .get("mask_token_type")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    }
+}
+
+fn hints_from_metadata(meta: &HashMap<String, String>) -> Result<ArchHints> {
+    for k in CONFIG_KEYS {
+        if let Some(text) = meta.get(k) {
+            let v: Value = serde_json::from_str(text)
+                .with_context(|| format!("checkpoint metadata `{k}` is not JSON"))?;
+            return Ok(hints_from_config(&v));
+        }
+    }
+    Ok(ArchHints::default())
+}
+
+/// Loads a checkpoint's tensors (a DDP `module.` prefix is dropped) and its config hints.
+pub fn load_checkpoint(path: &Path) -> Result<(Weights, ArchHints)> {
+    let ctx = || format!("loading checkpoint {}", path.display());
+    let meta = Weights::safetensors_metadata(path).with_context(ctx)?;
+    let hints = hints_from_metadata(&meta)?;
+    let raw = Weights::load_safetensors(path).with_context(ctx)?;
+    let mut weights = Weights::new();
+    for name in raw.names() {
+        let t = raw.get(name)?.clone();
+        weights.insert(name.strip_prefix("module.").unwrap_or(name), t);
+    }
+    Ok((weights, hints))
+}
+
+/// The image size the weights' pos_embed was made for ([1, 1+L, D] with L a square).
+pub fn trained_img_size(w: &Weights) -> Result<i64> {
+    let pe = w.get("pos_embed")?;
+    let p = w
+        .get("patch_embed.proj.weight")?
+        .dims
+        .last()
+        .copied()
+        .unwrap_or(0);
+    let l = pe.dims.get(1).copied().unwrap_or(0) - 1;
+    let g = (l as f64).sqrt().round() as i64;
+    if g <= 0 || g * g != l || p <= 0 {
+        bail!(
+            "pos_embed {:?} is not a square grid plus a cls row",
+            pe.dims
+        );
+    }
+    Ok(g * p)
+}
+
+/// Builds the ONNX model for `what` at image size `img` (the size pos_embed was made for).
+pub fn build(
+    w: &Weights,
+    hints: &ArchHints,
+    what: What,
+    img: i64,
+    opset: Opset,
+) -> Result<onnx::proto::ModelProto> {
+    let heads = hints
+        .num_heads
+        .ok_or_else(|| anyhow!("the encoder's head count is unknown: pass --num-heads"))?;
+    let spec = onnx::EncoderSpec::infer(w, img, heads)?;
+    let trained = trained_img_size(w)?;
+    let mut w = w.clone();
+    if img != trained {
+        bail!("the checkpoint's pos_embed is made for {trained}px images; export at --img-size {trained}");
+    }
+    Ok(match what {
+        What::Encoder => onnx::encoder_model(&w, &spec, opset)?,
+        What::Droppos => {
+            match hints.mask_token_type.as_deref() {
+                None | Some("param") => {}
+                Some("zeros") => {
+                    let d = spec.embed_dim;
+                    w.insert(
+                        "mask_pos_token",
+                        HostTensor::new(vec![1, 1, d], vec![0.0; d as usize])?,
+                    );
+                }
+                Some(other) => bail!(
+                    "mask_token_type {other} has no deterministic ONNX form (only param and zeros)"
+                ),
+            }
+            let dh = hints.decoder_num_heads.ok_or_else(|| {
+                anyhow!("the position decoder's head count is unknown: pass --decoder-num-heads")
+            })?;
+            let dec = onnx::DecoderSpec::infer(&w, dh)?;
+            onnx::droppos_model(&w, &spec, &dec, opset)?
+        }
+    })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let start = Instant::now();
+    let (weights, mut hints) = load_checkpoint(&args.checkpoint)?;
+    if args.num_heads.is_some() {
+        hints.num_heads = args.num_heads;
+    }
+    if args.decoder_num_heads.is_some() {
+        hints.decoder_num_heads = args.decoder_num_heads;
+    }
+    let img = match args.img_size {
+        Some(s) => s,
+        None => trained_img_size(&weights)?,
+    };
+    let opset = Opset::from_version(args.opset)?;
+    let model = build(&weights, &hints, args.what, img, opset)?;
+    let policy = match args.external_data {
+        ExternalArg::Auto => ExternalData::Auto,
+        ExternalArg::Always => ExternalData::Always,
+        ExternalArg::Never => ExternalData::Never,
+    };
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let written = onnx::write_model(model, &args.out, policy)?;
+    let report = Report {
+        what: args.what,
+        out: written.model_path,
+        bytes: written.model_bytes,
+        external_data_bytes: written.data.as_ref().map_or(0, |d| d.1),
+        external_data: written.data.map(|d| d.0),
+        opset: opset.version(),
+        ir_version: onnx::IR_VERSION,
+        img_size: img,
+        num_heads: hints.num_heads.unwrap_or_default(),
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    tracing::info!(
+        "exported {:?} to {} ({:.1} MB) in {:.2} s",
+        report.what,
+        report.out.display(),
+        (report.bytes + report.external_data_bytes) as f64 / 1e6,
+        report.seconds
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
