@@ -170,7 +170,7 @@ impl LoaderConfig {
                 self.rank, self.world
             )));
         }
-        if set.columns().patch_labels && self.size % set.patch_size().max(1) != 0 {
+        if set.columns().patch_labels && !self.size.is_multiple_of(set.patch_size().max(1)) {
             return Err(LoaderError::Config(format!(
                 "size {} is not a multiple of the patch size {}",
                 self.size,

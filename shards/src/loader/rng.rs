@@ -30,7 +30,7 @@ pub struct Rng {
 }
 
 /// Domain tags keep the order stream and the augmentation stream independent.
-pub const DOMAIN_ORDER: u64 = 0x6F72_6465_72; // "order"
+pub const DOMAIN_ORDER: u64 = 0x006F_7264_6572; // "order"
 pub const DOMAIN_AUGMENT: u64 = 0x6175_676D; // "augm"
 
 impl Rng {
