@@ -29,6 +29,12 @@ enum Command {
     Bench(commands::bench::Args),
     /// Export a checkpoint to ONNX (encoder or DropPos position model), written without Python.
     Export(commands::export::Args),
+    /// Turn ImageNet, COCO or ADE20K into zstd Parquet shards with a manifest.
+    Shard(commands::shard::Args),
+    /// Check shards against their manifest (sha256, row counts; --decode decodes everything).
+    Verify(commands::verify::Args),
+    /// Rows per class, image-size and bytes-per-image distributions, skipped summary.
+    Stats(commands::stats::Args),
 }
 
 fn main() -> Result<()> {
@@ -38,5 +44,8 @@ fn main() -> Result<()> {
         Command::Doctor(args) => commands::doctor::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Export(args) => commands::export::run(args),
+        Command::Shard(args) => commands::shard::run(args),
+        Command::Verify(args) => commands::verify::run(args),
+        Command::Stats(args) => commands::stats::run(args),
     }
 }

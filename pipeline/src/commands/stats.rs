@@ -1,0 +1,200 @@
+//! `droppos-pipeline stats OUT [--json]`: rows per class, image-size and bytes-per-image
+//! distributions and the skipped summary, computed with polars over the shards' columns.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use droppos_shards::verify::row_stats;
+use droppos_shards::Manifest;
+use polars::prelude::*;
+use serde_json::{json, Value};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Dataset folder (holding manifest.json).
+    dir: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn f64_column(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
+    let c = df
+        .column(name)?
+        .cast(&DataType::Float64)?
+        .as_materialized_series()
+        .clone();
+    let ca = c.f64()?;
+    Ok((0..ca.len()).map(|i| ca.get(i)).collect())
+}
+
+/// min / p5 / median / p95 / max / mean of a numeric column.
+fn distribution(df: &DataFrame, name: &str) -> Result<Value> {
+    let c = || col(name).cast(DataType::Float64);
+    let q = |p: f64, alias: &str| c().quantile(lit(p), QuantileMethod::Nearest).alias(alias);
+    let out = df
+        .clone()
+        .lazy()
+        .select([
+            c().min().alias("min"),
+            q(0.05, "p5"),
+            q(0.5, "median"),
+            q(0.95, "p95"),
+            c().max().alias("max"),
+            c().mean().alias("mean"),
+        ])
+        .collect()?;
+    let mut m = serde_json::Map::new();
+    for k in ["min", "p5", "median", "p95", "max", "mean"] {
+        let v = f64_column(&out, k)?.first().copied().flatten();
+        m.insert(k.into(), v.map(Value::from).unwrap_or(Value::Null));
+    }
+    Ok(Value::Object(m))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let m = Manifest::load(&args.dir)
+        .with_context(|| format!("reading the manifest in {}", args.dir.display()))?;
+    let s = row_stats(&m).with_context(|| format!("reading shards of {}", args.dir.display()))?;
+    let n = s.width.len();
+    let df = DataFrame::new(
+        n,
+        vec![
+            Column::new("shard".into(), s.shard),
+            Column::new("label".into(), s.label),
+            Column::new("annotations".into(), s.annotations),
+            Column::new("width".into(), s.width),
+            Column::new("height".into(), s.height),
+            Column::new("bytes".into(), s.image_bytes),
+        ],
+    )?;
+    let df = df
+        .lazy()
+        .with_column((col("width") * col("height")).alias("pixels"))
+        .with_column(
+            (col("width").cast(DataType::Float64) / col("height").cast(DataType::Float64))
+                .alias("aspect"),
+        )
+        .collect()?;
+
+    // Rows per class (ImageNet labels); COCO: rows by annotation count.
+    let mut per_class = Vec::new();
+    if m.dataset == droppos_shards::Dataset::Imagenet {
+        let g = df
+            .clone()
+            .lazy()
+            .group_by([col("label")])
+            .agg([len().alias("rows")])
+            .sort(["label"], Default::default())
+            .collect()?;
+        let labels = f64_column(&g, "label")?;
+        let rows = f64_column(&g, "rows")?;
+        for (l, r) in labels.into_iter().zip(rows) {
+            let l = l.unwrap_or(-1.0) as i64;
+            let class = m.classes.iter().find(|c| c.index as i64 == l);
+            per_class.push(json!({
+                "index": l,
+                "id": class.map(|c| c.id.clone()),
+                "name": class.map(|c| c.name.clone()),
+                "rows": r.unwrap_or(0.0) as u64,
+            }));
+        }
+    }
+    let annotations = if m.dataset == droppos_shards::Dataset::Coco {
+        let total: f64 = f64_column(&df, "annotations")?.iter().flatten().sum();
+        let empty = f64_column(&df, "annotations")?
+            .iter()
+            .filter(|v| **v == Some(0.0))
+            .count();
+        json!({"total": total as u64, "images_without": empty, "per_image": distribution(&df, "annotations")?})
+    } else {
+        Value::Null
+    };
+    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &m.skipped {
+        let kind = e.reason.split(':').next().unwrap_or(&e.reason).to_string();
+        *skipped.entry(kind).or_default() += 1;
+    }
+    let report = json!({
+        "dataset": m.dataset.name(),
+        "split": m.split,
+        "rows": m.num_rows,
+        "shards": m.shards.len(),
+        "shard_bytes": m.shards.iter().map(|s| s.bytes).sum::<u64>(),
+        "classes": m.classes.len(),
+        "rows_per_class": per_class,
+        "width": distribution(&df, "width")?,
+        "height": distribution(&df, "height")?,
+        "aspect": distribution(&df, "aspect")?,
+        "bytes_per_image": distribution(&df, "bytes")?,
+        "annotations": annotations,
+        "skipped": {"total": m.skipped.len(), "by_reason": skipped},
+        "conversions": m.conversions.len(),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} {}: {} rows in {} shards ({:.1} MB), {} classes",
+        m.dataset,
+        m.split,
+        m.num_rows,
+        m.shards.len(),
+        report["shard_bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
+        m.classes.len()
+    );
+    let fmt = |v: &Value| -> String {
+        ["min", "p5", "median", "p95", "max", "mean"]
+            .iter()
+            .map(|k| {
+                format!(
+                    "{k} {}",
+                    v[k].as_f64().map_or("-".into(), |x| format!("{x:.1}"))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("width:           {}", fmt(&report["width"]));
+    println!("height:          {}", fmt(&report["height"]));
+    println!("bytes per image: {}", fmt(&report["bytes_per_image"]));
+    if !per_class.is_empty() {
+        let counts: Vec<u64> = per_class
+            .iter()
+            .map(|c| c["rows"].as_u64().unwrap_or(0))
+            .collect();
+        println!(
+            "rows per class:  {} classes present, min {}, max {}",
+            counts.len(),
+            counts.iter().min().unwrap_or(&0),
+            counts.iter().max().unwrap_or(&0)
+        );
+        for c in per_class.iter().take(20) {
+            println!(
+                "  {:>5} {:<12} {:>6}  {}",
+                c["index"],
+                c["id"].as_str().unwrap_or("?"),
+                c["rows"],
+                c["name"].as_str().unwrap_or("")
+            );
+        }
+        if per_class.len() > 20 {
+            println!("  ... ({} more; --json lists all)", per_class.len() - 20);
+        }
+    }
+    if !annotations.is_null() {
+        println!(
+            "annotations:     {} total, {} images without, per image: {}",
+            annotations["total"],
+            annotations["images_without"],
+            fmt(&annotations["per_image"])
+        );
+    }
+    println!("skipped:         {}", m.skipped.len());
+    for (k, v) in &skipped {
+        println!("  {v:>6}  {k}");
+    }
+    Ok(())
+}

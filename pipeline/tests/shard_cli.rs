@@ -1,0 +1,227 @@
+//! `droppos-pipeline shard|verify|stats` end to end on the bundled sample data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn data_root() -> PathBuf {
+    match std::env::var_os("DROPPOS_TEST_DATA") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data"),
+    }
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_droppos-pipeline"));
+    c.env("DROPPOS_LOG", "warn");
+    c
+}
+
+fn run_ok(c: &mut Command) -> Output {
+    let out = c.output().expect("spawn droppos-pipeline");
+    assert!(
+        out.status.success(),
+        "{:?} failed:\nstdout: {}\nstderr: {}",
+        c,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn shard_all(tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let d = data_root();
+    let inet = tmp.join("imagenet");
+    run_ok(
+        bin()
+            .args(["shard", "imagenet", "--quiet", "--shard-rows", "16"])
+            .args([
+                "--root".as_ref(),
+                d.join("imagenet/train").as_os_str(),
+                "--classes".as_ref(),
+                d.join("imagenet/synset_words.txt").as_os_str(),
+                "--out".as_ref(),
+                inet.as_os_str(),
+            ]),
+    );
+    let coco = tmp.join("coco");
+    run_ok(
+        bin().args(["shard", "coco", "--quiet"]).args([
+            "--images".as_ref(),
+            d.join("coco/val2017").as_os_str(),
+            "--annotations".as_ref(),
+            d.join("coco/annotations/instances_val2017.json")
+                .as_os_str(),
+            "--out".as_ref(),
+            coco.as_os_str(),
+        ]),
+    );
+    let ade = tmp.join("ade");
+    run_ok(
+        bin()
+            .args(["shard", "ade20k", "--quiet", "--split", "validation"])
+            .args([
+                "--root".as_ref(),
+                d.join("ade20k/ADEChallengeData2016").as_os_str(),
+                "--out".as_ref(),
+                ade.as_os_str(),
+            ]),
+    );
+    (inet, coco, ade)
+}
+
+#[test]
+fn shard_verify_stats_and_pyarrow_read_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inet, coco, ade) = shard_all(tmp.path());
+    for dir in [&inet, &coco, &ade] {
+        let out = run_ok(bin().arg("verify").arg(dir).arg("--decode"));
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok:"));
+    }
+    let out = run_ok(bin().arg("stats").arg(&inet).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["dataset"], "imagenet");
+    let per_class: u64 = v["rows_per_class"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_class, v["rows"].as_u64().unwrap());
+    assert!(v["width"]["min"].as_f64().unwrap() >= 75.0);
+    let out = run_ok(bin().arg("stats").arg(&coco));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("annotations:"));
+
+    // Plain Parquet: pyarrow reads every row with no custom code.
+    let python = std::env::var("DROPPOS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import pyarrow, PIL"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pyarrow_readback.py");
+            let o = Command::new(&python)
+                .arg(script)
+                .arg(data_root())
+                .args([&inet, &coco, &ade])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "pyarrow read-back failed:\n{}\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            eprint!("{}", String::from_utf8_lossy(&o.stdout));
+        }
+        _ => eprintln!(
+            "SKIPPED pyarrow read-back: no python with pyarrow and pillow at {python:?} \
+             (set DROPPOS_PYTHON, e.g. by `source scripts/env.sh`)"
+        ),
+    }
+}
+
+#[test]
+fn verify_names_the_bad_shard_and_exits_non_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inet, _, _) = shard_all(tmp.path());
+    let f = inet.join("shard-000000.parquet");
+    let mut b = std::fs::read(&f).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    std::fs::write(&f, &b).unwrap();
+    let out = bin().arg("verify").arg(&inet).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("shard-000000.parquet"), "{err}");
+}
+
+#[test]
+fn killed_run_resumes_to_identical_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data_root();
+    let args = |out: &Path| {
+        let mut c = bin();
+        c.args([
+            "shard",
+            "imagenet",
+            "--quiet",
+            "--threads",
+            "1",
+            "--shard-rows",
+            "4",
+        ])
+        .args(["--validate", "decode", "--zstd-level", "12"])
+        .arg("--root")
+        .arg(d.join("imagenet/train"))
+        .arg("--out")
+        .arg(out);
+        c
+    };
+    let fresh = tmp.path().join("fresh");
+    run_ok(&mut args(&fresh));
+    let out = tmp.path().join("killed");
+    let mut child = args(&out).spawn().unwrap();
+    // Kill as soon as the first shard is journaled (or whenever the run gets that far).
+    let t0 = std::time::Instant::now();
+    loop {
+        let journaled = std::fs::read_dir(out.join(".progress"))
+            .map(|r| r.count())
+            .unwrap_or(0);
+        if journaled > 0 || t0.elapsed().as_secs() > 60 {
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let killed_early = !out.join("manifest.json").exists();
+    eprintln!("killed before the manifest: {killed_early}");
+    run_ok(&mut args(&out));
+    let snap = |p: &Path| {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(snap(&out), snap(&fresh));
+}
+
+#[test]
+fn fail_mode_exits_non_zero_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("train/n00000001");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("empty.JPEG"), b"").unwrap();
+    let out = bin()
+        .args([
+            "shard",
+            "imagenet",
+            "--quiet",
+            "--on-error",
+            "fail",
+            "--root",
+        ])
+        .arg(tmp.path().join("train"))
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("empty.JPEG") && err.contains("empty file"),
+        "{err}"
+    );
+}

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Benchmark of `droppos-pipeline shard imagenet` against the Hugging Face `datasets` baseline
+# (scripts/bench_shard_baseline.py), same files, same run, both modes:
+#   original bytes, and shorter side 256 at JPEG quality 90.
+#
+#   scripts/bench_shard.sh [N_IMAGES=2000] [RUNS=3]
+#
+# The input is N ImageNet-derived JPEGs (~500 px longer side, quality 96, ImageFolder layout)
+# made from the real samples (DROPPOS_BENCH_SOURCE, default /work/shared/data/imagenet/train if
+# present, else tests/fixtures/data/imagenet/train) by seeded crops and flips. Page cache is
+# warmed first; each figure is the median of RUNS runs. Needs `pip install -r
+# scripts/requirements-bench.txt` in the venv for the baseline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+N="${1:-2000}"
+RUNS="${2:-3}"
+WORK="${DROPPOS_BENCH_DIR:-/tmp/droppos-bench-shard}"
+SRC="${DROPPOS_BENCH_SOURCE:-/work/shared/data/imagenet/train}"
+[ -d "$SRC" ] || SRC=tests/fixtures/data/imagenet/train
+PY="$DROPPOS_PYTHON"
+cargo build --release -q -p droppos-pipeline
+BIN="$CARGO_TARGET_DIR/release/droppos-pipeline"
+
+if [ ! -f "$WORK/input-$N.done" ]; then
+    rm -rf "$WORK/input"
+    "$PY" - "$SRC" "$WORK/input" "$N" <<'PY'
+import os, random, sys
+from PIL import Image
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(src) for f in fs)
+rng = random.Random(0)
+for k in range(n):
+    p = files[k % len(files)]
+    im = Image.open(p)
+    im = im.convert("L" if im.mode == "L" else "RGB")
+    w, h = im.size
+    s = rng.uniform(0.8, 1.0)
+    cw, ch = int(w * s), int(h * s)
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    im = im.crop((x, y, x + cw, y + ch))
+    if rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    f = 500 / max(im.size)
+    im = im.resize((max(1, round(im.size[0] * f)), max(1, round(im.size[1] * f))), Image.LANCZOS)
+    wnid = os.path.basename(os.path.dirname(p))
+    os.makedirs(os.path.join(dst, wnid), exist_ok=True)
+    im.save(os.path.join(dst, wnid, f"{wnid}_{k:06d}.JPEG"), quality=96)
+PY
+    touch "$WORK/input-$N.done"
+fi
+du -sh "$WORK/input" >&2
+cat "$WORK"/input/*/* > /dev/null  # warm the page cache
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ours() {  # mode -> seconds
+    local extra=()
+    [ "$1" = resize ] && extra=(--resize-short-side 256 --quality 90)
+    rm -rf "$WORK/ours"
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$BIN" shard imagenet --quiet --threads 2 --root "$WORK/input" --out "$WORK/ours" "${extra[@]}" >/dev/null
+    t1=$(date +%s.%N)
+    echo "$t1 - $t0" | bc -l
+}
+baseline() {
+    "$PY" scripts/bench_shard_baseline.py --root "$WORK/input" --out "$WORK/hf" --mode "$1" --num-proc 2 |
+        "$PY" -c 'import json,sys; print(json.load(sys.stdin)["seconds"])'
+}
+echo "| mode | droppos-pipeline (img/s) | HF datasets baseline (img/s) | ratio |"
+echo "|---|---:|---:|---:|"
+for mode in original resize; do
+    o=(); b=()
+    for _ in $(seq "$RUNS"); do
+        o+=("$(ours "$mode")")
+        b+=("$(baseline "$mode")")
+    done
+    os=$(printf '%s\n' "${o[@]}" | median)
+    bs=$(printf '%s\n' "${b[@]}" | median)
+    printf '| %s | %.0f | %.0f | %.2fx |\n' "$mode" "$(echo "$N / $os" | bc -l)" \
+        "$(echo "$N / $bs" | bc -l)" "$(echo "$bs / $os" | bc -l)"
+    echo "  runs ($mode): ours ${o[*]} s; baseline ${b[*]} s" >&2
+done

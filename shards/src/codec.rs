@@ -1,0 +1,782 @@
+//! Image inspection and conversion: format from magic bytes, header dimensions, refusal of
+//! decompression bombs before any pixel buffer is allocated, structural JPEG checks, conversion
+//! of anything that is not an 8-bit RGB/gray JPEG or PNG, and optional resize + re-encode.
+//!
+//! EXIF orientation is ignored on purpose: images are stored (and decode) as their pixels are
+//! laid out in the file, as the PyTorch reference (PIL without `exif_transpose`) sees them.
+
+use std::io::Cursor;
+
+use crate::error::ImageRejection;
+use crate::resample::{self, Filter};
+
+/// Default pixel limit: Pillow's hard limit (2 × `Image.MAX_IMAGE_PIXELS`).
+pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+
+/// Formats recognised by their magic bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Jpeg,
+    Png,
+}
+
+/// What the header says, read without decoding pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderInfo {
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+    /// JPEG: number of components (1 gray, 3 YCbCr/RGB, 4 CMYK/YCCK). PNG: channels.
+    pub components: u8,
+    /// Bits per sample (JPEG precision, PNG bit depth).
+    pub bit_depth: u8,
+    /// PNG colour type (0 gray, 2 RGB, 3 palette, 4 gray+alpha, 6 RGBA); 255 for JPEG.
+    pub png_color_type: u8,
+}
+
+impl HeaderInfo {
+    /// A short description used in conversion records, e.g. `png rgba8`.
+    pub fn describe(&self) -> String {
+        match self.format {
+            ImageFormat::Jpeg => match self.components {
+                1 => format!("jpeg gray{}", self.bit_depth),
+                3 => format!("jpeg rgb{}", self.bit_depth),
+                4 => format!("jpeg cmyk{}", self.bit_depth),
+                n => format!("jpeg {n}-component"),
+            },
+            ImageFormat::Png => {
+                let ct = match self.png_color_type {
+                    0 => "gray",
+                    2 => "rgb",
+                    3 => "palette",
+                    4 => "gray-alpha",
+                    6 => "rgba",
+                    _ => "unknown",
+                };
+                format!("png {ct}{}", self.bit_depth)
+            }
+        }
+    }
+
+    /// True when the bytes can be stored unchanged: an 8-bit gray or RGB JPEG or PNG.
+    pub fn is_storable_as_is(&self) -> bool {
+        match self.format {
+            ImageFormat::Jpeg => self.bit_depth == 8 && matches!(self.components, 1 | 3),
+            ImageFormat::Png => self.bit_depth == 8 && matches!(self.png_color_type, 0 | 2),
+        }
+    }
+}
+
+/// Detects the format from the first bytes, never from a file name.
+pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, ImageRejection> {
+    if bytes.is_empty() {
+        return Err(ImageRejection::Empty);
+    }
+    let starts = |m: &[u8]| bytes.starts_with(m);
+    if starts(&[0xFF, 0xD8, 0xFF]) {
+        Ok(ImageFormat::Jpeg)
+    } else if starts(b"\x89PNG\r\n\x1a\n") {
+        Ok(ImageFormat::Png)
+    } else if starts(b"GIF87a") || starts(b"GIF89a") {
+        Err(ImageRejection::UnsupportedFormat("gif"))
+    } else if starts(b"BM") && bytes.len() > 14 {
+        Err(ImageRejection::UnsupportedFormat("bmp"))
+    } else if starts(b"RIFF") && bytes.get(8..12) == Some(b"WEBP") {
+        Err(ImageRejection::UnsupportedFormat("webp"))
+    } else if starts(b"II*\0") || starts(b"MM\0*") {
+        Err(ImageRejection::UnsupportedFormat("tiff"))
+    } else if bytes.len() < 8 && (b"\x89PNG\r\n\x1a\n".starts_with(bytes) || bytes == [0xFF, 0xD8])
+    {
+        Err(ImageRejection::Truncated {
+            format: if bytes[0] == 0xFF { "jpeg" } else { "png" },
+            detail: format!("only {} bytes", bytes.len()),
+        })
+    } else {
+        Err(ImageRejection::NotAnImage)
+    }
+}
+
+fn truncated(format: &'static str, detail: impl Into<String>) -> ImageRejection {
+    ImageRejection::Truncated {
+        format,
+        detail: detail.into(),
+    }
+}
+
+fn corrupt(format: &'static str, detail: impl Into<String>) -> ImageRejection {
+    ImageRejection::Corrupt {
+        format,
+        detail: detail.into(),
+    }
+}
+
+/// Reads format and dimensions from the header and refuses more than `max_pixels` pixels.
+pub fn read_header(bytes: &[u8], max_pixels: u64) -> Result<HeaderInfo, ImageRejection> {
+    let info = match sniff(bytes)? {
+        ImageFormat::Jpeg => jpeg_header(bytes)?,
+        ImageFormat::Png => png_header(bytes)?,
+    };
+    let pixels = info.width as u64 * info.height as u64;
+    if info.width == 0 || info.height == 0 {
+        return Err(corrupt(
+            if info.format == ImageFormat::Jpeg {
+                "jpeg"
+            } else {
+                "png"
+            },
+            format!("header claims {}x{}", info.width, info.height),
+        ));
+    }
+    if pixels > max_pixels {
+        return Err(ImageRejection::TooLarge {
+            width: info.width as u64,
+            height: info.height as u64,
+            pixels,
+            limit: max_pixels,
+        });
+    }
+    Ok(info)
+}
+
+fn png_header(b: &[u8]) -> Result<HeaderInfo, ImageRejection> {
+    // signature(8) + length(4) + "IHDR"(4) + 13 bytes of data
+    if b.len() < 8 + 8 + 13 {
+        return Err(truncated("png", "ends inside the IHDR chunk"));
+    }
+    if &b[12..16] != b"IHDR" {
+        return Err(corrupt("png", "first chunk is not IHDR"));
+    }
+    let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let (width, height) = (be(16), be(20));
+    let bit_depth = b[24];
+    let ct = b[25];
+    let components = match ct {
+        0 => 1,
+        2 => 3,
+        3 => 1,
+        4 => 2,
+        6 => 4,
+        _ => return Err(corrupt("png", format!("invalid colour type {ct}"))),
+    };
+    Ok(HeaderInfo {
+        format: ImageFormat::Png,
+        width,
+        height,
+        components,
+        bit_depth,
+        png_color_type: ct,
+    })
+}
+
+fn is_sof(m: u8) -> bool {
+    matches!(m, 0xC0..=0xCF) && !matches!(m, 0xC4 | 0xC8 | 0xCC)
+}
+
+fn jpeg_header(b: &[u8]) -> Result<HeaderInfo, ImageRejection> {
+    let mut i = 2;
+    loop {
+        // Skip fill bytes before a marker.
+        while i < b.len() && b[i] == 0xFF && b.get(i + 1) == Some(&0xFF) {
+            i += 1;
+        }
+        if i + 4 > b.len() {
+            return Err(truncated("jpeg", "ends before the frame header"));
+        }
+        if b[i] != 0xFF {
+            return Err(corrupt("jpeg", format!("expected a marker at byte {i}")));
+        }
+        let m = b[i + 1];
+        if matches!(m, 0xD0..=0xD7 | 0x01) {
+            i += 2;
+            continue;
+        }
+        if m == 0xD9 || m == 0xDA {
+            return Err(corrupt("jpeg", "no frame header before the scan"));
+        }
+        let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+        if len < 2 {
+            return Err(corrupt("jpeg", format!("segment length {len} at byte {i}")));
+        }
+        if is_sof(m) {
+            let s = i + 4;
+            if s + 6 > b.len() {
+                return Err(truncated("jpeg", "ends inside the frame header"));
+            }
+            let precision = b[s];
+            let height = u16::from_be_bytes([b[s + 1], b[s + 2]]) as u32;
+            let width = u16::from_be_bytes([b[s + 3], b[s + 4]]) as u32;
+            let components = b[s + 5];
+            return Ok(HeaderInfo {
+                format: ImageFormat::Jpeg,
+                width,
+                height,
+                components,
+                bit_depth: precision,
+                png_color_type: 255,
+            });
+        }
+        i += 2 + len;
+    }
+}
+
+/// Walks every JPEG segment and the entropy-coded data up to EOI without decoding: catches
+/// truncation, garbage markers and broken segment lengths at memory speed.
+pub fn check_jpeg_structure(b: &[u8]) -> Result<(), ImageRejection> {
+    let mut i = 2;
+    let mut saw_sof = false;
+    let mut scans = 0;
+    loop {
+        if i + 2 > b.len() {
+            return Err(truncated(
+                "jpeg",
+                format!("no end-of-image marker ({} bytes)", b.len()),
+            ));
+        }
+        if b[i] != 0xFF {
+            return Err(corrupt("jpeg", format!("expected a marker at byte {i}")));
+        }
+        let m = b[i + 1];
+        match m {
+            0xFF => {
+                i += 1;
+                continue;
+            }
+            0xD9 => {
+                if scans == 0 {
+                    return Err(corrupt("jpeg", "end-of-image before any scan"));
+                }
+                return Ok(());
+            }
+            0xD0..=0xD7 | 0x01 => {
+                i += 2;
+                continue;
+            }
+            0x00 | 0xD8 => {
+                return Err(corrupt(
+                    "jpeg",
+                    format!("invalid marker 0x{m:02X} at byte {i}"),
+                ))
+            }
+            _ => {}
+        }
+        if i + 4 > b.len() {
+            return Err(truncated("jpeg", "ends inside a segment header"));
+        }
+        let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+        if len < 2 {
+            return Err(corrupt("jpeg", format!("segment length {len} at byte {i}")));
+        }
+        if i + 2 + len > b.len() {
+            return Err(truncated(
+                "jpeg",
+                format!("segment 0x{m:02X} at byte {i} runs past the end"),
+            ));
+        }
+        saw_sof |= is_sof(m);
+        i += 2 + len;
+        if m == 0xDA {
+            if !saw_sof {
+                return Err(corrupt("jpeg", "scan before the frame header"));
+            }
+            scans += 1;
+            // Entropy-coded data: 0xFF is followed by 0x00 (stuffing), RSTn, fill 0xFF, or the
+            // next marker.
+            loop {
+                match memchr::memchr(0xFF, &b[i..]) {
+                    None => {
+                        return Err(truncated(
+                            "jpeg",
+                            format!("no end-of-image marker ({} bytes)", b.len()),
+                        ))
+                    }
+                    Some(off) => {
+                        let p = i + off;
+                        match b.get(p + 1) {
+                            None => {
+                                return Err(truncated(
+                                    "jpeg",
+                                    format!("no end-of-image marker ({} bytes)", b.len()),
+                                ))
+                            }
+                            Some(0x00) | Some(0xD0..=0xD7) => i = p + 2,
+                            Some(0xFF) => i = p + 1,
+                            Some(_) => {
+                                i = p;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decoded 8-bit pixels, 1 (gray) or 3 (RGB) interleaved channels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pixels {
+    pub width: u32,
+    pub height: u32,
+    pub channels: u8,
+    pub data: Vec<u8>,
+}
+
+fn image_limits(info: &HeaderInfo) -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(info.width);
+    l.max_image_height = Some(info.height);
+    // Generous but bounded: RGBA16 of the header's size plus slack.
+    l.max_alloc = Some(info.width as u64 * info.height as u64 * 8 + (64 << 20));
+    l
+}
+
+fn from_dynamic(img: image::DynamicImage) -> Pixels {
+    use image::DynamicImage as D;
+    let gray = matches!(
+        img,
+        D::ImageLuma8(_) | D::ImageLuma16(_) | D::ImageLumaA8(_) | D::ImageLumaA16(_)
+    );
+    let (w, h) = (img.width(), img.height());
+    if gray {
+        Pixels {
+            width: w,
+            height: h,
+            channels: 1,
+            data: img.into_luma8().into_raw(),
+        }
+    } else {
+        Pixels {
+            width: w,
+            height: h,
+            channels: 3,
+            data: img.into_rgb8().into_raw(),
+        }
+    }
+}
+
+/// Decodes with the `image` crate (PNG, and JPEGs libjpeg-turbo cannot convert: CMYK, 12-bit).
+/// Alpha is dropped, 16-bit samples are scaled to 8 bits, palettes are expanded.
+fn decode_generic(bytes: &[u8], info: &HeaderInfo) -> Result<Pixels, ImageRejection> {
+    let (fmt, name) = match info.format {
+        ImageFormat::Jpeg => (image::ImageFormat::Jpeg, "jpeg"),
+        ImageFormat::Png => (image::ImageFormat::Png, "png"),
+    };
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), fmt);
+    reader.limits(image_limits(info));
+    let img = reader.decode().map_err(|e| classify(name, e.to_string()))?;
+    Ok(from_dynamic(img))
+}
+
+fn classify(format: &'static str, msg: String) -> ImageRejection {
+    let lower = msg.to_ascii_lowercase();
+    if lower.contains("eof") || lower.contains("end of") || lower.contains("truncat") {
+        truncated(format, msg)
+    } else {
+        corrupt(format, msg)
+    }
+}
+
+/// Decodes a JPEG with libjpeg-turbo, optionally with DCT-domain downscaling so that the shorter
+/// side stays `>= min_short` (much cheaper than decoding at full size and resampling).
+fn decode_jpeg_turbo(
+    bytes: &[u8],
+    info: &HeaderInfo,
+    min_short: Option<u32>,
+) -> Result<Pixels, ImageRejection> {
+    use turbojpeg::{Decompressor, PixelFormat, ScalingFactor};
+    let mut d = Decompressor::new().map_err(|e| corrupt("jpeg", e.to_string()))?;
+    let header = d
+        .read_header(bytes)
+        .map_err(|e| corrupt("jpeg", e.to_string()))?;
+    let (format, channels) = if info.components == 1 {
+        (PixelFormat::GRAY, 1u8)
+    } else {
+        (PixelFormat::RGB, 3u8)
+    };
+    let mut factor = ScalingFactor::ONE;
+    if let Some(target) = min_short {
+        let short = header.width.min(header.height);
+        // Smallest n/8 with ceil(short * n / 8) >= target.
+        for n in 1..8usize {
+            let f = ScalingFactor::new(n, 8);
+            if f.scale(short) >= target as usize {
+                factor = f;
+                break;
+            }
+        }
+    }
+    d.set_scaling_factor(factor)
+        .map_err(|e| corrupt("jpeg", e.to_string()))?;
+    let scaled = header.scaled(factor);
+    let (w, h) = (scaled.width, scaled.height);
+    let pitch = w * channels as usize;
+    let mut data = vec![0u8; pitch * h];
+    d.decompress(
+        bytes,
+        turbojpeg::Image {
+            pixels: &mut data[..],
+            width: w,
+            pitch,
+            height: h,
+            format,
+        },
+    )
+    .map_err(|e| classify("jpeg", e.to_string()))?;
+    Ok(Pixels {
+        width: w as u32,
+        height: h as u32,
+        channels,
+        data,
+    })
+}
+
+/// Decodes any supported image to 8-bit gray or RGB pixels (full size). Used by conversions and
+/// by `verify --decode`.
+pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Pixels, ImageRejection> {
+    let info = read_header(bytes, max_pixels)?;
+    decode_with(bytes, &info, None)
+}
+
+fn decode_with(
+    bytes: &[u8],
+    info: &HeaderInfo,
+    min_short: Option<u32>,
+) -> Result<Pixels, ImageRejection> {
+    if info.format == ImageFormat::Jpeg {
+        check_jpeg_structure(bytes)?;
+        if info.bit_depth == 8 && matches!(info.components, 1 | 3) {
+            return decode_jpeg_turbo(bytes, info, min_short);
+        }
+    }
+    decode_generic(bytes, info)
+}
+
+/// Encodes pixels as PNG (lossless; used for conversions that keep the size).
+pub fn encode_png(p: &Pixels) -> Result<Vec<u8>, ImageRejection> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder;
+    let mut out = Vec::new();
+    let color = if p.channels == 1 {
+        image::ExtendedColorType::L8
+    } else {
+        image::ExtendedColorType::Rgb8
+    };
+    PngEncoder::new_with_quality(&mut out, CompressionType::Default, FilterType::Adaptive)
+        .write_image(&p.data, p.width, p.height, color)
+        .map_err(|e| corrupt("png", format!("encode: {e}")))?;
+    Ok(out)
+}
+
+/// Encodes pixels as a baseline JPEG (4:2:0 for colour, gray stays gray) with libjpeg-turbo.
+pub fn encode_jpeg(p: &Pixels, quality: u8) -> Result<Vec<u8>, ImageRejection> {
+    use turbojpeg::{Compressor, PixelFormat, Subsamp};
+    let mut c = Compressor::new().map_err(|e| corrupt("jpeg", e.to_string()))?;
+    let (format, subsamp) = if p.channels == 1 {
+        (PixelFormat::GRAY, Subsamp::Gray)
+    } else {
+        (PixelFormat::RGB, Subsamp::Sub2x2)
+    };
+    c.set_quality(quality as i32)
+        .and_then(|_| c.set_subsamp(subsamp))
+        .map_err(|e| corrupt("jpeg", e.to_string()))?;
+    c.compress_to_vec(turbojpeg::Image {
+        pixels: &p.data[..],
+        width: p.width as usize,
+        pitch: p.width as usize * p.channels as usize,
+        height: p.height as usize,
+        format,
+    })
+    .map_err(|e| corrupt("jpeg", format!("encode: {e}")))
+}
+
+/// How thoroughly to check images that are stored unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Validation {
+    /// Header + a full JPEG marker/entropy walk to EOI (PNGs are always decoded).
+    Structure,
+    /// Decode every image completely.
+    Decode,
+}
+
+/// Settings of [`prepare_image`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImagePolicy {
+    pub max_pixels: u64,
+    /// Re-encode so the shorter side is at most this (JPEG at `quality`).
+    pub resize_short_side: Option<u32>,
+    pub quality: u8,
+    pub validation: Validation,
+    pub filter: Filter,
+}
+
+impl Default for ImagePolicy {
+    fn default() -> Self {
+        ImagePolicy {
+            max_pixels: DEFAULT_MAX_PIXELS,
+            resize_short_side: None,
+            quality: 90,
+            validation: Validation::Structure,
+            filter: Filter::Bicubic,
+        }
+    }
+}
+
+/// An image ready to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedImage {
+    /// Encoded bytes to store.
+    pub bytes: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+    pub orig_width: u32,
+    pub orig_height: u32,
+    /// Channels of the stored image (1 or 3).
+    pub channels: u8,
+    /// `(from, to)` when the stored bytes are not the source bytes.
+    pub conversion: Option<(String, String)>,
+}
+
+/// Checks an input image and returns what to store: the original bytes when they are an 8-bit
+/// gray/RGB JPEG or PNG and no resize applies, else converted/re-encoded pixels.
+pub fn prepare_image(
+    bytes: Vec<u8>,
+    policy: &ImagePolicy,
+) -> Result<PreparedImage, ImageRejection> {
+    let info = read_header(&bytes, policy.max_pixels)?;
+    let (ow, oh) = (info.width, info.height);
+    let target = policy
+        .resize_short_side
+        .map(|s| resample::short_side_size(ow, oh, s))
+        .filter(|&t| t != (ow, oh));
+    if let Some((tw, th)) = target {
+        let short_target = tw.min(th);
+        let mut px = decode_with(&bytes, &info, Some(short_target))?;
+        if (px.width, px.height) != (tw, th) {
+            let data = resample::resize(
+                &px.data,
+                px.width as usize,
+                px.height as usize,
+                px.channels as usize,
+                tw as usize,
+                th as usize,
+                policy.filter,
+            );
+            px = Pixels {
+                width: tw,
+                height: th,
+                channels: px.channels,
+                data,
+            };
+        }
+        let out = encode_jpeg(&px, policy.quality)?;
+        // Plain JPEGs are resized by request (recorded in the manifest's options); only inputs
+        // whose format had to change are listed one by one.
+        let plain_jpeg = info.format == ImageFormat::Jpeg && info.is_storable_as_is();
+        let conversion = (!plain_jpeg).then(|| {
+            (
+                info.describe(),
+                format!(
+                    "jpeg {}8 q{}",
+                    if px.channels == 1 { "gray" } else { "rgb" },
+                    policy.quality
+                ),
+            )
+        });
+        return Ok(PreparedImage {
+            bytes: out,
+            width: tw,
+            height: th,
+            orig_width: ow,
+            orig_height: oh,
+            channels: px.channels,
+            conversion,
+        });
+    }
+    if info.is_storable_as_is() {
+        // PNGs are always decoded (rare in these datasets, and a chunk walk would need CRCs
+        // anyway); JPEGs get the structural walk, or a full decode on request.
+        match (info.format, policy.validation) {
+            (ImageFormat::Jpeg, Validation::Structure) => check_jpeg_structure(&bytes)?,
+            _ => {
+                decode_with(&bytes, &info, None)?;
+            }
+        }
+        let channels = if info.components == 1 { 1 } else { 3 };
+        return Ok(PreparedImage {
+            bytes,
+            width: ow,
+            height: oh,
+            orig_width: ow,
+            orig_height: oh,
+            channels,
+            conversion: None,
+        });
+    }
+    // Convert losslessly to an 8-bit PNG of the decoded pixels.
+    let px = decode_with(&bytes, &info, None)?;
+    let out = encode_png(&px)?;
+    let to = format!("png {}8", if px.channels == 1 { "gray" } else { "rgb" });
+    Ok(PreparedImage {
+        bytes: out,
+        width: px.width,
+        height: px.height,
+        orig_width: ow,
+        orig_height: oh,
+        channels: px.channels,
+        conversion: Some((info.describe(), to)),
+    })
+}
+
+/// A decoded 8-bit single-channel mask (ADE20K annotation PNG).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mask {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+/// Decodes an 8-bit gray PNG mask; anything else is rejected (class values must be exact).
+pub fn decode_mask(bytes: &[u8], max_pixels: u64) -> Result<Mask, ImageRejection> {
+    let info =
+        read_header(bytes, max_pixels).map_err(|r| ImageRejection::BadMask(r.to_string()))?;
+    if info.format != ImageFormat::Png || info.png_color_type != 0 || info.bit_depth != 8 {
+        return Err(ImageRejection::BadMask(format!(
+            "expected an 8-bit gray PNG, found {}",
+            info.describe()
+        )));
+    }
+    let px = decode_generic(bytes, &info).map_err(|r| ImageRejection::BadMask(r.to_string()))?;
+    Ok(Mask {
+        width: px.width,
+        height: px.height,
+        data: px.data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_jpeg(w: u32, h: u32, channels: u8) -> Vec<u8> {
+        let data: Vec<u8> = (0..w * h * channels as u32)
+            .map(|i| (i * 7) as u8)
+            .collect();
+        encode_jpeg(
+            &Pixels {
+                width: w,
+                height: h,
+                channels,
+                data,
+            },
+            90,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sniffing_ignores_names_and_rejects_non_images() {
+        assert_eq!(sniff(&tiny_jpeg(8, 8, 3)).unwrap(), ImageFormat::Jpeg);
+        assert_eq!(sniff(b"").unwrap_err(), ImageRejection::Empty);
+        assert_eq!(
+            sniff(b"hello world").unwrap_err(),
+            ImageRejection::NotAnImage
+        );
+        assert_eq!(
+            sniff(b"GIF89a....").unwrap_err(),
+            ImageRejection::UnsupportedFormat("gif")
+        );
+    }
+
+    #[test]
+    fn jpeg_structure_and_truncation() {
+        let j = tiny_jpeg(40, 30, 3);
+        check_jpeg_structure(&j).unwrap();
+        let info = read_header(&j, DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!((info.width, info.height, info.components), (40, 30, 3));
+        let cut = &j[..j.len() - 10];
+        assert!(matches!(
+            check_jpeg_structure(cut),
+            Err(ImageRejection::Truncated { .. })
+        ));
+        let p = prepare_image(cut.to_vec(), &ImagePolicy::default()).unwrap_err();
+        assert!(matches!(p, ImageRejection::Truncated { .. }), "{p}");
+    }
+
+    #[test]
+    fn bomb_header_is_refused_before_decoding() {
+        let mut j = tiny_jpeg(16, 16, 1);
+        // Patch the SOF dimensions to 60000 x 60000.
+        let sof = j.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        j[sof + 5..sof + 7].copy_from_slice(&60000u16.to_be_bytes());
+        j[sof + 7..sof + 9].copy_from_slice(&60000u16.to_be_bytes());
+        let err = prepare_image(j, &ImagePolicy::default()).unwrap_err();
+        assert!(
+            matches!(err, ImageRejection::TooLarge { width: 60000, .. }),
+            "{err}"
+        );
+        // PNG: IHDR of 100000 x 100000.
+        let mut png = encode_png(&Pixels {
+            width: 2,
+            height: 2,
+            channels: 1,
+            data: vec![0; 4],
+        })
+        .unwrap();
+        png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let err = prepare_image(png, &ImagePolicy::default()).unwrap_err();
+        assert!(matches!(err, ImageRejection::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn resize_reencodes_short_side() {
+        let j = tiny_jpeg(100, 60, 3);
+        let policy = ImagePolicy {
+            resize_short_side: Some(30),
+            ..Default::default()
+        };
+        let p = prepare_image(j, &policy).unwrap();
+        assert_eq!(
+            (p.width, p.height, p.orig_width, p.orig_height),
+            (50, 30, 100, 60)
+        );
+        let back = decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!((back.width, back.height, back.channels), (50, 30, 3));
+        // Already small enough: original bytes kept.
+        let small = tiny_jpeg(20, 20, 1);
+        let p = prepare_image(small.clone(), &policy).unwrap();
+        assert_eq!(p.bytes, small);
+        assert!(p.conversion.is_none());
+    }
+
+    #[test]
+    fn rgba_png_becomes_rgb_png() {
+        use image::ImageEncoder;
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(
+                &[10, 20, 30, 40, 50, 60, 70, 80],
+                2,
+                1,
+                image::ExtendedColorType::Rgba8,
+            )
+            .unwrap();
+        let p = prepare_image(png, &ImagePolicy::default()).unwrap();
+        let (from, to) = p.conversion.clone().unwrap();
+        assert_eq!((from.as_str(), to.as_str()), ("png rgba8", "png rgb8"));
+        let back = decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(back.data, vec![10, 20, 30, 50, 60, 70]);
+    }
+
+    #[test]
+    fn resized_plain_jpegs_are_not_listed_as_conversions() {
+        let policy = ImagePolicy {
+            resize_short_side: Some(10),
+            ..Default::default()
+        };
+        let p = prepare_image(tiny_jpeg(40, 20, 3), &policy).unwrap();
+        assert_eq!((p.width, p.height), (20, 10));
+        assert!(p.conversion.is_none());
+    }
+}

@@ -1,0 +1,129 @@
+//! ADE20K SceneParsing (`ADEChallengeData2016/{images,annotations}/<split>/`): each image with
+//! its annotation PNG (stored unchanged: 8-bit, 0 = other, v = class index v-1).
+
+use std::path::{Path, PathBuf};
+
+use super::{files_in, rel_key, require_dir, InputItem, Listing, Target};
+use crate::error::{Result, ShardError};
+use crate::format::Dataset;
+use crate::manifest::{ClassEntry, SkippedEntry};
+
+/// Options of the ADE20K reader.
+#[derive(Debug, Clone, Default)]
+pub struct Ade20kOptions {
+    /// The `ADEChallengeData2016` folder.
+    pub root: PathBuf,
+    /// `training` or `validation`.
+    pub split: String,
+}
+
+/// Reads `objectInfo150.txt` (`Idx Ratio Train Val Name` with a header line): class `Idx` has
+/// index `Idx - 1`.
+pub fn read_object_info(path: &Path) -> Result<Vec<ClassEntry>> {
+    let text = std::fs::read_to_string(path).map_err(|e| ShardError::io(path, e))?;
+    let mut classes = Vec::new();
+    for (n, line) in text.lines().enumerate().skip(1) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let cols: Vec<&str> = line.split('\t').collect();
+        let bad = || {
+            ShardError::dataset(
+                path,
+                format!(
+                    "line {}: expected `Idx\\tRatio\\tTrain\\tVal\\tName`",
+                    n + 1
+                ),
+            )
+        };
+        if cols.len() < 5 {
+            return Err(bad());
+        }
+        let idx: u32 = cols[0].trim().parse().map_err(|_| bad())?;
+        if idx as usize != classes.len() + 1 {
+            return Err(ShardError::dataset(
+                path,
+                format!("line {}: Idx {idx} out of order", n + 1),
+            ));
+        }
+        classes.push(ClassEntry {
+            index: idx - 1,
+            id: idx.to_string(),
+            name: cols[4].trim().to_string(),
+        });
+    }
+    if classes.is_empty() {
+        return Err(ShardError::dataset(path, "no classes"));
+    }
+    Ok(classes)
+}
+
+/// Lists an ADE20K split. A missing annotation PNG is an error naming it.
+pub fn list(opts: &Ade20kOptions) -> Result<Listing> {
+    let root = &opts.root;
+    require_dir(root, "ADE20K root")?;
+    let img_dir = root.join("images").join(&opts.split);
+    let ann_dir = root.join("annotations").join(&opts.split);
+    require_dir(&img_dir, "ADE20K image folder")?;
+    require_dir(&ann_dir, "ADE20K annotation folder")?;
+    let info = root.join("objectInfo150.txt");
+    let classes = if info.is_file() {
+        read_object_info(&info)?
+    } else {
+        // Without objectInfo150.txt: the 150 classes by number.
+        (1..=150)
+            .map(|i| ClassEntry {
+                index: i - 1,
+                id: i.to_string(),
+                name: format!("class {i}"),
+            })
+            .collect()
+    };
+    let mut items = Vec::new();
+    let mut skipped = Vec::new();
+    for (name, path, size) in files_in(&img_dir)? {
+        let stem = match name.rsplit_once('.') {
+            Some((s, _)) => s,
+            None => name.as_str(),
+        };
+        let mask = ann_dir.join(format!("{stem}.png"));
+        if !mask.is_file() {
+            if name.starts_with('.') {
+                skipped.push(SkippedEntry {
+                    path: rel_key(root, &path),
+                    reason: "hidden file".into(),
+                });
+                continue;
+            }
+            return Err(ShardError::dataset(
+                &mask,
+                format!("annotation PNG missing for {}", rel_key(root, &path)),
+            ));
+        }
+        items.push(InputItem {
+            key: rel_key(root, &path),
+            path,
+            size,
+            target: Target::Mask(mask),
+        });
+    }
+    let mut options = serde_json::Map::new();
+    options.insert(
+        "class_list".into(),
+        if info.is_file() {
+            "objectInfo150.txt"
+        } else {
+            "numbered"
+        }
+        .into(),
+    );
+    Listing {
+        dataset: Dataset::Ade20k,
+        split: opts.split.clone(),
+        classes,
+        items,
+        skipped,
+        options,
+    }
+    .finish()
+}

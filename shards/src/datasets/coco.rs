@@ -1,0 +1,221 @@
+//! COCO instances (`instances_*.json` + an image folder): one row per image listed in the json,
+//! images without annotations included, every annotation kept whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{require_dir, InputItem, Listing, Target};
+use crate::error::{Result, ShardError};
+use crate::format::Dataset;
+use crate::manifest::{ClassEntry, SkippedEntry};
+
+/// Options of the COCO reader.
+#[derive(Debug, Clone, Default)]
+pub struct CocoOptions {
+    pub images: PathBuf,
+    pub annotations: PathBuf,
+    /// Split name; default: from the json name (`instances_val2017.json` → `val2017`).
+    pub split: Option<String>,
+}
+
+/// A segmentation as it appears in the json.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Segmentation {
+    /// `[[x, y, x, y, ...], ...]`.
+    Polygons(Vec<Vec<f64>>),
+    /// Uncompressed RLE: column-major run lengths starting with background.
+    Rle { size: [u32; 2], counts: Vec<i64> },
+    /// Compressed RLE string (pycocotools' LEB128-like encoding).
+    RleString { size: [u32; 2], counts: String },
+}
+
+/// One annotation record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CocoAnnotation {
+    pub id: i64,
+    pub category_id: i32,
+    /// Contiguous 0-based index of the category (sorted by category id).
+    pub category_index: i32,
+    pub bbox: Vec<f64>,
+    pub area: f64,
+    pub iscrowd: i32,
+    pub segmentation: Segmentation,
+    /// Other keys of the record as JSON object text (None when there are none).
+    pub extra: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawFile {
+    images: Vec<RawImage>,
+    #[serde(default)]
+    annotations: Vec<RawAnn>,
+    categories: Vec<RawCategory>,
+}
+
+#[derive(Deserialize)]
+struct RawImage {
+    id: i64,
+    file_name: String,
+}
+
+#[derive(Deserialize)]
+struct RawCategory {
+    id: i64,
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct RawAnn {
+    id: i64,
+    image_id: i64,
+    category_id: i64,
+    bbox: Vec<f64>,
+    area: f64,
+    iscrowd: i64,
+    segmentation: RawSeg,
+    #[serde(flatten)]
+    extra: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSeg {
+    Polygons(Vec<Vec<f64>>),
+    Rle { counts: RawCounts, size: Vec<u32> },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawCounts {
+    List(Vec<i64>),
+    Str(String),
+}
+
+fn split_from_json_name(p: &Path) -> String {
+    let stem = p
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    stem.strip_prefix("instances_").unwrap_or(&stem).to_string()
+}
+
+/// Lists a COCO split.
+pub fn list(opts: &CocoOptions) -> Result<Listing> {
+    require_dir(&opts.images, "COCO image folder")?;
+    let path = &opts.annotations;
+    let file = std::fs::File::open(path).map_err(|e| ShardError::io(path, e))?;
+    let raw: RawFile = serde_json::from_reader(std::io::BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| ShardError::dataset(path, format!("malformed COCO json: {e}")))?;
+
+    let mut cats: Vec<&RawCategory> = raw.categories.iter().collect();
+    cats.sort_by_key(|c| c.id);
+    let mut cat_index = HashMap::new();
+    let mut classes = Vec::new();
+    for (i, c) in cats.iter().enumerate() {
+        if cat_index.insert(c.id, i as i32).is_some() {
+            return Err(ShardError::dataset(
+                path,
+                format!("category id {} appears twice", c.id),
+            ));
+        }
+        classes.push(ClassEntry {
+            index: i as u32,
+            id: c.id.to_string(),
+            name: c.name.clone(),
+        });
+    }
+
+    let mut image_ids = HashMap::new();
+    for (i, im) in raw.images.iter().enumerate() {
+        if image_ids.insert(im.id, i).is_some() {
+            return Err(ShardError::dataset(
+                path,
+                format!("image id {} appears twice", im.id),
+            ));
+        }
+    }
+    let mut per_image: Vec<Vec<CocoAnnotation>> = vec![Vec::new(); raw.images.len()];
+    for a in raw.annotations {
+        let bad = |msg: String| ShardError::dataset(path, format!("annotation {}: {msg}", a.id));
+        let &img = image_ids
+            .get(&a.image_id)
+            .ok_or_else(|| bad(format!("image_id {} is not in images", a.image_id)))?;
+        let &category_index = cat_index.get(&a.category_id).ok_or_else(|| {
+            bad(format!(
+                "category_id {} is not in categories",
+                a.category_id
+            ))
+        })?;
+        let segmentation = match a.segmentation {
+            RawSeg::Polygons(p) => Segmentation::Polygons(p),
+            RawSeg::Rle { counts, size } => {
+                let size: [u32; 2] = size
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| bad(format!("RLE size {size:?} is not [height, width]")))?;
+                match counts {
+                    RawCounts::List(counts) => Segmentation::Rle { size, counts },
+                    RawCounts::Str(counts) => Segmentation::RleString { size, counts },
+                }
+            }
+        };
+        let extra = if a.extra.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&a.extra).map_err(|e| bad(e.to_string()))?)
+        };
+        per_image[img].push(CocoAnnotation {
+            id: a.id,
+            category_id: a.category_id as i32,
+            category_index,
+            bbox: a.bbox,
+            area: a.area,
+            iscrowd: a.iscrowd as i32,
+            segmentation,
+            extra,
+        });
+    }
+
+    let mut items = Vec::new();
+    let mut skipped = Vec::new();
+    for (im, annotations) in raw.images.into_iter().zip(per_image) {
+        let p = opts.images.join(&im.file_name);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => items.push(InputItem {
+                key: im.file_name,
+                path: p,
+                size: m.len(),
+                target: Target::Coco {
+                    image_id: im.id,
+                    annotations,
+                },
+            }),
+            _ => skipped.push(SkippedEntry {
+                path: im.file_name,
+                reason: "listed in the annotation file but missing from the image folder".into(),
+            }),
+        }
+    }
+    let mut options = serde_json::Map::new();
+    options.insert(
+        "annotations".into(),
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+            .into(),
+    );
+    Listing {
+        dataset: Dataset::Coco,
+        split: opts
+            .split
+            .clone()
+            .unwrap_or_else(|| split_from_json_name(path)),
+        classes,
+        items,
+        skipped,
+        options,
+    }
+    .finish()
+}

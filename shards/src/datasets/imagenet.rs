@@ -1,0 +1,211 @@
+//! ImageNet in the ImageFolder layout (`ROOT/<wnid>/<file>`).
+//!
+//! Labels: by default the sorted folder names (torchvision's `ImageFolder` order). A class file
+//! (`synset_words.txt`, `LOC_synset_mapping.txt`: first token = class id, 0-based line number =
+//! label) fixes the order instead. A label list (`relative/path label` lines, as MAE-style
+//! train.txt/val.txt; Caffe's val.txt with bare file names also works: names are matched to
+//! files anywhere under the root) gives labels per file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::{files_in, rel_key, require_dir, subdirs, walk_files, InputItem, Listing, Target};
+use crate::error::{Result, ShardError};
+use crate::format::Dataset;
+use crate::manifest::{ClassEntry, SkippedEntry};
+
+/// Options of the ImageNet reader.
+#[derive(Debug, Clone, Default)]
+pub struct ImagenetOptions {
+    pub root: PathBuf,
+    /// Class list file (first token = id, line number = label).
+    pub classes: Option<PathBuf>,
+    /// Label list file (`path label` lines).
+    pub list: Option<PathBuf>,
+    /// Split name for the manifest; default: the root folder's name.
+    pub split: Option<String>,
+}
+
+/// Reads a class file: one class per non-empty line, `id rest-of-line-as-name`.
+pub fn read_class_file(path: &Path) -> Result<Vec<ClassEntry>> {
+    let text = std::fs::read_to_string(path).map_err(|e| ShardError::io(path, e))?;
+    let mut classes = Vec::new();
+    let mut seen = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (id, name) = match line.split_once(char::is_whitespace) {
+            Some((id, rest)) => (id, rest.trim()),
+            None => (line, ""),
+        };
+        if let Some(prev) = seen.insert(id.to_string(), n + 1) {
+            return Err(ShardError::dataset(
+                path,
+                format!("class id {id} appears on lines {prev} and {}", n + 1),
+            ));
+        }
+        classes.push(ClassEntry {
+            index: classes.len() as u32,
+            id: id.to_string(),
+            name: if name.is_empty() { id } else { name }.to_string(),
+        });
+    }
+    if classes.is_empty() {
+        return Err(ShardError::dataset(path, "no classes in the class file"));
+    }
+    Ok(classes)
+}
+
+fn file_name_of(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Lists an ImageNet split.
+pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
+    let root = &opts.root;
+    require_dir(root, "ImageNet root")?;
+    let split = opts.split.clone().unwrap_or_else(|| file_name_of(root));
+    let folders = subdirs(root)?;
+    let classes = match &opts.classes {
+        Some(f) => read_class_file(f)?,
+        None => folders
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| ClassEntry {
+                index: i as u32,
+                id: name.clone(),
+                name: name.clone(),
+            })
+            .collect(),
+    };
+    let mut items = Vec::new();
+    let mut skipped = Vec::new();
+    let mut options = serde_json::Map::new();
+    options.insert(
+        "class_order".into(),
+        match &opts.classes {
+            Some(f) => format!("file:{}", file_name_of(f)),
+            None => "sorted-folders".into(),
+        }
+        .into(),
+    );
+
+    if let Some(list_path) = &opts.list {
+        options.insert(
+            "labels".into(),
+            format!("list:{}", file_name_of(list_path)).into(),
+        );
+        let text = std::fs::read_to_string(list_path).map_err(|e| ShardError::io(list_path, e))?;
+        // Bare names (Caffe val.txt) are matched against every file under the root.
+        let mut by_name: Option<HashMap<String, Vec<PathBuf>>> = None;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = |msg: &str| {
+                ShardError::dataset(list_path, format!("line {}: {msg}: {line:?}", n + 1))
+            };
+            let (rel, label) = line
+                .rsplit_once(char::is_whitespace)
+                .ok_or_else(|| bad("expected `path label`"))?;
+            let rel = rel.trim();
+            let label: i64 = label.parse().map_err(|_| bad("label is not an integer"))?;
+            if label < 0 || label >= classes.len() as i64 {
+                return Err(bad(&format!("label out of range 0..{}", classes.len())));
+            }
+            let direct = root.join(rel);
+            let path = if direct.is_file() {
+                direct
+            } else if !rel.contains('/') {
+                let index = match &mut by_name {
+                    Some(m) => m,
+                    None => {
+                        let mut m: HashMap<String, Vec<PathBuf>> = HashMap::new();
+                        for (p, _) in walk_files(root)? {
+                            m.entry(file_name_of(&p)).or_default().push(p);
+                        }
+                        by_name.insert(m)
+                    }
+                };
+                match index.get(rel).map(|v| v.as_slice()) {
+                    Some([one]) => one.clone(),
+                    Some(many) if many.len() > 1 => {
+                        return Err(bad(&format!(
+                            "{} files under the root are named {rel}",
+                            many.len()
+                        )))
+                    }
+                    _ => {
+                        skipped.push(SkippedEntry {
+                            path: rel.to_string(),
+                            reason: format!("listed in {} but not found", file_name_of(list_path)),
+                        });
+                        continue;
+                    }
+                }
+            } else {
+                skipped.push(SkippedEntry {
+                    path: rel.to_string(),
+                    reason: format!("listed in {} but not found", file_name_of(list_path)),
+                });
+                continue;
+            };
+            let size = std::fs::metadata(&path)
+                .map_err(|e| ShardError::io(&path, e))?
+                .len();
+            items.push(InputItem {
+                key: rel_key(root, &path),
+                path,
+                size,
+                target: Target::Label(label as i32),
+            });
+        }
+    } else {
+        options.insert("labels".into(), "folders".into());
+        let index: HashMap<&str, u32> = classes.iter().map(|c| (c.id.as_str(), c.index)).collect();
+        for (name, dir) in &folders {
+            let files = walk_files(dir)?;
+            match index.get(name.as_str()) {
+                Some(&label) => {
+                    for (path, size) in files {
+                        items.push(InputItem {
+                            key: rel_key(root, &path),
+                            path,
+                            size,
+                            target: Target::Label(label as i32),
+                        });
+                    }
+                }
+                None => {
+                    for (path, _) in files {
+                        skipped.push(SkippedEntry {
+                            path: rel_key(root, &path),
+                            reason: format!("folder {name} is not in the class list"),
+                        });
+                    }
+                }
+            }
+        }
+        // Files directly under the root belong to no class.
+        for (_, path, _) in files_in(root)? {
+            skipped.push(SkippedEntry {
+                path: rel_key(root, &path),
+                reason: "not inside a class folder".into(),
+            });
+        }
+    }
+    Listing {
+        dataset: Dataset::Imagenet,
+        split,
+        classes,
+        items,
+        skipped,
+        options,
+    }
+    .finish()
+}

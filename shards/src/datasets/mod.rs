@@ -1,0 +1,192 @@
+//! Dataset readers: each turns a dataset on disk into a [`Listing`], the sorted list of inputs
+//! (paths and labels/annotations, never pixels) that the writer streams into shards.
+
+pub mod ade20k;
+pub mod coco;
+pub mod imagenet;
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Result, ShardError};
+use crate::format::Dataset;
+use crate::manifest::{ClassEntry, InputsInfo, SkippedEntry};
+
+pub use coco::{CocoAnnotation, Segmentation};
+
+/// What is known about one input before its bytes are read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputItem {
+    /// The row key: path relative to the root with `/` separators, or the COCO `file_name`.
+    pub key: String,
+    /// Where the image is on disk.
+    pub path: PathBuf,
+    /// File size at listing time (part of the inputs fingerprint used by resume).
+    pub size: u64,
+    pub target: Target,
+}
+
+/// Per-dataset supervision for one input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// ImageNet class index.
+    Label(i32),
+    /// COCO image id and its annotations in json order.
+    Coco {
+        image_id: i64,
+        annotations: Vec<CocoAnnotation>,
+    },
+    /// ADE20K annotation PNG.
+    Mask(PathBuf),
+}
+
+/// A dataset ready to be written.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub dataset: Dataset,
+    pub split: String,
+    pub classes: Vec<ClassEntry>,
+    /// Sorted by key (bytewise); unique keys.
+    pub items: Vec<InputItem>,
+    /// Inputs rejected while listing (e.g. a file in a folder that is not a class).
+    pub skipped: Vec<SkippedEntry>,
+    /// Dataset-specific settings that shaped the listing (class list file, label list, ...).
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Listing {
+    /// Count and sha256 over every item's key, size and target: identifies the input set.
+    pub fn fingerprint(&self) -> InputsInfo {
+        let mut h = Sha256::new();
+        for it in &self.items {
+            h.update(it.key.as_bytes());
+            h.update([0]);
+            h.update(it.size.to_le_bytes());
+            match &it.target {
+                Target::Label(l) => h.update(l.to_le_bytes()),
+                Target::Coco {
+                    image_id,
+                    annotations,
+                } => {
+                    h.update(image_id.to_le_bytes());
+                    for a in annotations {
+                        h.update(a.id.to_le_bytes());
+                        h.update(a.category_index.to_le_bytes());
+                    }
+                }
+                Target::Mask(p) => {
+                    // The file name only: the fingerprint must not depend on where the root is mounted.
+                    h.update(
+                        p.file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .as_bytes(),
+                    )
+                }
+            }
+            h.update([b'\n']);
+        }
+        for s in &self.skipped {
+            h.update(s.path.as_bytes());
+            h.update([0]);
+        }
+        InputsInfo {
+            count: self.items.len() as u64,
+            sha256: hex::encode(h.finalize()),
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> Result<Self> {
+        self.items.sort_by(|a, b| a.key.cmp(&b.key));
+        if let Some(w) = self.items.windows(2).find(|w| w[0].key == w[1].key) {
+            return Err(ShardError::InvalidOptions(format!(
+                "duplicate input key {:?}",
+                w[0].key
+            )));
+        }
+        self.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(self)
+    }
+}
+
+/// Key of `path` under `root`: relative, `/`-separated, UTF-8 (lossy for odd names).
+pub(crate) fn rel_key(root: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Checks that `dir` is a readable folder, with an error naming it.
+pub(crate) fn require_dir(dir: &Path, what: &str) -> Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ShardError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(e.kind(), format!("{what}: {e}")),
+        }),
+    }
+}
+
+/// Regular files under `dir`, recursively, sorted by path. Hidden entries are included (they
+/// are reported as skipped later if they are not images, never silently dropped).
+pub(crate) fn walk_files(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = std::fs::read_dir(&d).map_err(|e| ShardError::io(&d, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| ShardError::io(&d, e))?;
+            let path = entry.path();
+            // Follow symlinks (datasets are often linked farms).
+            let meta = std::fs::metadata(&path).map_err(|e| ShardError::io(&path, e))?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                out.push((path, meta.len()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Immediate subfolders of `dir`, sorted by name.
+pub(crate) fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| ShardError::io(dir, e))?;
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| ShardError::io(dir, e))?;
+        let path = entry.path();
+        if std::fs::metadata(&path)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
+            out.push((entry.file_name().to_string_lossy().into_owned(), path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Files directly inside `dir`, sorted by name.
+pub(crate) fn files_in(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| ShardError::io(dir, e))?;
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| ShardError::io(dir, e))?;
+        let path = entry.path();
+        let meta = std::fs::metadata(&path).map_err(|e| ShardError::io(&path, e))?;
+        if meta.is_file() {
+            out.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                path,
+                meta.len(),
+            ));
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,1061 @@
+//! The shard writer: streams a [`Listing`] into zstd Parquet shards and writes the manifest.
+//!
+//! Determinism: rows are ordered by key, optionally shuffled with a seeded generator, and cut
+//! into shards of `shard_rows` consecutive rows; shard `i` always holds the same rows in the
+//! same order, whatever the thread count or worker split. Rows are prepared in parallel (rayon)
+//! but written in order, and row groups have a fixed row count, so the bytes are identical.
+//!
+//! Memory: at most `threads` shards are open at once, each holding one row group of prepared
+//! rows; nothing else of the dataset is in memory besides its listing.
+//!
+//! Crash safety: each shard is written to a hidden temp file, fsynced and renamed; then a small
+//! journal record (`.progress/shard-NNNNNN.json`) stores its hash. A re-run with the same inputs
+//! and options reuses every shard whose file still matches its record and rewrites the rest;
+//! the manifest is written last, atomically.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BinaryArray, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch,
+    StringArray, StructArray,
+};
+use arrow::buffer::{NullBuffer, OffsetBuffer};
+use arrow::datatypes::{DataType, FieldRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::codec::{self, ImagePolicy};
+use crate::datasets::{CocoAnnotation, InputItem, Listing, Segmentation, Target};
+use crate::error::{ImageRejection, Result, ShardError};
+use crate::format::{self, columns, Dataset, FORMAT_VERSION, MANIFEST_FILE};
+use crate::manifest::{self, ConversionEntry, Manifest, PartInfo, ShardEntry, SkippedEntry};
+use crate::patch_layout;
+
+/// What to do with an input that cannot be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// List it in `skipped` and go on.
+    Skip,
+    /// Stop with an error naming the file.
+    Fail,
+}
+
+/// Receives progress (rows done) from the writer; the CLI draws a bar with it.
+pub trait Progress: Sync {
+    /// Called once with the rows this run will process (reused shards excluded).
+    fn start(&self, _total_rows: u64) {}
+    /// Called after each row group.
+    fn advance(&self, _rows: u64) {}
+}
+
+/// No progress reporting.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// Settings of [`write_dataset`].
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    pub out: PathBuf,
+    pub shard_rows: usize,
+    pub row_group_rows: usize,
+    pub zstd_level: i32,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub patch_size: u32,
+    pub image: ImagePolicy,
+    pub on_error: OnError,
+    /// Worker threads (0 = all cores). Never changes the output bytes.
+    pub threads: usize,
+    pub num_workers: u32,
+    pub worker_index: u32,
+    /// Tool version written to the manifest.
+    pub tool_version: String,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            out: PathBuf::new(),
+            shard_rows: 1024,
+            row_group_rows: 128,
+            zstd_level: 3,
+            seed: 0,
+            shuffle: true,
+            patch_size: 16,
+            image: ImagePolicy::default(),
+            on_error: OnError::Skip,
+            threads: 0,
+            num_workers: 1,
+            worker_index: 0,
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+impl WriteOptions {
+    /// The settings that shape the output bytes (recorded in the manifest).
+    fn output_options(&self, listing: &Listing) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: serde_json::Value| {
+            m.insert(k.to_string(), v);
+        };
+        put("seed", self.seed.into());
+        put("shuffle", self.shuffle.into());
+        put("shard_rows", self.shard_rows.into());
+        put("row_group_rows", self.row_group_rows.into());
+        put("compression", "zstd".into());
+        put("zstd_level", self.zstd_level.into());
+        put("patch_size", self.patch_size.into());
+        put(
+            "resize_short_side",
+            self.image
+                .resize_short_side
+                .map(serde_json::Value::from)
+                .unwrap_or(serde_json::Value::Null),
+        );
+        put("quality", self.image.quality.into());
+        put(
+            "resize_filter",
+            match self.image.filter {
+                crate::resample::Filter::Bilinear => "bilinear",
+                crate::resample::Filter::Bicubic => "bicubic",
+            }
+            .into(),
+        );
+        put(
+            "validation",
+            serde_json::to_value(self.image.validation).unwrap_or_default(),
+        );
+        put("max_pixels", self.image.max_pixels.into());
+        put("exif_orientation", "kept as stored (not applied)".into());
+        for (k, v) in &listing.options {
+            m.insert(k.clone(), v.clone());
+        }
+        m
+    }
+}
+
+/// Result of a run.
+#[derive(Debug, Clone)]
+pub struct WriteSummary {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    /// Shards written by this run.
+    pub written_shards: usize,
+    /// Shards reused from an interrupted earlier run.
+    pub reused_shards: usize,
+    /// Rows whose bytes were re-encoded or converted.
+    pub converted: usize,
+}
+
+/// Journal record of one finished shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ShardRecord {
+    fingerprint: String,
+    entry: ShardEntry,
+    skipped: Vec<SkippedEntry>,
+    conversions: Vec<ConversionEntry>,
+}
+
+const PROGRESS_DIR: &str = ".progress";
+
+/// Seeded permutation (SplitMix64 + Fisher-Yates): the same for a seed on every platform.
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = ((next() as u128 * (i as u128 + 1)) >> 64) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+/// Writes the dataset (or this worker's part of it) and its manifest.
+pub fn write_dataset(
+    listing: &Listing,
+    opts: &WriteOptions,
+    progress: &dyn Progress,
+) -> Result<WriteSummary> {
+    if opts.shard_rows == 0 || opts.row_group_rows == 0 || opts.patch_size == 0 {
+        return Err(ShardError::InvalidOptions(
+            "shard rows, row-group rows and patch size must be positive".into(),
+        ));
+    }
+    if opts.num_workers == 0 || opts.worker_index >= opts.num_workers {
+        return Err(ShardError::InvalidOptions(format!(
+            "worker index {} is not below the number of workers {}",
+            opts.worker_index, opts.num_workers
+        )));
+    }
+    ZstdLevel::try_new(opts.zstd_level)
+        .map_err(|e| ShardError::InvalidOptions(format!("zstd level: {e}")))?;
+    let out = &opts.out;
+    std::fs::create_dir_all(out.join(PROGRESS_DIR)).map_err(|e| ShardError::io(out, e))?;
+
+    let n = listing.items.len();
+    let order = if opts.shuffle {
+        permutation(n, opts.seed)
+    } else {
+        (0..n).collect()
+    };
+    let total_shards = n.div_ceil(opts.shard_rows) as u32;
+    let options = opts.output_options(listing);
+    let inputs = listing.fingerprint();
+    let fingerprint = fingerprint_of(
+        &opts.tool_version,
+        listing.dataset,
+        &listing.split,
+        &listing.classes,
+        &options,
+        &inputs.sha256,
+        total_shards,
+    );
+    let mine: Vec<u32> = (0..total_shards)
+        .filter(|i| i % opts.num_workers == opts.worker_index)
+        .collect();
+
+    // A finished earlier run of the same command: its manifest seeds the journal, then goes,
+    // so the folder never shows a manifest that disagrees with its shard files.
+    let manifest_name = if opts.num_workers > 1 {
+        part_manifest_name(opts.worker_index, opts.num_workers)
+    } else {
+        MANIFEST_FILE.to_string()
+    };
+    let old_manifest = out.join(&manifest_name);
+    if old_manifest.exists() {
+        if let Ok(old) = Manifest::load(&old_manifest) {
+            seed_journal_from(&old, out, &fingerprint);
+        }
+        std::fs::remove_file(&old_manifest).map_err(|e| ShardError::io(&old_manifest, e))?;
+        manifest::sync_dir(out);
+    }
+    // Shards of an earlier run with more shards would confuse `*.parquet` readers.
+    if opts.worker_index == 0 {
+        remove_shards_from(out, total_shards);
+    }
+
+    // Resume: keep shards whose journal record matches and whose file still verifies.
+    let mut records: BTreeMap<u32, ShardRecord> = BTreeMap::new();
+    for &i in &mine {
+        let name = format::shard_file_name(i);
+        remove_stale_temps(out, &name);
+        if let Some(rec) = load_record(out, i) {
+            if rec.fingerprint == fingerprint
+                && manifest::verify_shard_file(&out.join(&name), &rec.entry).is_ok()
+            {
+                records.insert(i, rec);
+            }
+        }
+    }
+    let reused = records.len();
+    let todo: Vec<u32> = mine
+        .iter()
+        .copied()
+        .filter(|i| !records.contains_key(i))
+        .collect();
+    let rows_todo: usize = todo
+        .iter()
+        .map(|&i| shard_range(i, opts.shard_rows, n).len())
+        .sum();
+    progress.start(rows_todo as u64);
+    tracing::info!(
+        shards = total_shards,
+        mine = mine.len(),
+        reused,
+        rows = rows_todo,
+        "writing shards"
+    );
+
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        opts.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("shard-{i}"))
+        .build()
+        .map_err(|e| ShardError::InvalidOptions(format!("thread pool: {e}")))?;
+    let schema = format::schema(listing.dataset);
+    let ctx = ShardCtx {
+        listing,
+        opts,
+        order: &order,
+        schema,
+        fingerprint: &fingerprint,
+        progress,
+    };
+    // At most `threads` shards in flight: memory stays bounded by a few row groups per thread.
+    for batch in todo.chunks(threads) {
+        let done: Vec<Result<ShardRecord>> =
+            pool.install(|| batch.par_iter().map(|&i| ctx.write_shard(i)).collect());
+        for (rec, &i) in done.into_iter().zip(batch) {
+            records.insert(i, rec?);
+        }
+    }
+
+    // Assemble the manifest.
+    let mut shards = Vec::new();
+    let mut skipped: Vec<SkippedEntry> = listing.skipped.clone();
+    let mut conversions = Vec::new();
+    for rec in records.values() {
+        shards.push(rec.entry.clone());
+        skipped.extend(rec.skipped.iter().cloned());
+        conversions.extend(rec.conversions.iter().cloned());
+    }
+    let carry_path = out.join(PROGRESS_DIR).join(CARRY_FILE);
+    if let Some(carry) = std::fs::read(&carry_path)
+        .ok()
+        .and_then(|t| serde_json::from_slice::<CarryOver>(&t).ok())
+        .filter(|c| c.fingerprint == fingerprint)
+    {
+        skipped.extend(carry.skipped);
+        conversions.extend(carry.conversions);
+    }
+    skipped.sort_by(|a, b| (&a.path, &a.reason).cmp(&(&b.path, &b.reason)));
+    skipped.dedup();
+    conversions.sort_by(|a, b| (&a.key, &a.from).cmp(&(&b.key, &b.from)));
+    conversions.dedup();
+    let converted = conversions.len();
+    let part = (opts.num_workers > 1).then(|| PartInfo {
+        worker_index: opts.worker_index,
+        num_workers: opts.num_workers,
+        total_shards,
+    });
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        tool: "droppos-pipeline".into(),
+        tool_version: opts.tool_version.clone(),
+        dataset: listing.dataset,
+        split: listing.split.clone(),
+        num_rows: shards.iter().map(|s| s.rows).sum(),
+        classes: listing.classes.clone(),
+        patch_size: opts.patch_size,
+        shards,
+        skipped,
+        conversions,
+        options,
+        inputs,
+        part: part.clone(),
+        dir: out.clone(),
+    };
+    let manifest_path = manifest.save_as(out, &manifest_name)?;
+    // The manifest now holds everything the journal did.
+    for &i in &mine {
+        let _ = std::fs::remove_file(record_path(out, i));
+    }
+    let _ = std::fs::remove_file(&carry_path);
+    let _ = std::fs::remove_dir(out.join(PROGRESS_DIR));
+    Ok(WriteSummary {
+        manifest,
+        manifest_path,
+        written_shards: todo.len(),
+        reused_shards: reused,
+        converted,
+    })
+}
+
+/// Identity of a run's output: everything that shapes the shard bytes.
+fn fingerprint_of(
+    tool_version: &str,
+    dataset: Dataset,
+    split: &str,
+    classes: &[crate::manifest::ClassEntry],
+    options: &serde_json::Map<String, serde_json::Value>,
+    inputs_sha256: &str,
+    total_shards: u32,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(FORMAT_VERSION.to_le_bytes());
+    h.update(tool_version.as_bytes());
+    h.update([0]);
+    h.update(dataset.name());
+    h.update([0]);
+    h.update(split.as_bytes());
+    h.update([0]);
+    h.update(serde_json::to_vec(classes).unwrap_or_default());
+    h.update(serde_json::to_vec(options).unwrap_or_default());
+    h.update(inputs_sha256.as_bytes());
+    h.update(total_shards.to_le_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Turns the shards of a finished manifest into journal records when it describes the same
+/// output (per-shard skipped/conversion lists are not kept in manifests, so they are split
+/// back by key order; only used when the fingerprint matches).
+fn seed_journal_from(old: &Manifest, out: &Path, fingerprint: &str) {
+    let total = old
+        .part
+        .as_ref()
+        .map_or(old.shards.len() as u32, |p| p.total_shards);
+    let fp = fingerprint_of(
+        &old.tool_version,
+        old.dataset,
+        &old.split,
+        &old.classes,
+        &old.options,
+        &old.inputs.sha256,
+        total,
+    );
+    if fp != fingerprint || old.format_version != FORMAT_VERSION {
+        return;
+    }
+    for s in &old.shards {
+        let Some(i) = format::parse_shard_index(&s.file) else {
+            continue;
+        };
+        let rec = ShardRecord {
+            fingerprint: fp.clone(),
+            entry: s.clone(),
+            skipped: Vec::new(),
+            conversions: Vec::new(),
+        };
+        // Skipped/conversion entries of reused shards are carried over below.
+        if let Ok(text) = serde_json::to_vec(&rec) {
+            let _ = manifest::write_atomic(&record_path(out, i), &text);
+        }
+    }
+    // Keep the old lists whole in a side record so the new manifest is identical.
+    let carry = CarryOver {
+        fingerprint: fp,
+        skipped: old.skipped.clone(),
+        conversions: old.conversions.clone(),
+    };
+    if let Ok(text) = serde_json::to_vec(&carry) {
+        let _ = manifest::write_atomic(&out.join(PROGRESS_DIR).join(CARRY_FILE), &text);
+    }
+}
+
+/// Skipped and conversion lists of a finished manifest whose shards are being reused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CarryOver {
+    fingerprint: String,
+    skipped: Vec<SkippedEntry>,
+    conversions: Vec<ConversionEntry>,
+}
+
+const CARRY_FILE: &str = "carry-over.json";
+
+/// Removes `shard-N.parquet` files with N >= `from`.
+fn remove_shards_from(out: &Path, from: u32) {
+    if let Ok(rd) = std::fs::read_dir(out) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if format::parse_shard_index(&name).is_some_and(|i| i >= from) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// File name of worker `i`'s part manifest.
+pub fn part_manifest_name(worker_index: u32, num_workers: u32) -> String {
+    format!("manifest.part-{worker_index:04}-of-{num_workers:04}.json")
+}
+
+fn shard_range(i: u32, shard_rows: usize, n: usize) -> std::ops::Range<usize> {
+    let start = i as usize * shard_rows;
+    start..(start + shard_rows).min(n)
+}
+
+fn record_path(out: &Path, i: u32) -> PathBuf {
+    out.join(PROGRESS_DIR)
+        .join(format::shard_file_name(i).replace(".parquet", ".json"))
+}
+
+fn load_record(out: &Path, i: u32) -> Option<ShardRecord> {
+    let text = std::fs::read(record_path(out, i)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Removes temp files left by killed runs for shard `name` (`.name.tmp-<pid>`).
+fn remove_stale_temps(out: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    if let Ok(rd) = std::fs::read_dir(out) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+struct ShardCtx<'a> {
+    listing: &'a Listing,
+    opts: &'a WriteOptions,
+    order: &'a [usize],
+    schema: arrow::datatypes::SchemaRef,
+    fingerprint: &'a str,
+    progress: &'a dyn Progress,
+}
+
+/// A row ready to be appended.
+struct Row<'a> {
+    item: &'a InputItem,
+    image: Vec<u8>,
+    width: u32,
+    height: u32,
+    orig_width: u32,
+    orig_height: u32,
+    mask: Option<Vec<u8>>,
+    patch_labels: Option<Vec<i32>>,
+    conversions: Vec<ConversionEntry>,
+}
+
+/// Write wrapper that hashes and counts everything passing through.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl ShardCtx<'_> {
+    fn props(&self) -> WriterProperties {
+        let zstd = ZstdLevel::try_new(self.opts.zstd_level).unwrap_or_default();
+        let mut b = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(zstd))
+            // Encoded images are unique: dictionaries and min/max statistics only cost time.
+            .set_dictionary_enabled(false)
+            .set_max_row_group_row_count(Some(self.opts.row_group_rows))
+            .set_created_by(format!("droppos-pipeline {}", self.opts.tool_version));
+        for col in [columns::IMAGE, columns::MASK] {
+            b = b.set_column_statistics_enabled(ColumnPath::from(col), EnabledStatistics::None);
+        }
+        b.build()
+    }
+
+    fn write_shard(&self, index: u32) -> Result<ShardRecord> {
+        let out = &self.opts.out;
+        let name = format::shard_file_name(index);
+        let final_path = out.join(&name);
+        let tmp = manifest::temp_path(&final_path);
+        let range = shard_range(index, self.opts.shard_rows, self.order.len());
+        let rows_idx = &self.order[range];
+
+        let file = File::create(&tmp).map_err(|e| ShardError::io(&tmp, e))?;
+        let hw = HashingWriter {
+            inner: BufWriter::with_capacity(4 << 20, file),
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
+        let mut writer = ArrowWriter::try_new(hw, self.schema.clone(), Some(self.props()))
+            .map_err(|e| ShardError::parquet(&tmp, e))?;
+        let mut skipped = Vec::new();
+        let mut conversions = Vec::new();
+        let mut rows_written = 0u64;
+        for chunk in rows_idx.chunks(self.opts.row_group_rows) {
+            let prepared: Vec<std::result::Result<Row, ImageRejection>> = chunk
+                .par_iter()
+                .map(|&k| self.prepare(&self.listing.items[k]))
+                .collect();
+            let mut rows = Vec::with_capacity(prepared.len());
+            for (r, &k) in prepared.into_iter().zip(chunk) {
+                match r {
+                    Ok(row) => rows.push(row),
+                    Err(reason) => {
+                        let item = &self.listing.items[k];
+                        if self.opts.on_error == OnError::Fail {
+                            drop(writer);
+                            let _ = std::fs::remove_file(&tmp);
+                            return Err(ShardError::BadInput {
+                                path: item.path.clone(),
+                                reason,
+                            });
+                        }
+                        tracing::warn!(path = %item.path.display(), %reason, "skipped");
+                        skipped.push(SkippedEntry {
+                            path: item.key.clone(),
+                            reason: reason.to_string(),
+                        });
+                    }
+                }
+            }
+            if !rows.is_empty() {
+                let batch = self
+                    .batch(&rows)
+                    .map_err(|e| ShardError::parquet(&tmp, e))?;
+                writer
+                    .write(&batch)
+                    .and_then(|_| writer.flush())
+                    .map_err(|e| ShardError::parquet(&tmp, e))?;
+                rows_written += rows.len() as u64;
+            }
+            for r in rows {
+                conversions.extend(r.conversions);
+            }
+            self.progress.advance(chunk.len() as u64);
+        }
+        let hw = writer
+            .into_inner()
+            .map_err(|e| ShardError::parquet(&tmp, e))?;
+        let HashingWriter {
+            inner,
+            hasher,
+            bytes,
+        } = hw;
+        let file = inner
+            .into_inner()
+            .map_err(|e| ShardError::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| ShardError::io(&tmp, e))?;
+        drop(file);
+        std::fs::rename(&tmp, &final_path).map_err(|e| ShardError::io(&final_path, e))?;
+        manifest::sync_dir(out);
+        let rec = ShardRecord {
+            fingerprint: self.fingerprint.to_string(),
+            entry: ShardEntry {
+                file: name,
+                rows: rows_written,
+                bytes,
+                sha256: hex::encode(hasher.finalize()),
+            },
+            skipped,
+            conversions,
+        };
+        let text =
+            serde_json::to_vec(&rec).map_err(|e| ShardError::InvalidOptions(e.to_string()))?;
+        manifest::write_atomic(&record_path(out, index), &text)?;
+        Ok(rec)
+    }
+
+    /// Reads, checks and converts one input (runs on the rayon pool).
+    fn prepare<'b>(&self, item: &'b InputItem) -> std::result::Result<Row<'b>, ImageRejection> {
+        let bytes =
+            std::fs::read(&item.path).map_err(|e| ImageRejection::Unreadable(e.to_string()))?;
+        let img = codec::prepare_image(bytes, &self.opts.image)?;
+        let mut conversions = Vec::new();
+        if let Some((from, to)) = &img.conversion {
+            conversions.push(ConversionEntry {
+                key: item.key.clone(),
+                from: from.clone(),
+                to: to.clone(),
+            });
+        }
+        let (w, h) = (img.width, img.height);
+        let resized = (w, h) != (img.orig_width, img.orig_height);
+        let p = self.opts.patch_size;
+        let (mask, patch_labels) = match &item.target {
+            Target::Label(_) => (None, None),
+            Target::Coco { annotations, .. } => {
+                let map =
+                    patch_layout::coco_dense_map(annotations, img.orig_height, img.orig_width)
+                        .map_err(ImageRejection::BadAnnotation)?;
+                let map = if resized {
+                    patch_layout::resize_nearest(&map, img.orig_width, img.orig_height, w, h)
+                } else {
+                    map
+                };
+                (None, Some(patch_layout::patch_labels(&map, w, h, p)))
+            }
+            Target::Mask(mask_path) => {
+                let mbytes = std::fs::read(mask_path).map_err(|e| {
+                    ImageRejection::BadMask(format!("{}: {e}", mask_path.display()))
+                })?;
+                let m = codec::decode_mask(&mbytes, self.opts.image.max_pixels)?;
+                if (m.width, m.height) != (img.orig_width, img.orig_height) {
+                    return Err(ImageRejection::BadMask(format!(
+                        "mask is {}x{} but the image is {}x{}",
+                        m.width, m.height, img.orig_width, img.orig_height
+                    )));
+                }
+                if resized {
+                    let data = patch_layout::resize_nearest(&m.data, m.width, m.height, w, h);
+                    let labels = patch_layout::patch_labels(&data, w, h, p);
+                    let png = codec::encode_png(&codec::Pixels {
+                        width: w,
+                        height: h,
+                        channels: 1,
+                        data,
+                    })?;
+                    (Some(png), Some(labels))
+                } else {
+                    let labels = patch_layout::patch_labels(&m.data, w, h, p);
+                    (Some(mbytes), Some(labels))
+                }
+            }
+        };
+        Ok(Row {
+            item,
+            image: img.bytes,
+            width: w,
+            height: h,
+            orig_width: img.orig_width,
+            orig_height: img.orig_height,
+            mask,
+            patch_labels,
+            conversions,
+        })
+    }
+
+    fn batch(&self, rows: &[Row]) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+        let keys = StringArray::from_iter_values(rows.iter().map(|r| r.item.key.as_str()));
+        let images = BinaryArray::from_iter_values(rows.iter().map(|r| r.image.as_slice()));
+        let i32col = |f: &dyn Fn(&Row) -> u32| -> ArrayRef {
+            Arc::new(Int32Array::from_iter_values(
+                rows.iter().map(|r| f(r) as i32),
+            ))
+        };
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(keys),
+            Arc::new(images),
+            i32col(&|r| r.width),
+            i32col(&|r| r.height),
+            i32col(&|r| r.orig_width),
+            i32col(&|r| r.orig_height),
+        ];
+        match self.listing.dataset {
+            Dataset::Imagenet => {
+                cols.push(Arc::new(Int32Array::from_iter_values(rows.iter().map(
+                    |r| match r.item.target {
+                        Target::Label(l) => l,
+                        _ => -1,
+                    },
+                ))));
+            }
+            Dataset::Coco => {
+                let empty: &[CocoAnnotation] = &[];
+                let per_row: Vec<(i64, &[CocoAnnotation])> = rows
+                    .iter()
+                    .map(|r| match &r.item.target {
+                        Target::Coco {
+                            image_id,
+                            annotations,
+                        } => (*image_id, annotations.as_slice()),
+                        _ => (-1, empty),
+                    })
+                    .collect();
+                cols.push(Arc::new(Int64Array::from_iter_values(
+                    per_row.iter().map(|p| p.0),
+                )));
+                cols.push(annotations_array(&per_row, &self.schema)?);
+            }
+            Dataset::Ade20k => {
+                cols.push(Arc::new(BinaryArray::from_iter_values(
+                    rows.iter().map(|r| r.mask.as_deref().unwrap_or_default()),
+                )));
+            }
+        }
+        if self.listing.dataset.has_patch_labels() {
+            let field = item_field(
+                self.schema
+                    .field_with_name(columns::PATCH_LABELS)?
+                    .data_type(),
+            );
+            let lens: Vec<usize> = rows
+                .iter()
+                .map(|r| r.patch_labels.as_ref().map_or(0, |v| v.len()))
+                .collect();
+            let values: Vec<i32> = rows
+                .iter()
+                .flat_map(|r| r.patch_labels.iter().flatten().copied())
+                .collect();
+            cols.push(Arc::new(ListArray::try_new(
+                field,
+                OffsetBuffer::from_lengths(lens),
+                Arc::new(Int32Array::from(values)),
+                None,
+            )?));
+        }
+        RecordBatch::try_new(self.schema.clone(), cols)
+    }
+}
+
+fn item_field(dt: &DataType) -> FieldRef {
+    match dt {
+        DataType::List(f) => f.clone(),
+        other => panic!("schema bug: {other} is not a list"),
+    }
+}
+
+fn list(
+    dt: &DataType,
+    lens: Vec<usize>,
+    values: ArrayRef,
+    valid: Option<Vec<bool>>,
+) -> std::result::Result<ArrayRef, arrow::error::ArrowError> {
+    Ok(Arc::new(ListArray::try_new(
+        item_field(dt),
+        OffsetBuffer::from_lengths(lens),
+        values,
+        valid.map(NullBuffer::from),
+    )?))
+}
+
+/// Builds the `annotations` column: list<struct> with the fields of
+/// [`format::annotation_fields`].
+fn annotations_array(
+    per_row: &[(i64, &[CocoAnnotation])],
+    schema: &arrow::datatypes::SchemaRef,
+) -> std::result::Result<ArrayRef, arrow::error::ArrowError> {
+    let outer = schema
+        .field_with_name(columns::ANNOTATIONS)?
+        .data_type()
+        .clone();
+    let fields = format::annotation_fields();
+    let dt = |name: &str| {
+        fields
+            .find(name)
+            .map(|(_, f)| f.data_type().clone())
+            .unwrap()
+    };
+    let anns: Vec<&CocoAnnotation> = per_row.iter().flat_map(|p| p.1.iter()).collect();
+    use format::annotation as A;
+
+    let id = Arc::new(Int64Array::from_iter_values(anns.iter().map(|a| a.id))) as ArrayRef;
+    let cat_id = Arc::new(Int32Array::from_iter_values(
+        anns.iter().map(|a| a.category_id),
+    ));
+    let cat_idx = Arc::new(Int32Array::from_iter_values(
+        anns.iter().map(|a| a.category_index),
+    ));
+    let bbox = list(
+        &dt(A::BBOX),
+        anns.iter().map(|a| a.bbox.len()).collect(),
+        Arc::new(Float64Array::from_iter_values(
+            anns.iter().flat_map(|a| a.bbox.iter().copied()),
+        )),
+        None,
+    )?;
+    let area = Arc::new(Float64Array::from_iter_values(anns.iter().map(|a| a.area)));
+    let iscrowd = Arc::new(Int32Array::from_iter_values(anns.iter().map(|a| a.iscrowd)));
+
+    // polygons: list<list<f64>>, null for RLE annotations.
+    fn polys<'a>(a: &&'a CocoAnnotation) -> Option<&'a Vec<Vec<f64>>> {
+        match &a.segmentation {
+            Segmentation::Polygons(p) => Some(p),
+            _ => None,
+        }
+    }
+    let inner_dt = match dt(A::POLYGONS) {
+        DataType::List(f) => f.data_type().clone(),
+        _ => unreachable!(),
+    };
+    let inner_lens: Vec<usize> = anns
+        .iter()
+        .filter_map(polys)
+        .flat_map(|p| p.iter().map(|q| q.len()))
+        .collect();
+    let inner_vals = Float64Array::from_iter_values(
+        anns.iter()
+            .filter_map(polys)
+            .flat_map(|p| p.iter().flat_map(|q| q.iter().copied())),
+    );
+    let inner = list(&inner_dt, inner_lens, Arc::new(inner_vals), None)?;
+    let polygons = list(
+        &dt(A::POLYGONS),
+        anns.iter()
+            .map(|a| polys(a).map_or(0, |p| p.len()))
+            .collect(),
+        inner,
+        Some(anns.iter().map(|a| polys(a).is_some()).collect()),
+    )?;
+
+    let rle_size_of = |a: &&CocoAnnotation| match &a.segmentation {
+        Segmentation::Rle { size, .. } | Segmentation::RleString { size, .. } => Some(*size),
+        _ => None,
+    };
+    let rle_size = list(
+        &dt(A::RLE_SIZE),
+        anns.iter()
+            .map(|a| rle_size_of(a).map_or(0, |_| 2))
+            .collect(),
+        Arc::new(Int32Array::from_iter_values(
+            anns.iter()
+                .filter_map(rle_size_of)
+                .flat_map(|s| s.map(|v| v as i32)),
+        )),
+        Some(anns.iter().map(|a| rle_size_of(a).is_some()).collect()),
+    )?;
+    fn counts_of<'a>(a: &&'a CocoAnnotation) -> Option<&'a Vec<i64>> {
+        match &a.segmentation {
+            Segmentation::Rle { counts, .. } => Some(counts),
+            _ => None,
+        }
+    }
+    let rle_counts = list(
+        &dt(A::RLE_COUNTS),
+        anns.iter()
+            .map(|a| counts_of(a).map_or(0, |c| c.len()))
+            .collect(),
+        Arc::new(Int64Array::from_iter_values(
+            anns.iter().filter_map(counts_of).flatten().copied(),
+        )),
+        Some(anns.iter().map(|a| counts_of(a).is_some()).collect()),
+    )?;
+    let rle_string = Arc::new(StringArray::from_iter(anns.iter().map(
+        |a| match &a.segmentation {
+            Segmentation::RleString { counts, .. } => Some(counts.as_str()),
+            _ => None,
+        },
+    )));
+    let extra = Arc::new(StringArray::from_iter(
+        anns.iter().map(|a| a.extra.as_deref()),
+    ));
+
+    let structs = StructArray::try_new(
+        fields,
+        vec![
+            id, cat_id, cat_idx, bbox, area, iscrowd, polygons, rle_size, rle_counts, rle_string,
+            extra,
+        ],
+        None,
+    )?;
+    list(
+        &outer,
+        per_row.iter().map(|p| p.1.len()).collect(),
+        Arc::new(structs),
+        None,
+    )
+}
+
+/// Joins the part manifests of a `--num-workers` run into `out/manifest.json`. Parts are part
+/// manifest files or folders holding them; shard files outside `out` are copied in (and
+/// checked). The result is the manifest a single-worker run would have written.
+pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
+    let mut manifests = Vec::new();
+    for p in parts {
+        if p.is_dir() {
+            let mut found = Vec::new();
+            for e in std::fs::read_dir(p)
+                .map_err(|e| ShardError::io(p, e))?
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("manifest.part-") && name.ends_with(".json") {
+                    found.push(e.path());
+                }
+            }
+            found.sort();
+            if found.is_empty() {
+                return Err(ShardError::manifest(
+                    p,
+                    "no manifest.part-*.json in this folder",
+                ));
+            }
+            for f in found {
+                manifests.push(Manifest::load(&f)?);
+            }
+        } else {
+            manifests.push(Manifest::load(p)?);
+        }
+    }
+    let first = manifests
+        .first()
+        .ok_or_else(|| ShardError::InvalidOptions("shard merge needs at least one part".into()))?
+        .clone();
+    let info = first
+        .part
+        .clone()
+        .ok_or_else(|| ShardError::manifest(&first.dir, "not a part manifest (no `part`)"))?;
+    let mut seen = vec![false; info.num_workers as usize];
+    for m in &manifests {
+        let bad = |msg: &str| ShardError::manifest(&m.dir, msg.to_string());
+        let p = m.part.as_ref().ok_or_else(|| bad("not a part manifest"))?;
+        if p.num_workers != info.num_workers || p.total_shards != info.total_shards {
+            return Err(bad("parts come from runs with different worker counts"));
+        }
+        if m.dataset != first.dataset
+            || m.split != first.split
+            || m.options != first.options
+            || m.inputs != first.inputs
+            || m.classes != first.classes
+            || m.patch_size != first.patch_size
+            || m.tool_version != first.tool_version
+        {
+            return Err(bad("parts come from different inputs or options"));
+        }
+        if std::mem::replace(&mut seen[p.worker_index as usize], true) {
+            return Err(bad(&format!("worker {} given twice", p.worker_index)));
+        }
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        return Err(ShardError::InvalidOptions(format!(
+            "part of worker {missing} of {} is missing",
+            info.num_workers
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| ShardError::io(out, e))?;
+    let mut shards: Vec<(u32, ShardEntry)> = Vec::new();
+    let mut skipped = Vec::new();
+    let mut conversions = Vec::new();
+    for m in &manifests {
+        for (i, s) in m.shards.iter().enumerate() {
+            let idx = format::parse_shard_index(&s.file).ok_or_else(|| {
+                ShardError::manifest(&m.dir, format!("odd shard name {}", s.file))
+            })?;
+            let src = m.shard_path(i);
+            let dst = out.join(&s.file);
+            let same = match (src.canonicalize(), dst.canonicalize()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            };
+            if !same {
+                manifest::verify_shard_file(&src, s)?;
+                let tmp = manifest::temp_path(&dst);
+                if std::fs::hard_link(&src, &tmp).is_err() {
+                    std::fs::copy(&src, &tmp).map_err(|e| ShardError::io(&src, e))?;
+                }
+                std::fs::rename(&tmp, &dst).map_err(|e| ShardError::io(&dst, e))?;
+            }
+            shards.push((idx, s.clone()));
+        }
+        skipped.extend(m.skipped.iter().cloned());
+        conversions.extend(m.conversions.iter().cloned());
+    }
+    shards.sort_by_key(|s| s.0);
+    if shards.len() != info.total_shards as usize
+        || shards.iter().enumerate().any(|(k, s)| s.0 != k as u32)
+    {
+        return Err(ShardError::InvalidOptions(format!(
+            "parts hold {} of {} shards",
+            shards.len(),
+            info.total_shards
+        )));
+    }
+    skipped.sort_by(|a: &SkippedEntry, b| (&a.path, &a.reason).cmp(&(&b.path, &b.reason)));
+    skipped.dedup();
+    conversions.sort_by(|a: &ConversionEntry, b| a.key.cmp(&b.key));
+    conversions.dedup();
+    let shards: Vec<ShardEntry> = shards.into_iter().map(|s| s.1).collect();
+    let merged = Manifest {
+        num_rows: shards.iter().map(|s| s.rows).sum(),
+        shards,
+        skipped,
+        conversions,
+        part: None,
+        dir: out.to_path_buf(),
+        ..first
+    };
+    merged.save(out)?;
+    Ok(merged)
+}

@@ -1,0 +1,283 @@
+//! The three datasets and their quirks, written and read back.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{data_root, naive_patch_labels, read_all, write};
+use droppos_shards::codec;
+use droppos_shards::datasets::{ade20k, coco, imagenet};
+
+#[test]
+fn imagenet_train_round_trip_with_quirks() {
+    let root = data_root().join("imagenet");
+    let listing = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.join("train"),
+        classes: Some(root.join("synset_words.txt")),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(listing.classes.len(), 1000);
+    let out = tempfile::tempdir().unwrap();
+    let s = write(&listing, out.path(), |o| o.shard_rows = 16);
+    let (m, rows) = read_all(out.path());
+    assert_eq!(m.split, "train");
+    assert_eq!(rows.len(), listing.items.len());
+    assert_eq!(m.num_rows as usize, rows.len());
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    // Shuffled across shards: not in key order.
+    let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_ne!(keys, sorted);
+    let wnid_index: HashMap<String, i32> = m
+        .classes
+        .iter()
+        .map(|c| (c.id.clone(), c.index as i32))
+        .collect();
+    let mut converted = 0;
+    for r in &rows {
+        let src = std::fs::read(root.join("train").join(&r.key)).unwrap();
+        let wnid = r.key.split('/').next().unwrap();
+        assert_eq!(r.label, Some(wnid_index[wnid]), "{}", r.key);
+        let px = codec::decode(&r.image, codec::DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!((px.width as i32, px.height as i32), (r.width, r.height));
+        if src.starts_with(b"\x89PNG") {
+            // The PNG named .JPEG (RGBA) is stored as an RGB PNG of the same pixels.
+            converted += 1;
+            assert!(r.image.starts_with(b"\x89PNG"));
+            let orig = image::load_from_memory(&src).unwrap().into_rgb8();
+            assert_eq!(px.channels, 3);
+            assert_eq!(px.data, orig.into_raw());
+        } else {
+            assert_eq!(r.image, src, "{} must be stored byte for byte", r.key);
+        }
+    }
+    assert_eq!(converted, 1);
+    assert_eq!(m.conversions.len(), 1);
+    assert_eq!(m.conversions[0].from, "png rgba8");
+    assert_eq!(s.converted, 1);
+    // Quirky names survive.
+    for k in [
+        "n03992509/n03992509_potter's_wheel.JPEG",
+        "n03590841/n03590841_jack-o'-lantern.JPEG",
+        "n02951585/n02951585_can_opener.JPEG",
+    ] {
+        assert!(keys.contains(&k), "{k}");
+    }
+    // Gray JPEGs stay 1-channel.
+    let gray = rows
+        .iter()
+        .find(|r| r.key == "n15075141/n15075141_13104.JPEG")
+        .unwrap();
+    assert_eq!(
+        codec::decode(&gray.image, codec::DEFAULT_MAX_PIXELS)
+            .unwrap()
+            .channels,
+        1
+    );
+}
+
+#[test]
+fn imagenet_default_order_and_caffe_val_list() {
+    let root = data_root().join("imagenet");
+    // Default labels: sorted folder names.
+    let l = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.join("val"),
+        ..Default::default()
+    })
+    .unwrap();
+    let ids: Vec<&str> = l.classes.iter().map(|c| c.id.as_str()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+    // Caffe val.txt: bare names, labels index synset_words.txt.
+    let l = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.join("val"),
+        classes: Some(root.join("synset_words.txt")),
+        list: Some(root.join("val.txt")),
+        ..Default::default()
+    })
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    write(&l, out.path(), |_| {});
+    let (m, rows) = read_all(out.path());
+    let text = std::fs::read_to_string(root.join("val.txt")).unwrap();
+    let want: HashMap<&str, i32> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, v)| (n, v.parse().unwrap()))
+        .collect();
+    assert_eq!(rows.len(), want.len());
+    for r in &rows {
+        let name = r.key.rsplit('/').next().unwrap();
+        assert_eq!(r.label, Some(want[name]), "{}", r.key);
+        // The labels agree with the folder wnids.
+        let wnid = r.key.split('/').next().unwrap();
+        assert_eq!(m.classes[want[name] as usize].id, wnid);
+    }
+}
+
+#[test]
+fn coco_round_trip_keeps_every_annotation() {
+    let root = data_root().join("coco");
+    for split in ["train2017", "val2017"] {
+        let json_path = root.join(format!("annotations/instances_{split}.json"));
+        let listing = coco::list(&coco::CocoOptions {
+            images: root.join(split),
+            annotations: json_path.clone(),
+            split: None,
+        })
+        .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        write(&listing, out.path(), |o| o.shard_rows = 3);
+        let (m, rows) = read_all(out.path());
+        assert_eq!(m.split, split);
+        assert_eq!(m.classes.len(), 80);
+        let j: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+        let images = j["images"].as_array().unwrap();
+        assert_eq!(rows.len(), images.len(), "every listed image is a row");
+        let cat_index: HashMap<i64, i32> = m
+            .classes
+            .iter()
+            .map(|c| (c.id.parse().unwrap(), c.index as i32))
+            .collect();
+        for im in images {
+            let name = im["file_name"].as_str().unwrap();
+            let r = rows.iter().find(|r| r.key == name).unwrap();
+            assert_eq!(r.image_id, im["id"].as_i64());
+            assert_eq!(r.width as i64, im["width"].as_i64().unwrap());
+            assert_eq!(r.height as i64, im["height"].as_i64().unwrap());
+            assert_eq!(r.image, std::fs::read(root.join(split).join(name)).unwrap());
+            let want: Vec<&serde_json::Value> = j["annotations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["image_id"] == im["id"])
+                .collect();
+            let got = r.annotations.as_ref().unwrap();
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (g, a) in got.iter().zip(&want) {
+                assert_eq!(g.id, a["id"].as_i64().unwrap());
+                assert_eq!(g.category_id as i64, a["category_id"].as_i64().unwrap());
+                assert_eq!(
+                    g.category_index,
+                    cat_index[&a["category_id"].as_i64().unwrap()]
+                );
+                let bbox: Vec<f64> = a["bbox"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                assert_eq!(g.bbox, bbox);
+                assert_eq!(g.area, a["area"].as_f64().unwrap());
+                assert_eq!(g.iscrowd as i64, a["iscrowd"].as_i64().unwrap());
+                let seg = &a["segmentation"];
+                if let Some(polys) = seg.as_array() {
+                    let want: Vec<Vec<f64>> = polys
+                        .iter()
+                        .map(|p| {
+                            p.as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|v| v.as_f64().unwrap())
+                                .collect()
+                        })
+                        .collect();
+                    assert_eq!(g.polygons.as_ref(), Some(&want));
+                    assert!(g.rle_counts.is_none() && g.rle_size.is_none());
+                } else {
+                    let size: Vec<i32> = seg["size"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_i64().unwrap() as i32)
+                        .collect();
+                    assert_eq!(g.rle_size.as_ref(), Some(&size));
+                    let counts: Vec<i64> = seg["counts"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_i64().unwrap())
+                        .collect();
+                    assert_eq!(g.rle_counts.as_ref(), Some(&counts));
+                    assert!(g.polygons.is_none());
+                }
+            }
+            let pl = r.patch_labels.as_ref().unwrap();
+            assert_eq!(
+                pl.len(),
+                (r.width as usize).div_ceil(16) * (r.height as usize).div_ceil(16)
+            );
+            if want.is_empty() {
+                assert!(pl.iter().all(|&v| v == 0), "no annotations: all background");
+            } else {
+                assert!(pl.iter().any(|&v| v > 0), "{name}: some foreground patch");
+                assert!(pl.iter().all(|&v| v >= 0 && v <= 80));
+            }
+        }
+    }
+}
+
+#[test]
+fn ade20k_masks_unchanged_and_patch_layout() {
+    let root = data_root().join("ade20k/ADEChallengeData2016");
+    let listing = ade20k::list(&ade20k::Ade20kOptions {
+        root: root.clone(),
+        split: "validation".into(),
+    })
+    .unwrap();
+    assert_eq!(listing.classes.len(), 150);
+    assert_eq!(listing.classes[0].id, "1");
+    let out = tempfile::tempdir().unwrap();
+    write(&listing, out.path(), |o| o.patch_size = 16);
+    let (m, rows) = read_all(out.path());
+    assert_eq!(rows.len(), listing.items.len());
+    assert_eq!(m.patch_size, 16);
+    for r in &rows {
+        let stem = r.key.rsplit('/').next().unwrap().trim_end_matches(".jpg");
+        let mask_src =
+            std::fs::read(root.join(format!("annotations/validation/{stem}.png"))).unwrap();
+        assert_eq!(r.mask.as_ref(), Some(&mask_src), "mask bytes unchanged");
+        assert_eq!(r.image, std::fs::read(root.join(&r.key)).unwrap());
+        let mask = image::load_from_memory(&mask_src).unwrap().into_luma8();
+        assert_eq!(
+            (mask.width() as i32, mask.height() as i32),
+            (r.width, r.height)
+        );
+        let want = naive_patch_labels(mask.as_raw(), r.width as usize, r.height as usize, 16);
+        assert_eq!(r.patch_labels.as_ref(), Some(&want), "{}", r.key);
+    }
+}
+
+#[test]
+fn missing_annotation_png_and_unreadable_roots_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ADE");
+    std::fs::create_dir_all(root.join("images/validation")).unwrap();
+    std::fs::create_dir_all(root.join("annotations/validation")).unwrap();
+    std::fs::write(root.join("images/validation/ADE_val_1.jpg"), b"x").unwrap();
+    let err = ade20k::list(&ade20k::Ade20kOptions {
+        root: root.clone(),
+        split: "validation".into(),
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("ADE_val_1.png"), "{err}");
+    let err = imagenet::list(&imagenet::ImagenetOptions {
+        root: tmp.path().join("nope"),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+    let bad_json = tmp.path().join("instances_x.json");
+    std::fs::write(&bad_json, b"{\"images\": [").unwrap();
+    let err = coco::list(&coco::CocoOptions {
+        images: tmp.path().to_path_buf(),
+        annotations: bad_json,
+        split: None,
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("instances_x.json"), "{err}");
+}

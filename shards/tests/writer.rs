@@ -1,0 +1,325 @@
+//! Determinism, resume, bad inputs, verify and worker parts.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::{data_root, read_all, snapshot, write};
+use droppos_shards::codec::{encode_jpeg, Pixels};
+use droppos_shards::datasets::{imagenet, Listing};
+use droppos_shards::verify::verify_dataset;
+use droppos_shards::writer::{
+    merge_parts, write_dataset, NoProgress, OnError, Progress, WriteOptions,
+};
+
+fn imagenet_train() -> Listing {
+    let root = data_root().join("imagenet");
+    imagenet::list(&imagenet::ImagenetOptions {
+        root: root.join("train"),
+        classes: Some(root.join("synset_words.txt")),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn identical_bytes_for_any_thread_count() {
+    let listing = imagenet_train();
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    write(&listing, a.path(), |o| {
+        o.threads = 1;
+        o.shard_rows = 7;
+        o.row_group_rows = 3;
+    });
+    write(&listing, b.path(), |o| {
+        o.threads = 4;
+        o.shard_rows = 7;
+        o.row_group_rows = 3;
+    });
+    let (sa, sb) = (snapshot(a.path()), snapshot(b.path()));
+    assert!(sa.len() > 3, "several shards");
+    assert_eq!(sa, sb);
+    // A different seed changes the assignment; --no-shuffle keeps key order.
+    let c = tempfile::tempdir().unwrap();
+    write(&listing, c.path(), |o| {
+        o.shard_rows = 7;
+        o.row_group_rows = 3;
+        o.seed = 1;
+    });
+    assert_ne!(snapshot(c.path()), sa);
+    let d = tempfile::tempdir().unwrap();
+    write(&listing, d.path(), |o| o.shuffle = false);
+    let (_, rows) = read_all(d.path());
+    let keys: Vec<&String> = rows.iter().map(|r| &r.key).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted);
+}
+
+#[test]
+fn rerun_over_damaged_output_is_byte_identical() {
+    let listing = imagenet_train();
+    let full = tempfile::tempdir().unwrap();
+    let set = |o: &mut WriteOptions| {
+        o.shard_rows = 6;
+        o.row_group_rows = 4;
+    };
+    let s = write(&listing, full.path(), set);
+    assert_eq!(s.reused_shards, 0);
+    let want = snapshot(full.path());
+
+    // Damage a finished output as a crash or a careless copy would: no manifest, a stale temp
+    // file, one shard missing, one truncated. Without journal records nothing is trusted.
+    let part = tempfile::tempdir().unwrap();
+    write(&listing, part.path(), set);
+    std::fs::remove_file(part.path().join("manifest.json")).unwrap();
+    std::fs::remove_file(part.path().join("shard-000001.parquet")).unwrap();
+    let f = part.path().join("shard-000002.parquet");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        part.path().join(".shard-000003.parquet.tmp-99999"),
+        b"partial",
+    )
+    .unwrap();
+    let s = write(&listing, part.path(), set);
+    assert_eq!(snapshot(part.path()), want);
+    assert_eq!(s.written_shards, s.manifest.shards.len());
+}
+
+/// Progress hook that "kills" the run (panics inside the writer) after `limit` rows.
+struct KillAfter {
+    done: AtomicU64,
+    limit: u64,
+}
+
+impl Progress for KillAfter {
+    fn advance(&self, rows: u64) {
+        if self.done.fetch_add(rows, Ordering::SeqCst) + rows >= self.limit {
+            panic!("simulated kill");
+        }
+    }
+}
+
+#[test]
+fn resume_after_a_kill_reuses_finished_shards_and_is_byte_identical() {
+    let listing = imagenet_train();
+    let opts = |out: &Path| WriteOptions {
+        out: out.to_path_buf(),
+        shard_rows: 6,
+        row_group_rows: 2,
+        threads: 1,
+        ..Default::default()
+    };
+    let fresh = tempfile::tempdir().unwrap();
+    write_dataset(&listing, &opts(fresh.path()), &NoProgress).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    // Killed in the middle of the fourth shard: three finished, one partial temp file.
+    let killer = KillAfter {
+        done: AtomicU64::new(0),
+        limit: 3 * 6 + 4,
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        write_dataset(&listing, &opts(out.path()), &killer)
+    }));
+    assert!(r.is_err(), "the run was killed");
+    assert!(!out.path().join("manifest.json").exists());
+    let temps = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .count();
+    assert_eq!(temps, 1, "the shard being written is left as a temp file");
+    // A partial output never passes verify (no manifest yet).
+    assert!(verify_dataset(out.path(), false).is_err());
+
+    let s = write_dataset(&listing, &opts(out.path()), &NoProgress).unwrap();
+    assert_eq!(s.reused_shards, 3);
+    assert_eq!(s.written_shards, s.manifest.shards.len() - 3);
+    assert_eq!(snapshot(out.path()), snapshot(fresh.path()));
+}
+
+/// A class folder with good and bad files made here.
+fn bad_inputs_root(dir: &Path) {
+    // The smallest real JPEG of the sample.
+    let good = imagenet_train()
+        .items
+        .iter()
+        .map(|i| std::fs::read(&i.path).unwrap())
+        .filter(|b| b.starts_with(&[0xFF, 0xD8]))
+        .min_by_key(|b| b.len())
+        .unwrap();
+    let c = dir.join("n00000001");
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::write(c.join("good.JPEG"), &good).unwrap();
+    std::fs::write(c.join("empty.JPEG"), b"").unwrap();
+    std::fs::write(c.join("notes.JPEG"), b"this is not an image\n").unwrap();
+    std::fs::write(c.join("truncated.JPEG"), &good[..good.len() / 2]).unwrap();
+    // Corrupt: valid header, then garbage in the entropy-coded data and no end marker.
+    let mut corrupt = good[..good.len() / 3].to_vec();
+    corrupt.extend((0..2000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 0x80));
+    std::fs::write(c.join("corrupt.JPEG"), &corrupt).unwrap();
+    // Decompression bomb: a tiny JPEG whose header claims 65000 x 65000.
+    let mut bomb = encode_jpeg(
+        &Pixels {
+            width: 8,
+            height: 8,
+            channels: 1,
+            data: vec![128; 64],
+        },
+        90,
+    )
+    .unwrap();
+    let sof = bomb.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+    bomb[sof + 5..sof + 7].copy_from_slice(&65000u16.to_be_bytes());
+    bomb[sof + 7..sof + 9].copy_from_slice(&65000u16.to_be_bytes());
+    std::fs::write(c.join("bomb.JPEG"), &bomb).unwrap();
+}
+
+#[test]
+fn bad_inputs_are_skipped_and_listed_or_fail_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("train");
+    bad_inputs_root(&root);
+    let listing = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let out = tmp.path().join("out");
+    let s = write(&listing, &out, |_| {});
+    assert_eq!(s.manifest.num_rows, 1);
+    let reasons: std::collections::HashMap<&str, &str> = s
+        .manifest
+        .skipped
+        .iter()
+        .map(|e| (e.path.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    assert_eq!(reasons["n00000001/empty.JPEG"], "empty file");
+    assert!(reasons["n00000001/notes.JPEG"].starts_with("not an image"));
+    assert!(reasons["n00000001/truncated.JPEG"].starts_with("truncated jpeg"));
+    assert!(
+        reasons["n00000001/corrupt.JPEG"].starts_with("corrupt jpeg")
+            || reasons["n00000001/corrupt.JPEG"].starts_with("truncated jpeg"),
+        "{}",
+        reasons["n00000001/corrupt.JPEG"]
+    );
+    assert!(reasons["n00000001/bomb.JPEG"].contains("decompression bomb"));
+    verify_dataset(&out, true).unwrap();
+
+    let out2 = tmp.path().join("out2");
+    let err = write_dataset(
+        &listing,
+        &WriteOptions {
+            out: out2.clone(),
+            on_error: OnError::Fail,
+            threads: 1,
+            shuffle: false,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .unwrap_err();
+    // Sorted order: bomb.JPEG is the first bad file.
+    assert!(err.to_string().contains("bomb.JPEG"), "{err}");
+    assert!(!out2.join("manifest.json").exists());
+}
+
+#[test]
+fn verify_catches_a_flipped_byte_and_partial_shards() {
+    let listing = imagenet_train();
+    let out = tempfile::tempdir().unwrap();
+    write(&listing, out.path(), |o| o.shard_rows = 20);
+    let r = verify_dataset(out.path(), true).unwrap();
+    assert_eq!(r.rows as usize, listing.items.len());
+    assert_eq!(r.decoded_images as usize, listing.items.len());
+    let f = out.path().join("shard-000001.parquet");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&f, &bytes).unwrap();
+    let err = verify_dataset(out.path(), false).unwrap_err();
+    assert!(err.to_string().contains("shard-000001.parquet"), "{err}");
+    assert!(err.to_string().contains("sha256"), "{err}");
+    bytes[mid] ^= 0x01;
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    let err = verify_dataset(out.path(), false).unwrap_err();
+    assert!(err.to_string().contains("shard-000001.parquet"), "{err}");
+}
+
+#[test]
+fn worker_parts_merge_to_the_single_run() {
+    let listing = imagenet_train();
+    let single = tempfile::tempdir().unwrap();
+    let set = |o: &mut WriteOptions| o.shard_rows = 5;
+    write(&listing, single.path(), set);
+    let parts = tempfile::tempdir().unwrap();
+    let shared = parts.path().join("shared");
+    for i in 0..3 {
+        write(&listing, &shared, |o| {
+            set(o);
+            o.num_workers = 3;
+            o.worker_index = i;
+        });
+    }
+    assert!(!shared.join("manifest.json").exists());
+    merge_parts(&shared, std::slice::from_ref(&shared)).unwrap();
+    let mut got = snapshot(&shared);
+    got.retain(|(n, _)| !n.starts_with("manifest.part-"));
+    assert_eq!(got, snapshot(single.path()));
+    // Missing part is an error.
+    let other = parts.path().join("other");
+    write(&listing, &other, |o| {
+        set(o);
+        o.num_workers = 2;
+        o.worker_index = 0;
+    });
+    let err = merge_parts(&parts.path().join("merged"), &[other]).unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+}
+
+#[test]
+fn resized_shards_have_short_side_and_decode() {
+    let listing = imagenet_train();
+    let out = tempfile::tempdir().unwrap();
+    write(&listing, out.path(), |o| {
+        o.image.resize_short_side = Some(64);
+        o.image.quality = 90;
+    });
+    let (m, rows) = read_all(out.path());
+    assert_eq!(rows.len(), listing.items.len());
+    for r in &rows {
+        assert!(
+            r.width.min(r.height) <= 64,
+            "{} {}x{}",
+            r.key,
+            r.width,
+            r.height
+        );
+        assert!(r.image.starts_with(&[0xFF, 0xD8]), "{}", r.key);
+    }
+    assert_eq!(m.options["resize_short_side"], 64);
+    verify_dataset(out.path(), true).unwrap();
+}
+
+#[test]
+fn rerunning_a_finished_command_reuses_everything_and_changes_nothing() {
+    let listing = imagenet_train();
+    let out = tempfile::tempdir().unwrap();
+    let set = |o: &mut WriteOptions| o.shard_rows = 9;
+    let first = write(&listing, out.path(), set);
+    let want = snapshot(out.path());
+    let again = write(&listing, out.path(), set);
+    assert_eq!(again.reused_shards, first.manifest.shards.len());
+    assert_eq!(again.written_shards, 0);
+    assert_eq!(snapshot(out.path()), want);
+    // Different options: everything is rewritten and stale extra shards are removed.
+    let other = write(&listing, out.path(), |o| o.shard_rows = 100);
+    assert_eq!(other.reused_shards, 0);
+    let files: Vec<String> = snapshot(out.path()).into_iter().map(|f| f.0).collect();
+    assert_eq!(files, vec!["manifest.json", "shard-000000.parquet"]);
+}
