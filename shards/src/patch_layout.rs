@@ -34,8 +34,8 @@ pub fn patch_labels(map: &[u8], w: u32, h: u32, p: u32) -> Vec<i32> {
         for gx in 0..gw {
             let hcell = &hist[gx * 256..(gx + 1) * 256];
             let mut best = 0usize;
-            for v in 1..256 {
-                if hcell[v] > hcell[best] {
+            for (v, &count) in hcell.iter().enumerate().skip(1) {
+                if count > hcell[best] {
                     best = v;
                 }
             }

@@ -68,9 +68,9 @@ fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
             ww += w;
         }
         let row = &mut weights[xx * len..(xx + 1) * len];
-        for x in 0..n {
-            let w = if ww != 0.0 { k[x] / ww } else { 0.0 };
-            row[x] = (w * (1i64 << PRECISION_BITS) as f64).round() as i32;
+        for (r, &kx) in row.iter_mut().zip(&k).take(n) {
+            let w = if ww != 0.0 { kx / ww } else { 0.0 };
+            *r = (w * (1i64 << PRECISION_BITS) as f64).round() as i32;
         }
         starts.push(xmin);
     }
@@ -132,12 +132,12 @@ fn horizontal(src: &[u8], w: usize, h: usize, c: usize, ow: usize, filter: Filte
                     opx[2] = clip8(b);
                 }
                 _ => {
-                    for ch in 0..c {
+                    for (ch, o) in opx.iter_mut().enumerate() {
                         let mut s = half;
                         for (i, &wt) in ws.iter().enumerate().take(n) {
                             s += px[i * c + ch] as i32 * wt;
                         }
-                        opx[ch] = clip8(s);
+                        *o = clip8(s);
                     }
                 }
             }

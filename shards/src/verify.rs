@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{Int32Type, Int64Type};
+use arrow::datatypes::Int32Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
@@ -195,7 +195,6 @@ pub fn row_stats(m: &Manifest) -> Result<RowStats> {
                 columns::IMAGE,
                 columns::WIDTH,
                 columns::HEIGHT,
-                columns::IMAGE_ID,
                 columns::ANNOTATIONS,
             ],
             Dataset::Ade20k => vec![columns::IMAGE, columns::WIDTH, columns::HEIGHT],
@@ -246,8 +245,6 @@ pub fn row_stats(m: &Manifest) -> Result<RowStats> {
                     s.annotations.extend(std::iter::repeat_n(None, n));
                 }
                 Dataset::Coco => {
-                    let _ids = get(columns::IMAGE_ID)?;
-                    let _ = _ids.as_primitive::<Int64Type>();
                     let a = get(columns::ANNOTATIONS)?;
                     let a = a.as_list::<i32>();
                     s.annotations

@@ -215,7 +215,7 @@ fn coco_round_trip_keeps_every_annotation() {
                 assert!(pl.iter().all(|&v| v == 0), "no annotations: all background");
             } else {
                 assert!(pl.iter().any(|&v| v > 0), "{name}: some foreground patch");
-                assert!(pl.iter().all(|&v| v >= 0 && v <= 80));
+                assert!(pl.iter().all(|v| (0..=80).contains(v)));
             }
         }
     }
