@@ -36,6 +36,7 @@ pub mod optim;
 pub mod pos_embed;
 pub mod schedule;
 pub mod smoothing;
+pub mod trainer;
 pub mod vit;
 
 pub use config::{

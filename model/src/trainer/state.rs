@@ -1,0 +1,25 @@
+//! Where a run stands: everything besides tensors that a resume needs to continue exactly.
+
+use serde::{Deserialize, Serialize};
+
+use super::rng::NoiseRng;
+
+/// The loop's position, saved at an optimizer-step boundary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The epoch in progress (0-based).
+    pub epoch: u64,
+    /// Samples this rank has taken from the loader in `epoch` (the loader's resume position).
+    pub samples_in_epoch: u64,
+    /// Noise generator for masking, as of this boundary.
+    pub rng: NoiseRng,
+    /// Processes in the run and this one's rank (1 and 0 for single-process training).
+    pub world_size: u64,
+    pub rank: u64,
+    /// Why this checkpoint was written: `interval`, `epoch_end`, `interrupted`, `non_finite`, `final`.
+    pub reason: String,
+    /// Loss of the last completed step (NaN before the first).
+    pub last_loss: f64,
+}

@@ -1,0 +1,13 @@
+//! `droppos-pipeline train`: the loop and its machinery (checkpoints, resume, metrics, signals,
+//! plots). Model and optimizer code live in the model crate; batches come from the loader.
+
+pub mod device;
+pub mod metrics;
+pub mod plot;
+pub mod run;
+pub mod signals;
+pub mod source;
+pub mod task;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,335 @@
+//! The training loop: epochs of optimizer steps made of accumulated micro-batches, with
+//! checkpoints, exact resume, metrics, a progress bar, and clean stops.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use droppos_model::trainer::{Checkpoint, CheckpointStore, NoiseRng, TrainState};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::device::{memory_mib, Placement};
+use super::metrics::{MetricsWriter, StepMetrics};
+use super::signals::StopFlag;
+use super::source::BatchSource;
+use super::task::PretrainTask;
+use crate::config::{BatchPlan, Recipe};
+
+/// Process layout; single-process training is world 1, rank 0. Only rank 0 writes files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct World {
+    pub size: u64,
+    pub rank: u64,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self { size: 1, rank: 0 }
+    }
+}
+
+/// How a call to [`train`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// All epochs (or `train.max_steps`) done.
+    Finished { step: u64 },
+    /// SIGINT/SIGTERM: state saved at `checkpoint`.
+    Interrupted { step: u64, checkpoint: Option<PathBuf> },
+}
+
+/// Peak-relative learning rate at a fractional epoch: linear warmup, then half-cycle cosine to
+/// `min_lr` (the reference's `lr_sched.adjust_learning_rate`).
+pub fn lr_at(epoch: f64, peak: f64, recipe: &Recipe) -> f64 {
+    let o = &recipe.optim;
+    let total = recipe.train.epochs as f64;
+    if epoch < o.warmup_epochs {
+        peak * epoch / o.warmup_epochs
+    } else {
+        let span = (total - o.warmup_epochs).max(f64::MIN_POSITIVE);
+        let progress = ((epoch - o.warmup_epochs) / span).min(1.0);
+        o.min_lr + (peak - o.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// σ for an epoch: σ0, decayed linearly per epoch when `sigma_decay` is on.
+pub fn sigma_at(epoch: u64, recipe: &Recipe) -> f64 {
+    let d = &recipe.droppos;
+    if d.sigma_decay {
+        (1.0 - epoch as f64 / recipe.train.epochs as f64) * d.sigma
+    } else {
+        d.sigma
+    }
+}
+
+/// Everything the loop needs besides the task and the data.
+pub struct TrainContext<'a> {
+    pub recipe: &'a Recipe,
+    pub run_dir: &'a Path,
+    pub placement: Placement,
+    pub world: World,
+    pub stop: StopFlag,
+    /// Resume from this state (from the newest checkpoint), or start fresh.
+    pub resume: Option<TrainState>,
+}
+
+/// Geometry of an epoch in micro-batches and optimizer steps.
+#[derive(Debug, Clone, Copy)]
+struct EpochPlan {
+    /// Micro-batches per epoch that belong to complete accumulation windows.
+    micro_batches: u64,
+    steps: u64,
+}
+
+fn epoch_plan(samples: u64, plan: &BatchPlan) -> Result<EpochPlan> {
+    let micro = samples / plan.micro_batch;
+    let steps = micro / plan.accum_iter;
+    if steps == 0 {
+        bail!(
+            "the data has {samples} samples per rank, fewer than one optimizer step needs \
+             ({} × {} accumulation); lower train.batch_size or train.accum_iter",
+            plan.micro_batch,
+            plan.accum_iter
+        );
+    }
+    Ok(EpochPlan { micro_batches: steps * plan.accum_iter, steps })
+}
+
+/// Runs (or resumes) training until all epochs are done, `max_steps` is reached, or a signal
+/// arrives. A non-finite loss saves the last good state and returns an error.
+pub fn train(ctx: TrainContext<'_>, task: &mut dyn PretrainTask, source: &mut dyn BatchSource) -> Result<Outcome> {
+    let recipe = ctx.recipe;
+    let plan = recipe.batch_plan(ctx.world.size)?;
+    let ep = epoch_plan(source.samples_per_epoch(), &plan)?;
+    let writer = ctx.world.rank == 0;
+    let store = CheckpointStore::new(ctx.run_dir);
+    let config_toml = recipe.to_toml();
+    let keep = recipe.checkpoint.keep_last as usize;
+    let total_steps = {
+        let all = ep.steps * recipe.train.epochs;
+        if recipe.train.max_steps > 0 {
+            all.min(recipe.train.max_steps)
+        } else {
+            all
+        }
+    };
+
+    let mut state = ctx.resume.clone().unwrap_or_else(|| TrainState {
+        step: 0,
+        epoch: 0,
+        samples_in_epoch: 0,
+        rng: NoiseRng::new(recipe.train.seed, ctx.world.rank),
+        world_size: ctx.world.size,
+        rank: ctx.world.rank,
+        reason: String::new(),
+        last_loss: f64::NAN,
+    });
+    if state.world_size != ctx.world.size {
+        bail!(
+            "the checkpoint was written by a world of {} processes, this run has {}; exact resume \
+             needs the same world size",
+            state.world_size,
+            ctx.world.size
+        );
+    }
+    let samples_per_step = plan.micro_batch * plan.accum_iter;
+    if state.samples_in_epoch % samples_per_step != 0 {
+        bail!(
+            "checkpoint position ({} samples into epoch {}) is not on an optimizer-step boundary of \
+             {samples_per_step} samples; was train.batch_size or accum_iter changed?",
+            state.samples_in_epoch,
+            state.epoch
+        );
+    }
+    let mut metrics = if writer { Some(MetricsWriter::open(ctx.run_dir, state.step)?) } else { None };
+
+    let save = |state: &TrainState, task: &dyn PretrainTask, reason: &str| -> Result<Option<PathBuf>> {
+        if !writer {
+            return Ok(None);
+        }
+        let mut s = state.clone();
+        s.reason = reason.to_string();
+        let ckpt = Checkpoint {
+            model: task.model_tensors(),
+            optimizer: task.optimizer_tensors(),
+            state: s,
+            config_toml: config_toml.clone(),
+        };
+        let path = store.save(&ckpt, keep).context("writing a checkpoint")?;
+        tracing::debug!(path = %path.display(), reason, "checkpoint written");
+        Ok(Some(path))
+    };
+
+    let bar = progress_bar(recipe.runtime.progress && writer, total_steps, state.step);
+    tracing::info!(
+        device = %ctx.placement.describe(),
+        global_batch = plan.global_batch,
+        micro_batch = plan.micro_batch,
+        accum_iter = plan.accum_iter,
+        world_size = plan.world_size,
+        lr = plan.lr,
+        steps_per_epoch = ep.steps,
+        total_steps,
+        start_step = state.step,
+        "training"
+    );
+
+    let images_per_step = (plan.global_batch) as f64;
+    while state.epoch < recipe.train.epochs {
+        let sigma = sigma_at(state.epoch, recipe);
+        source
+            .start_epoch(state.epoch, state.samples_in_epoch)
+            .with_context(|| format!("starting epoch {}", state.epoch))?;
+        let mut micro_index = state.samples_in_epoch / plan.micro_batch;
+        while micro_index < ep.micro_batches {
+            if recipe.train.max_steps > 0 && state.step >= recipe.train.max_steps {
+                bar.finish_and_clear();
+                save(&state, task, "final")?;
+                return Ok(Outcome::Finished { step: state.step });
+            }
+            if ctx.stop.is_raised() {
+                bar.finish_and_clear();
+                let path = save(&state, task, "interrupted")?;
+                tracing::warn!(
+                    step = state.step,
+                    checkpoint = ?path,
+                    "stopped by signal; continue with --resume"
+                );
+                return Ok(Outcome::Interrupted { step: state.step, checkpoint: path });
+            }
+            // The reference sets the lr at each window's first micro-batch from the fractional epoch.
+            let lr = lr_at(state.epoch as f64 + micro_index as f64 / ep.micro_batches as f64, plan.lr, recipe);
+            let good = state.clone();
+            let started = Instant::now();
+            let (mut loss_sum, mut acc_sum) = (0.0, 0.0);
+            for _ in 0..plan.accum_iter {
+                let images = source
+                    .next_batch()?
+                    .with_context(|| format!("the loader ended epoch {} early", state.epoch))?;
+                let fwd = ctx.placement.autocast(|| task.forward(&images, &mut state.rng, sigma))?;
+                let loss = fwd.loss.double_value(&[]);
+                if !loss.is_finite() {
+                    bar.abandon();
+                    task.zero_grad();
+                    let path = save(&good, task, "non_finite")?;
+                    bail!(
+                        "loss is {loss} at step {} (epoch {}); stopped. The last good state (before \
+                         this step) is saved{}. Lower optim.blr, raise warmup, or check the data.",
+                        state.step + 1,
+                        state.epoch,
+                        path.map(|p| format!(" at {}", p.display())).unwrap_or_default()
+                    );
+                }
+                (fwd.loss / plan.accum_iter as f64).backward();
+                loss_sum += loss;
+                acc_sum += fwd.acc1;
+                micro_index += 1;
+            }
+            task.optimizer_step(lr)?;
+            let dt = started.elapsed().as_secs_f64();
+            state.step += 1;
+            state.samples_in_epoch += samples_per_step;
+            state.last_loss = loss_sum / plan.accum_iter as f64;
+            let acc1 = acc_sum / plan.accum_iter as f64;
+            if let Some(m) = metrics.as_mut() {
+                if state.step % recipe.runtime.log_every == 0 || state.step == 1 {
+                    m.write(&StepMetrics {
+                        step: state.step,
+                        epoch: state.epoch as f64 + micro_index as f64 / ep.micro_batches as f64,
+                        loss: state.last_loss,
+                        acc1,
+                        lr,
+                        sigma,
+                        images_per_s: images_per_step / dt,
+                        step_time_s: dt,
+                        device_mem_mib: memory_mib(ctx.placement.device),
+                    })?;
+                }
+            }
+            bar.set_position(state.step);
+            bar.set_message(format!(
+                "epoch {} loss {:.4} acc1 {:.3} lr {:.2e} {:.0} img/s",
+                state.epoch,
+                state.last_loss,
+                acc1,
+                lr,
+                images_per_step / dt
+            ));
+            let every = recipe.checkpoint.every_steps;
+            if every > 0 && state.step % every == 0 {
+                save(&state, task, "interval")?;
+            }
+        }
+        // Micro-batches beyond the last full window are not used (drop_last semantics).
+        state.epoch += 1;
+        state.samples_in_epoch = 0;
+        tracing::info!(epoch = state.epoch, step = state.step, loss = state.last_loss, "epoch done");
+        let last = state.epoch == recipe.train.epochs;
+        if recipe.checkpoint.every_epoch || last {
+            save(&state, task, if last { "final" } else { "epoch_end" })?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(Outcome::Finished { step: state.step })
+}
+
+fn progress_bar(show: bool, total: u64, at: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps (eta {eta}) {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(at);
+    bar
+}
+
+/// Reads the newest checkpoint of a run for `--resume`, checking it is compatible with `recipe`.
+pub fn load_resume(run_dir: &Path, recipe: &Recipe, task: &mut dyn PretrainTask) -> Result<Option<TrainState>> {
+    let store = CheckpointStore::new(run_dir);
+    let Some(dir) = store.latest()? else {
+        return Ok(None);
+    };
+    let ckpt = CheckpointStore::load(&dir)?;
+    let saved = Recipe::parse(&ckpt.config_toml, &[])
+        .with_context(|| format!("the recipe stored in {}", dir.display()))?;
+    check_resumable(&saved, recipe)?;
+    task.load(&ckpt.model, &ckpt.optimizer)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    tracing::info!(checkpoint = %dir.display(), step = ckpt.state.step, epoch = ckpt.state.epoch, "resuming");
+    Ok(Some(ckpt.state))
+}
+
+/// A resumed run may change how long it runs and how it logs, not what it computes.
+fn check_resumable(saved: &Recipe, now: &Recipe) -> Result<()> {
+    let mut diffs = Vec::new();
+    if saved.model != now.model {
+        diffs.push("model");
+    }
+    if saved.droppos != now.droppos {
+        diffs.push("droppos");
+    }
+    if saved.optim != now.optim {
+        diffs.push("optim");
+    }
+    if saved.data != now.data {
+        diffs.push("data");
+    }
+    let (a, b) = (&saved.train, &now.train);
+    if (a.batch_size, a.accum_iter, a.global_batch, a.seed) != (b.batch_size, b.accum_iter, b.global_batch, b.seed) {
+        diffs.push("train (batch geometry or seed)");
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "the recipe differs from the checkpoint's in: {}; resume with the same settings (only \
+             train.epochs, train.max_steps, checkpoint.* and runtime.* may change)",
+            diffs.join(", ")
+        );
+    }
+    if a.epochs != b.epochs {
+        tracing::warn!(from = a.epochs, to = b.epochs, "train.epochs changed on resume: the lr and σ schedules change too");
+    }
+    Ok(())
+}

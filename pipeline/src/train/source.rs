@@ -1,0 +1,18 @@
+//! Where batches come from: an epoch-addressable, resumable stream of image batches.
+
+use anyhow::Result;
+use tch::Tensor;
+
+/// A deterministic batch stream: epoch `e` always yields the same sequence for this rank, and a
+/// stream can start part-way into an epoch (the resume position).
+pub trait BatchSource {
+    /// Samples this rank sees per epoch.
+    fn samples_per_epoch(&self) -> u64;
+
+    /// Positions the stream at `epoch`, having skipped `samples_consumed` samples of it.
+    fn start_epoch(&mut self, epoch: u64, samples_consumed: u64) -> Result<()>;
+
+    /// The next micro-batch of normalised float images [B,3,S,S] on the training device, or
+    /// `None` at the end of the epoch.
+    fn next_batch(&mut self) -> Result<Option<Tensor>>;
+}

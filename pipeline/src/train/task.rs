@@ -1,0 +1,36 @@
+//! What the loop trains: a model plus its optimizer, behind a small interface so the loop's
+//! checkpoint/resume/metrics machinery is independent of the model code.
+
+use anyhow::Result;
+use droppos_model::trainer::NoiseRng;
+use tch::Tensor;
+
+/// Result of one forward pass.
+pub struct Forward {
+    /// Scalar loss with its autograd graph (backward is the loop's job, after the finite check).
+    pub loss: Tensor,
+    /// Position accuracy (acc1) of this micro-batch, in [0, 1].
+    pub acc1: f64,
+}
+
+/// A pre-training task: forward, optimizer step, and its state as named tensors.
+pub trait PretrainTask {
+    /// Forward on one micro-batch of normalised images [B,3,S,S] on the task's device.
+    /// Masking noise must come from `noise` so that a resumed run draws the same masks.
+    fn forward(&mut self, images: &Tensor, noise: &mut NoiseRng, sigma: f64) -> Result<Forward>;
+
+    /// Clips, applies one optimizer step at learning rate `lr`, and zeroes the gradients.
+    fn optimizer_step(&mut self, lr: f64) -> Result<()>;
+
+    /// Zeroes accumulated gradients (e.g. a partial window that will not be stepped).
+    fn zero_grad(&mut self);
+
+    /// Model weights under the reference parameter names (what `model.safetensors` holds).
+    fn model_tensors(&self) -> Vec<(String, Tensor)>;
+
+    /// Optimizer state (moments, step counts) as named tensors.
+    fn optimizer_tensors(&self) -> Vec<(String, Tensor)>;
+
+    /// Restores weights and optimizer state from a checkpoint.
+    fn load(&mut self, model: &[(String, Tensor)], optimizer: &[(String, Tensor)]) -> Result<()>;
+}

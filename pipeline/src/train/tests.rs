@@ -1,0 +1,267 @@
+//! Loop tests with a small stand-in task (a linear layer with momentum SGD whose target depends on
+//! the masking noise) and a synthetic, epoch-deterministic source: they pin the checkpoint /
+//! resume / stop / non-finite behaviour independently of the DropPos model.
+
+use std::path::Path;
+
+use anyhow::Result;
+use droppos_model::trainer::{CheckpointStore, NoiseRng};
+use tch::{Device, Kind, Tensor};
+
+use super::device::Placement;
+use super::metrics::{metrics_path, read_metrics};
+use super::run::{load_resume, lr_at, sigma_at, train, Outcome, TrainContext, World};
+use super::signals::StopFlag;
+use super::source::BatchSource;
+use super::task::{Forward, PretrainTask};
+use crate::config::Recipe;
+
+struct ToyTask {
+    w: Tensor,
+    momentum: Tensor,
+    /// Forward number at which the loss becomes NaN (to test the non-finite stop).
+    nan_at: Option<u64>,
+    forwards: u64,
+}
+
+impl ToyTask {
+    fn new() -> Self {
+        tch::manual_seed(0);
+        let w = (Tensor::randn([12, 4], (Kind::Float, Device::Cpu)) * 0.1).set_requires_grad(true);
+        Self { momentum: w.zeros_like(), w, nan_at: None, forwards: 0 }
+    }
+}
+
+impl PretrainTask for ToyTask {
+    fn forward(&mut self, images: &Tensor, noise: &mut NoiseRng, sigma: f64) -> Result<Forward> {
+        self.forwards += 1;
+        let b = images.size()[0];
+        let x = images.reshape([b, -1]);
+        let target = noise.uniform(&[b, 4], Device::Cpu) * sigma;
+        let pred = x.matmul(&self.w);
+        let mut loss = (pred - &target).square().mean(Kind::Float);
+        if self.nan_at == Some(self.forwards) {
+            loss = loss * f64::NAN;
+        }
+        Ok(Forward { acc1: 1.0 / (1.0 + loss.double_value(&[])), loss })
+    }
+
+    fn optimizer_step(&mut self, lr: f64) -> Result<()> {
+        tch::no_grad(|| {
+            let g = self.w.grad();
+            let m = &self.momentum * 0.9 + &g;
+            self.momentum.copy_(&m);
+            let _ = self.w.f_sub_(&(m * lr)).unwrap();
+        });
+        self.zero_grad();
+        Ok(())
+    }
+
+    fn zero_grad(&mut self) {
+        let mut g = self.w.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+
+    fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![("head.weight".into(), self.w.shallow_clone())]
+    }
+
+    fn optimizer_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![("head.weight.momentum".into(), self.momentum.shallow_clone())]
+    }
+
+    fn load(&mut self, model: &[(String, Tensor)], optimizer: &[(String, Tensor)]) -> Result<()> {
+        tch::no_grad(|| {
+            self.w.copy_(&model[0].1);
+            self.momentum.copy_(&optimizer[0].1);
+        });
+        Ok(())
+    }
+}
+
+/// 20 samples of [3,2,2] images; epoch e's order and content derive from (e, index) only.
+struct ToySource {
+    epoch: u64,
+    next: u64,
+    batch: i64,
+}
+
+impl BatchSource for ToySource {
+    fn samples_per_epoch(&self) -> u64 {
+        20
+    }
+
+    fn start_epoch(&mut self, epoch: u64, samples_consumed: u64) -> Result<()> {
+        self.epoch = epoch;
+        self.next = samples_consumed;
+        Ok(())
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Tensor>> {
+        if self.next + self.batch as u64 > self.samples_per_epoch() {
+            return Ok(None);
+        }
+        let imgs: Vec<Tensor> = (0..self.batch as u64)
+            .map(|i| NoiseRng::new(self.epoch * 1000 + self.next + i, 99).uniform(&[3, 2, 2], Device::Cpu))
+            .collect();
+        self.next += self.batch as u64;
+        Ok(Some(Tensor::stack(&imgs, 0)))
+    }
+}
+
+fn recipe(overrides: &[&str]) -> Recipe {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml"))
+        .unwrap();
+    let mut o: Vec<String> = [
+        "train.epochs=3",
+        "train.batch_size=4",
+        "train.accum_iter=2",
+        "optim.warmup_epochs=1",
+        "optim.blr=0.5",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2",
+        "runtime.progress=false",
+        "runtime.device=cpu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    o.extend(overrides.iter().map(|s| s.to_string()));
+    Recipe::parse(&text, &o).unwrap()
+}
+
+fn run(dir: &Path, recipe: &Recipe, resume: bool, stop: StopFlag, task: &mut ToyTask) -> Result<Outcome> {
+    let state = if resume { load_resume(dir, recipe, task)? } else { None };
+    let mut source = ToySource { epoch: 0, next: 0, batch: recipe.train.batch_size as i64 };
+    let ctx = TrainContext {
+        recipe,
+        run_dir: dir,
+        placement: Placement { device: Device::Cpu, bf16_autocast: false },
+        world: World::default(),
+        stop,
+        resume: state,
+    };
+    train(ctx, task, &mut source)
+}
+
+fn losses(dir: &Path) -> Vec<(u64, u64)> {
+    // Bit patterns: the comparison is exact, not within a tolerance.
+    read_metrics(&metrics_path(dir)).unwrap().iter().map(|m| (m.step, m.loss.to_bits())).collect()
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let full = tempfile::tempdir().unwrap();
+    let r = recipe(&[]);
+    // 20 samples / (4 × 2) = 2 steps per epoch (4 samples dropped), 3 epochs.
+    assert_eq!(run(full.path(), &r, false, StopFlag::default(), &mut ToyTask::new()).unwrap(), Outcome::Finished {
+        step: 6
+    });
+    let reference = losses(full.path());
+    assert_eq!(reference.len(), 6);
+
+    // Stop mid-epoch (step 3 is inside epoch 1), resume in a new task with fresh weights.
+    let split = tempfile::tempdir().unwrap();
+    let first = recipe(&["train.max_steps=3"]);
+    assert_eq!(run(split.path(), &first, false, StopFlag::default(), &mut ToyTask::new()).unwrap(), Outcome::Finished {
+        step: 3
+    });
+    let mut fresh = ToyTask::new();
+    assert_eq!(run(split.path(), &r, true, StopFlag::default(), &mut fresh).unwrap(), Outcome::Finished { step: 6 });
+    assert_eq!(losses(split.path()), reference);
+
+    // Final weights agree bit for bit too.
+    let a = CheckpointStore::load(&CheckpointStore::new(full.path()).latest().unwrap().unwrap()).unwrap();
+    let b = CheckpointStore::load(&CheckpointStore::new(split.path()).latest().unwrap().unwrap()).unwrap();
+    assert_eq!(a.state.step, 6);
+    assert_eq!(a.state, b.state);
+    assert!(a.model[0].1.equal(&b.model[0].1));
+    assert!(a.optimizer[0].1.equal(&b.optimizer[0].1));
+    // keep_last = 2.
+    assert_eq!(CheckpointStore::new(full.path()).list().unwrap().len(), 2);
+}
+
+#[test]
+fn a_signal_saves_and_resume_continues_exactly() {
+    let full = tempfile::tempdir().unwrap();
+    let r = recipe(&["checkpoint.every_steps=0", "checkpoint.every_epoch=false"]);
+    run(full.path(), &r, false, StopFlag::default(), &mut ToyTask::new()).unwrap();
+
+    let split = tempfile::tempdir().unwrap();
+    let stop = StopFlag::default();
+    stop.raise();
+    // Raised before the first step: the checkpoint holds the initial state.
+    let out = run(split.path(), &r, false, stop, &mut ToyTask::new()).unwrap();
+    let Outcome::Interrupted { step: 0, checkpoint: Some(path) } = out else { panic!("{out:?}") };
+    assert_eq!(CheckpointStore::load(&path).unwrap().state.reason, "interrupted");
+    run(split.path(), &r, true, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    assert_eq!(losses(split.path()), losses(full.path()));
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_last_good_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(&["checkpoint.every_steps=0"]);
+    let mut task = ToyTask::new();
+    // Forward 6 is the second micro-batch of step 3.
+    task.nan_at = Some(6);
+    let err = format!("{:#}", run(dir.path(), &r, false, StopFlag::default(), &mut task).unwrap_err());
+    assert!(err.contains("loss is NaN at step 3") && err.contains("last good state"), "{err}");
+    let store = CheckpointStore::new(dir.path());
+    let ckpt = CheckpointStore::load(&store.latest().unwrap().unwrap()).unwrap();
+    assert_eq!((ckpt.state.step, ckpt.state.epoch, ckpt.state.samples_in_epoch), (2, 1, 0));
+    assert_eq!(ckpt.state.reason, "non_finite");
+    // Resuming from it replays step 3 exactly as an uninterrupted run would.
+    run(dir.path(), &r, true, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    let full = tempfile::tempdir().unwrap();
+    run(full.path(), &r, false, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    assert_eq!(losses(dir.path()), losses(full.path()));
+}
+
+#[test]
+fn resume_refuses_a_different_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), &recipe(&["train.max_steps=1"]), false, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    let err = format!(
+        "{:#}",
+        run(dir.path(), &recipe(&["optim.blr=0.1"]), true, StopFlag::default(), &mut ToyTask::new()).unwrap_err()
+    );
+    assert!(err.contains("differs") && err.contains("optim"), "{err}");
+}
+
+#[test]
+fn metrics_lines_carry_every_field() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), &recipe(&[]), false, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    let m = read_metrics(&metrics_path(dir.path())).unwrap();
+    assert_eq!(m.len(), 6);
+    let r = recipe(&[]);
+    let peak = r.batch_plan(1).unwrap().lr;
+    for (i, line) in m.iter().enumerate() {
+        assert_eq!(line.step, i as u64 + 1);
+        assert!(line.loss.is_finite() && (0.0..=1.0).contains(&line.acc1));
+        assert!(line.images_per_s > 0.0 && line.step_time_s > 0.0 && line.device_mem_mib > 0.0);
+        // Step i starts at epoch (i / 2) + (i % 2) / 2.
+        let epoch = (i / 2) as f64 + (i % 2) as f64 * 0.5;
+        assert_eq!(line.lr, lr_at(epoch, peak, &r));
+        assert_eq!(line.sigma, sigma_at((i / 2) as u64, &r));
+    }
+    assert_eq!(m[0].lr, 0.0); // warmup starts at 0 as in the reference
+    assert_eq!(m.last().unwrap().epoch, 3.0);
+}
+
+#[test]
+fn schedules_follow_the_reference() {
+    let r = recipe(&["train.epochs=10", "optim.warmup_epochs=2", "optim.min_lr=0.001"]);
+    assert_eq!(lr_at(0.0, 1.0, &r), 0.0);
+    assert_eq!(lr_at(1.0, 1.0, &r), 0.5);
+    assert_eq!(lr_at(2.0, 1.0, &r), 1.0);
+    assert!((lr_at(6.0, 1.0, &r) - (0.001 + 0.999 * 0.5)).abs() < 1e-12);
+    assert!((lr_at(10.0, 1.0, &r) - 0.001).abs() < 1e-12);
+    assert_eq!(sigma_at(0, &r), 1.0);
+    assert!((sigma_at(5, &r) - 0.5).abs() < 1e-12);
+    let r = recipe(&["droppos.sigma_decay=false"]);
+    assert_eq!(sigma_at(2, &r), 1.0);
+}
