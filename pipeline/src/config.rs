@@ -118,7 +118,7 @@ pub struct TrainConfig {
 
 /// Loader settings; the data directory itself comes from `--data`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     /// RandomResizedCrop area range.
     pub crop_scale_min: f64,
@@ -132,7 +132,7 @@ pub struct DataConfig {
 
 /// When and how many checkpoints to keep.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CheckpointConfig {
     /// Save every N optimizer steps (0 = only at epoch end and on interruption).
     pub every_steps: u64,
@@ -144,7 +144,7 @@ pub struct CheckpointConfig {
 
 /// Device and logging.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
@@ -188,13 +188,23 @@ fn default_eps() -> f64 {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { crop_scale_min: 0.2, crop_scale_max: 1.0, hflip: true, workers: 0, prefetch: 2 }
+        Self {
+            crop_scale_min: 0.2,
+            crop_scale_max: 1.0,
+            hflip: true,
+            workers: 0,
+            prefetch: 2,
+        }
     }
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every_steps: 1000, every_epoch: true, keep_last: 3 }
+        Self {
+            every_steps: 1000,
+            every_epoch: true,
+            keep_last: 3,
+        }
     }
 }
 
@@ -260,10 +270,18 @@ impl Recipe {
             }
         }
         if m.img_size % m.patch_size != 0 {
-            bail!("model.img_size {} is not a multiple of model.patch_size {}", m.img_size, m.patch_size);
+            bail!(
+                "model.img_size {} is not a multiple of model.patch_size {}",
+                m.img_size,
+                m.patch_size
+            );
         }
         if m.embed_dim % m.num_heads != 0 {
-            bail!("model.embed_dim {} is not divisible by model.num_heads {}", m.embed_dim, m.num_heads);
+            bail!(
+                "model.embed_dim {} is not divisible by model.num_heads {}",
+                m.embed_dim,
+                m.num_heads
+            );
         }
         if m.decoder_embed_dim % m.decoder_num_heads != 0 {
             bail!(
@@ -272,11 +290,22 @@ impl Recipe {
                 m.decoder_num_heads
             );
         }
-        one_of("model.mask_token_type", &m.mask_token_type, &["param", "zeros", "wrong_pos"])?;
+        one_of(
+            "model.mask_token_type",
+            &m.mask_token_type,
+            &["param", "zeros", "wrong_pos"],
+        )?;
         one_of("model.attention", &m.attention, &["fused", "explicit"])?;
-        one_of("droppos.smooth_grid", &self.droppos.smooth_grid, &["model", "reference"])?;
+        one_of(
+            "droppos.smooth_grid",
+            &self.droppos.smooth_grid,
+            &["model", "reference"],
+        )?;
         let d = &self.droppos;
-        for (name, r) in [("droppos.mask_ratio", d.mask_ratio), ("droppos.pos_mask_ratio", d.pos_mask_ratio)] {
+        for (name, r) in [
+            ("droppos.mask_ratio", d.mask_ratio),
+            ("droppos.pos_mask_ratio", d.pos_mask_ratio),
+        ] {
             if !(0.0..1.0).contains(&r) {
                 bail!("{name} must be in [0, 1), got {r}");
             }
@@ -307,9 +336,15 @@ impl Recipe {
         if self.runtime.log_every == 0 {
             bail!("runtime.log_every must be at least 1");
         }
-        one_of("runtime.precision", &self.runtime.precision, &["auto", "fp32", "bf16"])?;
+        one_of(
+            "runtime.precision",
+            &self.runtime.precision,
+            &["auto", "fp32", "bf16"],
+        )?;
         let dev = self.runtime.device.as_str();
-        let cuda_index = dev.strip_prefix("cuda:").map(|i| i.parse::<usize>().is_ok());
+        let cuda_index = dev
+            .strip_prefix("cuda:")
+            .map(|i| i.parse::<usize>().is_ok());
         if !matches!(dev, "auto" | "cpu" | "cuda") && cuda_index != Some(true) {
             bail!("runtime.device must be auto, cpu, cuda or cuda:N, got `{dev}`");
         }
@@ -377,7 +412,10 @@ pub struct BatchPlan {
 
 fn one_of(name: &str, value: &str, allowed: &[&str]) -> Result<()> {
     if !allowed.contains(&value) {
-        bail!("{name} must be one of {}, got `{value}`", allowed.join(", "));
+        bail!(
+            "{name} must be one of {}, got `{value}`",
+            allowed.join(", ")
+        );
     }
     Ok(())
 }
@@ -402,19 +440,26 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
             keys.join(", ")
         };
         if !node.contains_key(*part) {
-            let scope = if here.is_empty() { "the recipe".to_string() } else { format!("[{here}]") };
+            let scope = if here.is_empty() {
+                "the recipe".to_string()
+            } else {
+                format!("[{here}]")
+            };
             bail!("--set: unknown key `{key}` ({scope} has: {})", valid());
         }
         if i + 1 == parts.len() {
             let old = &node[*part];
             if old.is_table() {
-                bail!("--set: `{key}` is a section; set one of its keys, e.g. `{key}.{}`", {
-                    let t = old.as_table().expect("checked");
-                    t.keys().next().cloned().unwrap_or_default()
-                });
+                bail!(
+                    "--set: `{key}` is a section; set one of its keys, e.g. `{key}.{}`",
+                    {
+                        let t = old.as_table().expect("checked");
+                        t.keys().next().cloned().unwrap_or_default()
+                    }
+                );
             }
-            let new = parse_value(raw, old)
-                .with_context(|| format!("--set {key}: bad value `{raw}`"))?;
+            let new =
+                parse_value(raw, old).with_context(|| format!("--set {key}: bad value `{raw}`"))?;
             node.insert((*part).to_string(), new);
             return Ok(());
         }
@@ -468,7 +513,10 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 4, "expected the three paper recipes and tiny-cpu, found {n}");
+        assert!(
+            n >= 4,
+            "expected the three paper recipes and tiny-cpu, found {n}"
+        );
     }
 
     #[test]
@@ -483,16 +531,30 @@ mod tests {
             let r = Recipe::load(&recipes_dir().join(file), &[]).unwrap();
             let m = &r.model;
             assert_eq!((m.img_size, m.patch_size), (224, 16), "{file}");
-            assert_eq!((m.embed_dim, m.depth, m.num_heads), (dim, depth, heads), "{file}");
-            assert_eq!((m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads), (512, 2, 16));
+            assert_eq!(
+                (m.embed_dim, m.depth, m.num_heads),
+                (dim, depth, heads),
+                "{file}"
+            );
+            assert_eq!(
+                (m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads),
+                (512, 2, 16)
+            );
             assert_eq!(m.mask_token_type, "param");
             assert!(!m.multi_task);
             let d = &r.droppos;
-            assert_eq!((d.mask_ratio, d.pos_mask_ratio, d.sigma), (0.75, 0.75, 1.0), "{file}");
+            assert_eq!(
+                (d.mask_ratio, d.pos_mask_ratio, d.sigma),
+                (0.75, 0.75, 1.0),
+                "{file}"
+            );
             assert!(d.sigma_decay && d.attn_guide, "{file}");
             assert_eq!(d.smooth_grid, "model");
             let o = &r.optim;
-            assert_eq!((o.blr, o.weight_decay, o.beta1, o.beta2), (1.5e-4, 0.05, 0.9, 0.95));
+            assert_eq!(
+                (o.blr, o.weight_decay, o.beta1, o.beta2),
+                (1.5e-4, 0.05, 0.9, 0.95)
+            );
             assert_eq!((o.clip_grad, o.warmup_epochs), (5.0, warmup), "{file}");
             assert_eq!(r.train.epochs, epochs, "{file}");
             assert_eq!((r.data.crop_scale_min, r.data.crop_scale_max), (0.2, 1.0));
@@ -531,7 +593,13 @@ mod tests {
         let base = Recipe::parse(&tiny(), &[]).unwrap();
         let r = Recipe::parse(&tiny(), &["optim.eps=1e-6".into()]).unwrap();
         assert_eq!(r.optim.eps, 1e-6);
-        assert_eq!(Recipe { optim: base.optim.clone(), ..r.clone() }, base);
+        assert_eq!(
+            Recipe {
+                optim: base.optim.clone(),
+                ..r.clone()
+            },
+            base
+        );
     }
 
     fn err(overrides: &[&str]) -> String {
@@ -542,11 +610,20 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_clear_errors() {
         let e = err(&["train.epoch=3"]);
-        assert!(e.contains("unknown key `train.epoch`") && e.contains("epochs"), "{e}");
+        assert!(
+            e.contains("unknown key `train.epoch`") && e.contains("epochs"),
+            "{e}"
+        );
         let e = err(&["trian.epochs=3"]);
-        assert!(e.contains("unknown key `trian.epochs`") && e.contains("train"), "{e}");
+        assert!(
+            e.contains("unknown key `trian.epochs`") && e.contains("train"),
+            "{e}"
+        );
         let e = err(&["train.epochs=many"]);
-        assert!(e.contains("train.epochs") && e.contains("expected integer"), "{e}");
+        assert!(
+            e.contains("train.epochs") && e.contains("expected integer"),
+            "{e}"
+        );
         let e = err(&["droppos.attn_guide=1"]);
         assert!(e.contains("expected boolean"), "{e}");
         let e = err(&["train"]);
@@ -556,7 +633,10 @@ mod tests {
         let e = err(&["droppos.mask_ratio=1.5"]);
         assert!(e.contains("droppos.mask_ratio must be in [0, 1)"), "{e}");
         let e = err(&["model.attention=flash"]);
-        assert!(e.contains("model.attention must be one of fused, explicit"), "{e}");
+        assert!(
+            e.contains("model.attention must be one of fused, explicit"),
+            "{e}"
+        );
         let e = err(&["train.epochs=-1"]);
         assert!(e.contains("overrides"), "{e}");
         let e = err(&["runtime.device=gpu"]);
@@ -574,7 +654,11 @@ mod tests {
     fn batch_plan_derives_accumulation_and_lr() {
         let r = Recipe::parse(
             &tiny(),
-            &["train.batch_size=64".into(), "train.accum_iter=0".into(), "train.global_batch=2048".into()],
+            &[
+                "train.batch_size=64".into(),
+                "train.accum_iter=0".into(),
+                "train.global_batch=2048".into(),
+            ],
         )
         .unwrap();
         let p = r.batch_plan(8).unwrap();
@@ -584,14 +668,22 @@ mod tests {
         assert!(e.contains("not a multiple"), "{e}");
         let r = Recipe::parse(
             &tiny(),
-            &["train.batch_size=8".into(), "train.accum_iter=2".into(), "train.global_batch=0".into()],
+            &[
+                "train.batch_size=8".into(),
+                "train.accum_iter=2".into(),
+                "train.global_batch=0".into(),
+            ],
         )
         .unwrap();
         let p = r.batch_plan(2).unwrap();
         assert_eq!((p.accum_iter, p.global_batch), (2, 32));
         let r = Recipe::parse(
             &tiny(),
-            &["train.batch_size=8".into(), "train.accum_iter=2".into(), "train.global_batch=64".into()],
+            &[
+                "train.batch_size=8".into(),
+                "train.accum_iter=2".into(),
+                "train.global_batch=64".into(),
+            ],
         )
         .unwrap();
         assert!(format!("{:#}", r.batch_plan(1).unwrap_err()).contains("≠"));

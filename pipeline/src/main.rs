@@ -1,8 +1,10 @@
 //! `droppos-pipeline`: shard datasets, pre-train DropPos, export ONNX, evaluate with ONNX Runtime.
 
 mod commands;
+mod config;
 mod logging;
 mod ort_runtime;
+mod train;
 
 #[cfg(test)]
 mod onnx_tests;
@@ -35,6 +37,8 @@ enum Command {
     Verify(commands::verify::Args),
     /// Rows per class, image-size and bytes-per-image distributions, skipped summary.
     Stats(commands::stats::Args),
+    /// Render a training run's loss / acc1 / lr curves to a PNG.
+    Plot(commands::plot::Args),
 }
 
 fn main() -> Result<()> {
@@ -47,5 +51,6 @@ fn main() -> Result<()> {
         Command::Shard(args) => commands::shard::run(args),
         Command::Verify(args) => commands::verify::run(args),
         Command::Stats(args) => commands::stats::run(args),
+        Command::Plot(args) => commands::plot::run(args),
     }
 }

@@ -49,7 +49,8 @@ fn cpu_contiguous(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainerError> {
-    let mut f = File::create(path).map_err(|e| TrainerError::io(format!("creating {}", path.display()), e))?;
+    let mut f = File::create(path)
+        .map_err(|e| TrainerError::io(format!("creating {}", path.display()), e))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .map_err(|e| TrainerError::io(format!("writing {}", path.display()), e))
@@ -63,20 +64,29 @@ fn sync_file(path: &Path) -> Result<(), TrainerError> {
 
 /// Writes named tensors as safetensors (moved to the CPU, made contiguous).
 pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), TrainerError> {
-    Tensor::write_safetensors(&cpu_contiguous(tensors), path)
-        .map_err(|source| TrainerError::Tensor { path: path.to_path_buf(), source })?;
+    Tensor::write_safetensors(&cpu_contiguous(tensors), path).map_err(|source| {
+        TrainerError::Tensor {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
     sync_file(path)
 }
 
 /// Reads named tensors from a safetensors file (on the CPU).
 pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, TrainerError> {
-    Tensor::read_safetensors(path).map_err(|source| TrainerError::Tensor { path: path.to_path_buf(), source })
+    Tensor::read_safetensors(path).map_err(|source| TrainerError::Tensor {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl CheckpointStore {
     /// The store under `run_dir/checkpoints`.
     pub fn new(run_dir: &Path) -> Self {
-        Self { dir: run_dir.join("checkpoints") }
+        Self {
+            dir: run_dir.join("checkpoints"),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -92,13 +102,22 @@ impl CheckpointStore {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(TrainerError::io(format!("listing {}", self.dir.display()), e)),
+            Err(e) => {
+                return Err(TrainerError::io(
+                    format!("listing {}", self.dir.display()),
+                    e,
+                ))
+            }
         };
         let mut found = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| TrainerError::io(format!("listing {}", self.dir.display()), e))?;
+            let entry = entry
+                .map_err(|e| TrainerError::io(format!("listing {}", self.dir.display()), e))?;
             let name = entry.file_name();
-            let Some(step) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)).and_then(|s| s.parse::<u64>().ok())
+            let Some(step) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|s| s.parse::<u64>().ok())
             else {
                 continue;
             };
@@ -120,18 +139,23 @@ impl CheckpointStore {
             .map_err(|e| TrainerError::io(format!("creating {}", self.dir.display()), e))?;
         let step = ckpt.state.step;
         let target = self.path_for(step);
-        let tmp = self.dir.join(format!(".tmp-{PREFIX}{step:08}-{}", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{PREFIX}{step:08}-{}", std::process::id()));
         if tmp.exists() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
-        std::fs::create_dir(&tmp).map_err(|e| TrainerError::io(format!("creating {}", tmp.display()), e))?;
+        std::fs::create_dir(&tmp)
+            .map_err(|e| TrainerError::io(format!("creating {}", tmp.display()), e))?;
         write_tensors(&tmp.join(MODEL_FILE), &ckpt.model)?;
         write_tensors(&tmp.join(OPTIMIZER_FILE), &ckpt.optimizer)?;
         let state = serde_json::to_vec_pretty(&ckpt.state).expect("train state encodes as JSON");
         write_synced(&tmp.join(STATE_FILE), &state)?;
         write_synced(&tmp.join(CONFIG_FILE), ckpt.config_toml.as_bytes())?;
         // A folder cannot be renamed over a non-empty one: move the old one aside first.
-        let trash = self.dir.join(format!(".old-{PREFIX}{step:08}-{}", std::process::id()));
+        let trash = self
+            .dir
+            .join(format!(".old-{PREFIX}{step:08}-{}", std::process::id()));
         let replaced = target.exists();
         if replaced {
             std::fs::rename(&target, &trash)
@@ -166,7 +190,10 @@ impl CheckpointStore {
         let bytes = std::fs::read(&state_path)
             .map_err(|e| TrainerError::io(format!("reading {}", state_path.display()), e))?;
         let state: TrainState =
-            serde_json::from_slice(&bytes).map_err(|source| TrainerError::State { path: state_path, source })?;
+            serde_json::from_slice(&bytes).map_err(|source| TrainerError::State {
+                path: state_path,
+                source,
+            })?;
         let config_path = dir.join(CONFIG_FILE);
         let config_toml = std::fs::read_to_string(&config_path)
             .map_err(|e| TrainerError::io(format!("reading {}", config_path.display()), e))?;
@@ -188,9 +215,17 @@ mod tests {
     fn ckpt(step: u64) -> Checkpoint {
         Checkpoint {
             model: vec![
-                ("blocks.0.attn.qkv.weight".into(), Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([2, 3])),
+                (
+                    "blocks.0.attn.qkv.weight".into(),
+                    Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([2, 3]),
+                ),
                 // A non-contiguous view must be saved as its values.
-                ("cls_token".into(), Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([2, 3]).tr()),
+                (
+                    "cls_token".into(),
+                    Tensor::arange(6, (Kind::Float, Device::Cpu))
+                        .reshape([2, 3])
+                        .tr(),
+                ),
             ],
             optimizer: vec![("step".into(), Tensor::from_slice(&[step as f32]))],
             state: TrainState {
@@ -201,7 +236,7 @@ mod tests {
                 world_size: 1,
                 rank: 0,
                 reason: "interval".into(),
-                last_loss: 1.5,
+                last_loss: Some(1.5),
             },
             config_toml: "x = 1\n".into(),
         }
@@ -225,7 +260,10 @@ mod tests {
         assert!(names.contains(&"cls_token") && names.contains(&"blocks.0.attn.qkv.weight"));
         let cls = &back.model.iter().find(|(n, _)| n == "cls_token").unwrap().1;
         assert_eq!(cls.size(), vec![3, 2]);
-        assert_eq!(Vec::<f32>::try_from(cls.flatten(0, -1)).unwrap(), vec![0., 3., 1., 4., 2., 5.]);
+        assert_eq!(
+            Vec::<f32>::try_from(cls.flatten(0, -1)).unwrap(),
+            vec![0., 3., 1., 4., 2., 5.]
+        );
         // No temporary folders are left behind.
         let leftovers: Vec<_> = std::fs::read_dir(store.dir())
             .unwrap()

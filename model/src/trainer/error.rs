@@ -5,17 +5,29 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Tensor { path: PathBuf, source: tch::TchError },
+    Tensor {
+        path: PathBuf,
+        source: tch::TchError,
+    },
     #[error("{path}: invalid train state: {source}")]
-    State { path: PathBuf, source: serde_json::Error },
+    State {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 }
 
 impl TrainerError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { context: context.into(), source }
+        Self::Io {
+            context: context.into(),
+            source,
+        }
     }
 }

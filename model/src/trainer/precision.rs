@@ -11,7 +11,8 @@ const DEVICE_CUDA: i8 = 1;
 /// c10::ScalarType::BFloat16.
 const SCALAR_BF16: i8 = 15;
 
-const SET_AUTOCAST_DTYPE: &[u8] = b"_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE\0";
+const SET_AUTOCAST_DTYPE: &[u8] =
+    b"_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE\0";
 const GET_AUTOCAST_DTYPE: &[u8] = b"_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE\0";
 const GLOBAL_CONTEXT: &[u8] = b"_ZN2at13globalContextEv\0";
 const SET_TF32_CUBLAS: &[u8] = b"_ZN2at7Context18setAllowTF32CuBLASEb\0";
@@ -25,7 +26,10 @@ fn this() -> Result<Library, String> {
 
 unsafe fn sym<T>(lib: &Library, name: &[u8]) -> Result<Symbol<T>, String> {
     lib.get::<T>(name).map_err(|e| {
-        format!("libtorch lacks {}: {e}", String::from_utf8_lossy(&name[..name.len() - 1]))
+        format!(
+            "libtorch lacks {}: {e}",
+            String::from_utf8_lossy(&name[..name.len() - 1])
+        )
     })
 }
 
@@ -57,9 +61,12 @@ pub fn allow_tf32(allow: bool) -> Result<(), String> {
     // SAFETY: at::globalContext() returns a reference (a pointer in the ABI) to the process-wide
     // Context; the setters are non-virtual member functions taking (this, bool).
     unsafe {
-        let ctx: Symbol<unsafe extern "C" fn() -> *mut std::ffi::c_void> = sym(&lib, GLOBAL_CONTEXT)?;
-        let blas: Symbol<unsafe extern "C" fn(*mut std::ffi::c_void, bool)> = sym(&lib, SET_TF32_CUBLAS)?;
-        let dnn: Symbol<unsafe extern "C" fn(*mut std::ffi::c_void, bool)> = sym(&lib, SET_TF32_CUDNN)?;
+        let ctx: Symbol<unsafe extern "C" fn() -> *mut std::ffi::c_void> =
+            sym(&lib, GLOBAL_CONTEXT)?;
+        let blas: Symbol<unsafe extern "C" fn(*mut std::ffi::c_void, bool)> =
+            sym(&lib, SET_TF32_CUBLAS)?;
+        let dnn: Symbol<unsafe extern "C" fn(*mut std::ffi::c_void, bool)> =
+            sym(&lib, SET_TF32_CUDNN)?;
         let c = ctx();
         blas(c, allow);
         dnn(c, allow);

@@ -26,7 +26,12 @@ impl NoiseRng {
     /// A generator for `seed`; distinct `stream`s (e.g. ranks) give independent sequences.
     pub fn new(seed: u64, stream: u64) -> Self {
         let mut x = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        let s = [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)];
+        let s = [
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+        ];
         Self { s }
     }
 
@@ -51,7 +56,10 @@ impl NoiseRng {
     pub fn uniform(&mut self, shape: &[i64], device: Device) -> Tensor {
         let n: i64 = shape.iter().product();
         let v: Vec<f32> = (0..n.max(0)).map(|_| self.next_f32()).collect();
-        Tensor::from_slice(&v).reshape(shape).to_kind(Kind::Float).to_device(device)
+        Tensor::from_slice(&v)
+            .reshape(shape)
+            .to_kind(Kind::Float)
+            .to_device(device)
     }
 }
 
@@ -71,8 +79,14 @@ mod tests {
         let mut c: NoiseRng = serde_json::from_str(&saved).unwrap();
         let again: Vec<u64> = (0..5).map(|_| c.next_u64()).collect();
         assert_eq!(first, again);
-        assert_ne!(NoiseRng::new(7, 1).next_u64(), NoiseRng::new(7, 0).next_u64());
-        assert_ne!(NoiseRng::new(8, 0).next_u64(), NoiseRng::new(7, 0).next_u64());
+        assert_ne!(
+            NoiseRng::new(7, 1).next_u64(),
+            NoiseRng::new(7, 0).next_u64()
+        );
+        assert_ne!(
+            NoiseRng::new(8, 0).next_u64(),
+            NoiseRng::new(7, 0).next_u64()
+        );
     }
 
     #[test]
@@ -80,8 +94,11 @@ mod tests {
         let mut r = NoiseRng::new(0, 0);
         let t = r.uniform(&[64, 196], Device::Cpu);
         assert_eq!(t.size(), vec![64, 196]);
-        let (min, max, mean) =
-            (t.min().double_value(&[]), t.max().double_value(&[]), t.mean(Kind::Float).double_value(&[]));
+        let (min, max, mean) = (
+            t.min().double_value(&[]),
+            t.max().double_value(&[]),
+            t.mean(Kind::Float).double_value(&[]),
+        );
         assert!(min >= 0.0 && max < 1.0, "{min} {max}");
         assert!((mean - 0.5).abs() < 0.01, "{mean}");
     }

@@ -20,6 +20,6 @@ pub struct TrainState {
     pub rank: u64,
     /// Why this checkpoint was written: `interval`, `epoch_end`, `interrupted`, `non_finite`, `final`.
     pub reason: String,
-    /// Loss of the last completed step (NaN before the first).
-    pub last_loss: f64,
+    /// Loss of the last completed step (None before the first).
+    pub last_loss: Option<f64>,
 }

@@ -5,6 +5,7 @@ pub mod bench_loader;
 pub mod bench_train_step;
 pub mod doctor;
 pub mod export;
+pub mod plot;
 pub mod shard;
 pub mod stats;
 pub mod verify;

@@ -24,7 +24,9 @@ pub fn run(args: Args) -> Result<()> {
         .ok()
         .and_then(|t| Recipe::parse(&t, &[]).ok())
         .map(|r| 1.0 / r.num_patches() as f64);
-    let out = args.output.unwrap_or_else(|| args.run_dir.join("curves.png"));
+    let out = args
+        .output
+        .unwrap_or_else(|| args.run_dir.join("curves.png"));
     plot::render(&ms, chance, &out)?;
     let last = ms.last().expect("render checked for metrics");
     println!(
@@ -33,7 +35,9 @@ pub fn run(args: Args) -> Result<()> {
         last.step,
         last.loss,
         last.acc1,
-        chance.map(|c| format!(", chance {c:.3}")).unwrap_or_default()
+        chance
+            .map(|c| format!(", chance {c:.3}"))
+            .unwrap_or_default()
     );
     Ok(())
 }

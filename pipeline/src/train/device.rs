@@ -43,7 +43,10 @@ impl Placement {
             precision::allow_tf32(true).map_err(anyhow::Error::msg)?;
             precision::set_cuda_autocast_bf16().map_err(anyhow::Error::msg)?;
         }
-        Ok(Self { device, bf16_autocast })
+        Ok(Self {
+            device,
+            bf16_autocast,
+        })
     }
 
     /// Runs `f` under bf16 autocast when enabled.
@@ -69,8 +72,12 @@ impl Placement {
 /// resident set size on the CPU. NaN when unavailable.
 pub fn memory_mib(device: Device) -> f64 {
     match device {
-        Device::Cuda(_) => cuda_used_bytes().map(|b| b as f64 / 1048576.0).unwrap_or(f64::NAN),
-        _ => rss_bytes().map(|b| b as f64 / 1048576.0).unwrap_or(f64::NAN),
+        Device::Cuda(_) => cuda_used_bytes()
+            .map(|b| b as f64 / 1048576.0)
+            .unwrap_or(f64::NAN),
+        _ => rss_bytes()
+            .map(|b| b as f64 / 1048576.0)
+            .unwrap_or(f64::NAN),
     }
 }
 
@@ -98,11 +105,24 @@ mod tests {
 
     #[test]
     fn cpu_placement_is_fp32_and_reports_memory() {
-        let rt = RuntimeConfig { device: "cpu".into(), ..RuntimeConfig::default() };
+        let rt = RuntimeConfig {
+            device: "cpu".into(),
+            ..RuntimeConfig::default()
+        };
         let p = Placement::resolve(&rt, 0).unwrap();
-        assert_eq!(p, Placement { device: Device::Cpu, bf16_autocast: false });
+        assert_eq!(
+            p,
+            Placement {
+                device: Device::Cpu,
+                bf16_autocast: false
+            }
+        );
         assert!(memory_mib(Device::Cpu) > 1.0);
-        let rt = RuntimeConfig { device: "cpu".into(), precision: "bf16".into(), ..RuntimeConfig::default() };
+        let rt = RuntimeConfig {
+            device: "cpu".into(),
+            precision: "bf16".into(),
+            ..RuntimeConfig::default()
+        };
         assert!(Placement::resolve(&rt, 0).is_err());
     }
 

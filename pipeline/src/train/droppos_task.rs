@@ -236,7 +236,7 @@ class DropPosRef(nn.Module):
                         world_size: 1,
                         rank: 0,
                         reason: "test".into(),
-                        last_loss: f64::NAN,
+                        last_loss: None,
                     },
                     config_toml: recipe.to_toml(),
                 },
@@ -298,7 +298,7 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
             world_size: 1,
             rank: 0,
             reason: "test".into(),
-            last_loss: 1.0,
+            last_loss: Some(1.0),
         };
         CheckpointStore::new(run.path())
             .save(
@@ -317,5 +317,58 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
         let cls = fresh.model_tensors().into_iter().find(|(n, _)| n == "cls_token").unwrap().1;
         let want_cls = &want.iter().find(|(n, _)| n == "module.cls_token").unwrap().1;
         assert!(cls.equal(want_cls));
+    }
+
+    #[test]
+    fn droppos_resume_equals_uninterrupted_run() {
+        use crate::train::device::Placement;
+        use crate::train::metrics::{metrics_path, read_metrics};
+        use crate::train::run::{train, TrainContext, World};
+        use crate::train::signals::StopFlag;
+        use crate::train::tests::ToySource;
+
+        let base = [
+            "train.epochs=2",
+            "train.batch_size=4",
+            "train.accum_iter=2",
+            "checkpoint.every_steps=0",
+            "runtime.progress=false",
+            "runtime.device=cpu",
+            "optim.warmup_epochs=1",
+            "model.depth=2",
+        ];
+        let recipe_with = |extra: &[&str]| {
+            let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml"))
+                .unwrap();
+            let o: Vec<String> = base.iter().chain(extra).map(|s| s.to_string()).collect();
+            Recipe::parse(&text, &o).unwrap()
+        };
+        let go = |dir: &Path, r: &Recipe, resume: bool| {
+            let mut task = DropPosTask::new(r, Device::Cpu).unwrap();
+            let state = if resume { load_resume(dir, r, &mut task).unwrap() } else { None };
+            let mut src = ToySource { epoch: 0, next: 0, batch: 4, side: r.model.img_size };
+            let ctx = TrainContext {
+                recipe: r,
+                run_dir: dir,
+                placement: Placement { device: Device::Cpu, bf16_autocast: false },
+                world: World::default(),
+                stop: StopFlag::default(),
+                resume: state,
+            };
+            train(ctx, &mut task, &mut src).unwrap();
+        };
+        let full_r = recipe_with(&[]);
+        let full = tempfile::tempdir().unwrap();
+        go(full.path(), &full_r, false);
+        let split = tempfile::tempdir().unwrap();
+        // 2 steps per epoch: stop after step 3 (mid-epoch 1), then resume.
+        go(split.path(), &recipe_with(&["train.max_steps=3"]), false);
+        go(split.path(), &full_r, true);
+        let bits = |d: &Path| -> Vec<(u64, u64, u64)> {
+            read_metrics(&metrics_path(d)).unwrap().iter().map(|m| (m.step, m.loss.to_bits(), m.acc1.to_bits())).collect()
+        };
+        let a = bits(full.path());
+        assert_eq!(a.len(), 4);
+        assert_eq!(bits(split.path()), a);
     }
 }

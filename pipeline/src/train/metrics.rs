@@ -40,8 +40,10 @@ impl MetricsWriter {
     pub fn open(run_dir: &Path, keep_through_step: u64) -> Result<Self> {
         let path = run_dir.join(METRICS_FILE);
         if path.exists() {
-            let kept: Vec<StepMetrics> =
-                read_metrics(&path)?.into_iter().filter(|m| m.step <= keep_through_step).collect();
+            let kept: Vec<StepMetrics> = read_metrics(&path)?
+                .into_iter()
+                .filter(|m| m.step <= keep_through_step)
+                .collect();
             let mut text = String::new();
             for m in &kept {
                 text.push_str(&serde_json::to_string(m)?);
@@ -49,7 +51,8 @@ impl MetricsWriter {
             }
             let tmp = path.with_extension("jsonl.tmp");
             std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("replacing {}", path.display()))?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -62,7 +65,9 @@ impl MetricsWriter {
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
         let mut line = serde_json::to_string(m)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes()).context("writing metrics.jsonl")?;
+        self.file
+            .write_all(line.as_bytes())
+            .context("writing metrics.jsonl")?;
         self.file.flush().context("writing metrics.jsonl")
     }
 }
@@ -119,7 +124,10 @@ mod tests {
         let mut w = MetricsWriter::open(dir.path(), 3).unwrap();
         w.write(&m(4)).unwrap();
         let got = read_metrics(&metrics_path(dir.path())).unwrap();
-        assert_eq!(got.iter().map(|m| m.step).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            got.iter().map(|m| m.step).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(got[3], m(4));
     }
 
@@ -127,7 +135,14 @@ mod tests {
     fn a_torn_last_line_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let p = metrics_path(dir.path());
-        std::fs::write(&p, format!("{}\n{{\"step\": 2, \"lo", serde_json::to_string(&m(1)).unwrap())).unwrap();
+        std::fs::write(
+            &p,
+            format!(
+                "{}\n{{\"step\": 2, \"lo",
+                serde_json::to_string(&m(1)).unwrap()
+            ),
+        )
+        .unwrap();
         assert_eq!(read_metrics(&p).unwrap(), vec![m(1)]);
     }
 }

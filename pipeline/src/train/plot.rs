@@ -38,22 +38,38 @@ pub fn render(metrics: &[StepMetrics], chance: Option<f64>, out: &Path) -> Resul
     if finite.is_empty() {
         bail!("no metrics to plot");
     }
-    let series = |f: fn(&StepMetrics) -> f64| finite.iter().map(|m| (m.step as f64, f(m))).collect::<Vec<_>>();
+    let series = |f: fn(&StepMetrics) -> f64| {
+        finite
+            .iter()
+            .map(|m| (m.step as f64, f(m)))
+            .collect::<Vec<_>>()
+    };
     let panels = [
-        Panel { title: "loss", points: series(|m| m.loss), smooth: true, hline: None },
+        Panel {
+            title: "loss",
+            points: series(|m| m.loss),
+            smooth: true,
+            hline: None,
+        },
         Panel {
             title: "position accuracy (acc1)",
             points: series(|m| m.acc1),
             smooth: true,
             hline: chance.map(|c| (c, "chance 1/l")),
         },
-        Panel { title: "learning rate", points: series(|m| m.lr), smooth: false, hline: None },
+        Panel {
+            title: "learning rate",
+            points: series(|m| m.lr),
+            smooth: false,
+            hline: None,
+        },
     ];
     let mut img = RgbImage::from_pixel(WIDTH, PANEL_H * panels.len() as u32, WHITE);
     for (i, p) in panels.iter().enumerate() {
         draw_panel(&mut img, i as u32 * PANEL_H, p);
     }
-    img.save(out).with_context(|| format!("writing {}", out.display()))
+    img.save(out)
+        .with_context(|| format!("writing {}", out.display()))
 }
 
 fn draw_panel(img: &mut RgbImage, y0: u32, p: &Panel<'_>) {
@@ -81,14 +97,26 @@ fn draw_panel(img: &mut RgbImage, y0: u32, p: &Panel<'_>) {
         let x = x_of(t).round() as i64;
         vline(img, x, py1 as i64, py0 as i64, GRID);
         let label = fmt_tick(t);
-        text(img, x - text_width(&label) as i64 / 2, py0 as i64 + 8, &label, BLACK);
+        text(
+            img,
+            x - text_width(&label) as i64 / 2,
+            py0 as i64 + 8,
+            &label,
+            BLACK,
+        );
     }
     // Axes and labels.
     hline(img, LEFT as i64, (WIDTH - RIGHT) as i64, py0 as i64, BLACK);
     vline(img, LEFT as i64, py1 as i64, py0 as i64, BLACK);
     text(img, LEFT as i64, y0 as i64 + 8, p.title, BLACK);
     let xl = "step";
-    text(img, (WIDTH - RIGHT) as i64 - text_width(xl) as i64, py0 as i64 + 26, xl, BLACK);
+    text(
+        img,
+        (WIDTH - RIGHT) as i64 - text_width(xl) as i64,
+        py0 as i64 + 26,
+        xl,
+        BLACK,
+    );
 
     if let Some((v, label)) = p.hline {
         let y = y_of(v).round() as i64;
@@ -97,7 +125,13 @@ fn draw_panel(img: &mut RgbImage, y0: u32, p: &Panel<'_>) {
             hline(img, x, (x + 8).min((WIDTH - RIGHT) as i64), y, CHANCE);
             x += 14;
         }
-        text(img, (WIDTH - RIGHT) as i64 - text_width(label) as i64, y - 18, label, CHANCE);
+        text(
+            img,
+            (WIDTH - RIGHT) as i64 - text_width(label) as i64,
+            y - 18,
+            label,
+            CHANCE,
+        );
     }
 
     let raw: Vec<(f64, f64)> = p.points.iter().map(|&(x, y)| (x_of(x), y_of(y))).collect();
@@ -120,18 +154,26 @@ fn draw_panel(img: &mut RgbImage, y0: u32, p: &Panel<'_>) {
 }
 
 fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)))
+    values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        })
 }
 
 /// About five "nice" tick values covering [lo, hi].
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = hi - lo;
-    if !(span > 0.0) || !span.is_finite() {
+    if span.is_nan() || span <= 0.0 || span.is_infinite() {
         return vec![lo];
     }
     let raw = span / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
     let mut t = (lo / step).ceil() * step;
     let mut out = Vec::new();
     while t <= hi + step * 1e-9 {
@@ -187,7 +229,10 @@ fn polyline(img: &mut RgbImage, pts: &[(f64, f64)], c: Rgb<u8>) {
         let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as i64).max(1);
         for i in 0..=n {
             let t = i as f64 / n as f64;
-            let (x, y) = ((x0 + t * (x1 - x0)).round() as i64, (y0 + t * (y1 - y0)).round() as i64);
+            let (x, y) = (
+                (x0 + t * (x1 - x0)).round() as i64,
+                (y0 + t * (y1 - y0)).round() as i64,
+            );
             put(img, x, y, c);
             put(img, x + 1, y, c);
             put(img, x, y + 1, c);
@@ -208,7 +253,12 @@ fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
                 if bits & (0x10 >> col) != 0 {
                     for dy in 0..SCALE {
                         for dx in 0..SCALE {
-                            put(img, gx + (col * SCALE + dx) as i64, y + (r as u32 * SCALE + dy) as i64, c);
+                            put(
+                                img,
+                                gx + (col * SCALE + dx) as i64,
+                                y + (r as u32 * SCALE + dy) as i64,
+                                c,
+                            );
                         }
                     }
                 }
@@ -291,8 +341,16 @@ mod tests {
     fn renders_three_panels_with_curves() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("curves.png");
-        let ms: Vec<_> =
-            (1..=100).map(|s| m(s, 3.0 / s as f64, 0.5 * (1.0 - 1.0 / s as f64), 1e-4 * s as f64 / 100.0)).collect();
+        let ms: Vec<_> = (1..=100)
+            .map(|s| {
+                m(
+                    s,
+                    3.0 / s as f64,
+                    0.5 * (1.0 - 1.0 / s as f64),
+                    1e-4 * s as f64 / 100.0,
+                )
+            })
+            .collect();
         render(&ms, Some(1.0 / 16.0), &out).unwrap();
         let img = image::open(&out).unwrap().to_rgb8();
         assert_eq!((img.width(), img.height()), (WIDTH, 3 * PANEL_H));

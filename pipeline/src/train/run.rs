@@ -34,7 +34,10 @@ pub enum Outcome {
     /// All epochs (or `train.max_steps`) done.
     Finished { step: u64 },
     /// SIGINT/SIGTERM: state saved at `checkpoint`.
-    Interrupted { step: u64, checkpoint: Option<PathBuf> },
+    Interrupted {
+        step: u64,
+        checkpoint: Option<PathBuf>,
+    },
 }
 
 /// Peak-relative learning rate at a fractional epoch: linear warmup, then half-cycle cosine to
@@ -91,12 +94,19 @@ fn epoch_plan(samples: u64, plan: &BatchPlan) -> Result<EpochPlan> {
             plan.accum_iter
         );
     }
-    Ok(EpochPlan { micro_batches: steps * plan.accum_iter, steps })
+    Ok(EpochPlan {
+        micro_batches: steps * plan.accum_iter,
+        steps,
+    })
 }
 
 /// Runs (or resumes) training until all epochs are done, `max_steps` is reached, or a signal
 /// arrives. A non-finite loss saves the last good state and returns an error.
-pub fn train(ctx: TrainContext<'_>, task: &mut dyn PretrainTask, source: &mut dyn BatchSource) -> Result<Outcome> {
+pub fn train(
+    ctx: TrainContext<'_>,
+    task: &mut dyn PretrainTask,
+    source: &mut dyn BatchSource,
+) -> Result<Outcome> {
     let recipe = ctx.recipe;
     let plan = recipe.batch_plan(ctx.world.size)?;
     let ep = epoch_plan(source.samples_per_epoch(), &plan)?;
@@ -121,7 +131,7 @@ pub fn train(ctx: TrainContext<'_>, task: &mut dyn PretrainTask, source: &mut dy
         world_size: ctx.world.size,
         rank: ctx.world.rank,
         reason: String::new(),
-        last_loss: f64::NAN,
+        last_loss: None,
     });
     if state.world_size != ctx.world.size {
         bail!(
@@ -140,24 +150,29 @@ pub fn train(ctx: TrainContext<'_>, task: &mut dyn PretrainTask, source: &mut dy
             state.epoch
         );
     }
-    let mut metrics = if writer { Some(MetricsWriter::open(ctx.run_dir, state.step)?) } else { None };
-
-    let save = |state: &TrainState, task: &dyn PretrainTask, reason: &str| -> Result<Option<PathBuf>> {
-        if !writer {
-            return Ok(None);
-        }
-        let mut s = state.clone();
-        s.reason = reason.to_string();
-        let ckpt = Checkpoint {
-            model: task.model_tensors(),
-            optimizer: task.optimizer_tensors(),
-            state: s,
-            config_toml: config_toml.clone(),
-        };
-        let path = store.save(&ckpt, keep).context("writing a checkpoint")?;
-        tracing::debug!(path = %path.display(), reason, "checkpoint written");
-        Ok(Some(path))
+    let mut metrics = if writer {
+        Some(MetricsWriter::open(ctx.run_dir, state.step)?)
+    } else {
+        None
     };
+
+    let save =
+        |state: &TrainState, task: &dyn PretrainTask, reason: &str| -> Result<Option<PathBuf>> {
+            if !writer {
+                return Ok(None);
+            }
+            let mut s = state.clone();
+            s.reason = reason.to_string();
+            let ckpt = Checkpoint {
+                model: task.model_tensors(),
+                optimizer: task.optimizer_tensors(),
+                state: s,
+                config_toml: config_toml.clone(),
+            };
+            let path = store.save(&ckpt, keep).context("writing a checkpoint")?;
+            tracing::debug!(path = %path.display(), reason, "checkpoint written");
+            Ok(Some(path))
+        };
 
     let bar = progress_bar(recipe.runtime.progress && writer, total_steps, state.step);
     tracing::info!(
@@ -194,10 +209,17 @@ pub fn train(ctx: TrainContext<'_>, task: &mut dyn PretrainTask, source: &mut dy
                     checkpoint = ?path,
                     "stopped by signal; continue with --resume"
                 );
-                return Ok(Outcome::Interrupted { step: state.step, checkpoint: path });
+                return Ok(Outcome::Interrupted {
+                    step: state.step,
+                    checkpoint: path,
+                });
             }
             // The reference sets the lr at each window's first micro-batch from the fractional epoch.
-            let lr = lr_at(state.epoch as f64 + micro_index as f64 / ep.micro_batches as f64, plan.lr, recipe);
+            let lr = lr_at(
+                state.epoch as f64 + micro_index as f64 / ep.micro_batches as f64,
+                plan.lr,
+                recipe,
+            );
             let good = state.clone();
             let started = Instant::now();
             let (mut loss_sum, mut acc_sum) = (0.0, 0.0);
@@ -205,7 +227,9 @@ pub fn train(ctx: TrainContext<'_>, task: &mut dyn PretrainTask, source: &mut dy
                 let images = source
                     .next_batch()?
                     .with_context(|| format!("the loader ended epoch {} early", state.epoch))?;
-                let fwd = ctx.placement.autocast(|| task.forward(&images, &mut state.rng, sigma))?;
+                let fwd = ctx
+                    .placement
+                    .autocast(|| task.forward(&images, &mut state.rng, sigma))?;
                 let loss = fwd.loss.double_value(&[]);
                 if !loss.is_finite() {
                     bar.abandon();
@@ -228,14 +252,15 @@ pub fn train(ctx: TrainContext<'_>, task: &mut dyn PretrainTask, source: &mut dy
             let dt = started.elapsed().as_secs_f64();
             state.step += 1;
             state.samples_in_epoch += samples_per_step;
-            state.last_loss = loss_sum / plan.accum_iter as f64;
+            let step_loss = loss_sum / plan.accum_iter as f64;
+            state.last_loss = Some(step_loss);
             let acc1 = acc_sum / plan.accum_iter as f64;
             if let Some(m) = metrics.as_mut() {
                 if state.step % recipe.runtime.log_every == 0 || state.step == 1 {
                     m.write(&StepMetrics {
                         step: state.step,
                         epoch: state.epoch as f64 + micro_index as f64 / ep.micro_batches as f64,
-                        loss: state.last_loss,
+                        loss: step_loss,
                         acc1,
                         lr,
                         sigma,
@@ -249,7 +274,7 @@ pub fn train(ctx: TrainContext<'_>, task: &mut dyn PretrainTask, source: &mut dy
             bar.set_message(format!(
                 "epoch {} loss {:.4} acc1 {:.3} lr {:.2e} {:.0} img/s",
                 state.epoch,
-                state.last_loss,
+                step_loss,
                 acc1,
                 lr,
                 images_per_step / dt
@@ -262,7 +287,12 @@ pub fn train(ctx: TrainContext<'_>, task: &mut dyn PretrainTask, source: &mut dy
         // Micro-batches beyond the last full window are not used (drop_last semantics).
         state.epoch += 1;
         state.samples_in_epoch = 0;
-        tracing::info!(epoch = state.epoch, step = state.step, loss = state.last_loss, "epoch done");
+        tracing::info!(
+            epoch = state.epoch,
+            step = state.step,
+            loss = state.last_loss,
+            "epoch done"
+        );
         let last = state.epoch == recipe.train.epochs;
         if recipe.checkpoint.every_epoch || last {
             save(&state, task, if last { "final" } else { "epoch_end" })?;
@@ -278,16 +308,22 @@ fn progress_bar(show: bool, total: u64, at: u64) -> ProgressBar {
     }
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps (eta {eta}) {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps (eta {eta}) {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_position(at);
     bar
 }
 
 /// Reads the newest checkpoint of a run for `--resume`, checking it is compatible with `recipe`.
-pub fn load_resume(run_dir: &Path, recipe: &Recipe, task: &mut dyn PretrainTask) -> Result<Option<TrainState>> {
+pub fn load_resume(
+    run_dir: &Path,
+    recipe: &Recipe,
+    task: &mut dyn PretrainTask,
+) -> Result<Option<TrainState>> {
     let store = CheckpointStore::new(run_dir);
     let Some(dir) = store.latest()? else {
         return Ok(None);
@@ -318,7 +354,9 @@ fn check_resumable(saved: &Recipe, now: &Recipe) -> Result<()> {
         diffs.push("data");
     }
     let (a, b) = (&saved.train, &now.train);
-    if (a.batch_size, a.accum_iter, a.global_batch, a.seed) != (b.batch_size, b.accum_iter, b.global_batch, b.seed) {
+    if (a.batch_size, a.accum_iter, a.global_batch, a.seed)
+        != (b.batch_size, b.accum_iter, b.global_batch, b.seed)
+    {
         diffs.push("train (batch geometry or seed)");
     }
     if !diffs.is_empty() {
@@ -329,7 +367,11 @@ fn check_resumable(saved: &Recipe, now: &Recipe) -> Result<()> {
         );
     }
     if a.epochs != b.epochs {
-        tracing::warn!(from = a.epochs, to = b.epochs, "train.epochs changed on resume: the lr and σ schedules change too");
+        tracing::warn!(
+            from = a.epochs,
+            to = b.epochs,
+            "train.epochs changed on resume: the lr and σ schedules change too"
+        );
     }
     Ok(())
 }

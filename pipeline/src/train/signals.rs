@@ -18,7 +18,8 @@ impl StopFlag {
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&flag.0))
                 .context("installing the signal handler")?;
-            signal_hook::flag::register(sig, Arc::clone(&flag.0)).context("installing the signal handler")?;
+            signal_hook::flag::register(sig, Arc::clone(&flag.0))
+                .context("installing the signal handler")?;
         }
         Ok(flag)
     }

@@ -28,7 +28,12 @@ impl ToyTask {
     fn new() -> Self {
         tch::manual_seed(0);
         let w = (Tensor::randn([12, 4], (Kind::Float, Device::Cpu)) * 0.1).set_requires_grad(true);
-        Self { momentum: w.zeros_like(), w, nan_at: None, forwards: 0 }
+        Self {
+            momentum: w.zeros_like(),
+            w,
+            nan_at: None,
+            forwards: 0,
+        }
     }
 }
 
@@ -43,7 +48,10 @@ impl PretrainTask for ToyTask {
         if self.nan_at == Some(self.forwards) {
             loss = loss * f64::NAN;
         }
-        Ok(Forward { acc1: 1.0 / (1.0 + loss.double_value(&[])), loss })
+        Ok(Forward {
+            acc1: 1.0 / (1.0 + loss.double_value(&[])),
+            loss,
+        })
     }
 
     fn optimizer_step(&mut self, lr: f64) -> Result<()> {
@@ -81,11 +89,12 @@ impl PretrainTask for ToyTask {
     }
 }
 
-/// 20 samples of [3,2,2] images; epoch e's order and content derive from (e, index) only.
-struct ToySource {
-    epoch: u64,
-    next: u64,
-    batch: i64,
+/// 20 samples of [3,side,side] images; epoch e's content derives from (e, index) only.
+pub(crate) struct ToySource {
+    pub epoch: u64,
+    pub next: u64,
+    pub batch: i64,
+    pub side: i64,
 }
 
 impl BatchSource for ToySource {
@@ -104,7 +113,10 @@ impl BatchSource for ToySource {
             return Ok(None);
         }
         let imgs: Vec<Tensor> = (0..self.batch as u64)
-            .map(|i| NoiseRng::new(self.epoch * 1000 + self.next + i, 99).uniform(&[3, 2, 2], Device::Cpu))
+            .map(|i| {
+                NoiseRng::new(self.epoch * 1000 + self.next + i, 99)
+                    .uniform(&[3, self.side, self.side], Device::Cpu)
+            })
             .collect();
         self.next += self.batch as u64;
         Ok(Some(Tensor::stack(&imgs, 0)))
@@ -112,8 +124,10 @@ impl BatchSource for ToySource {
 }
 
 fn recipe(overrides: &[&str]) -> Recipe {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml"))
-        .unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml"),
+    )
+    .unwrap();
     let mut o: Vec<String> = [
         "train.epochs=3",
         "train.batch_size=4",
@@ -132,13 +146,31 @@ fn recipe(overrides: &[&str]) -> Recipe {
     Recipe::parse(&text, &o).unwrap()
 }
 
-fn run(dir: &Path, recipe: &Recipe, resume: bool, stop: StopFlag, task: &mut ToyTask) -> Result<Outcome> {
-    let state = if resume { load_resume(dir, recipe, task)? } else { None };
-    let mut source = ToySource { epoch: 0, next: 0, batch: recipe.train.batch_size as i64 };
+fn run(
+    dir: &Path,
+    recipe: &Recipe,
+    resume: bool,
+    stop: StopFlag,
+    task: &mut ToyTask,
+) -> Result<Outcome> {
+    let state = if resume {
+        load_resume(dir, recipe, task)?
+    } else {
+        None
+    };
+    let mut source = ToySource {
+        epoch: 0,
+        next: 0,
+        batch: recipe.train.batch_size as i64,
+        side: 2,
+    };
     let ctx = TrainContext {
         recipe,
         run_dir: dir,
-        placement: Placement { device: Device::Cpu, bf16_autocast: false },
+        placement: Placement {
+            device: Device::Cpu,
+            bf16_autocast: false,
+        },
         world: World::default(),
         stop,
         resume: state,
@@ -148,7 +180,11 @@ fn run(dir: &Path, recipe: &Recipe, resume: bool, stop: StopFlag, task: &mut Toy
 
 fn losses(dir: &Path) -> Vec<(u64, u64)> {
     // Bit patterns: the comparison is exact, not within a tolerance.
-    read_metrics(&metrics_path(dir)).unwrap().iter().map(|m| (m.step, m.loss.to_bits())).collect()
+    read_metrics(&metrics_path(dir))
+        .unwrap()
+        .iter()
+        .map(|m| (m.step, m.loss.to_bits()))
+        .collect()
 }
 
 #[test]
@@ -156,25 +192,51 @@ fn resumed_run_equals_uninterrupted_run() {
     let full = tempfile::tempdir().unwrap();
     let r = recipe(&[]);
     // 20 samples / (4 × 2) = 2 steps per epoch (4 samples dropped), 3 epochs.
-    assert_eq!(run(full.path(), &r, false, StopFlag::default(), &mut ToyTask::new()).unwrap(), Outcome::Finished {
-        step: 6
-    });
+    assert_eq!(
+        run(
+            full.path(),
+            &r,
+            false,
+            StopFlag::default(),
+            &mut ToyTask::new()
+        )
+        .unwrap(),
+        Outcome::Finished { step: 6 }
+    );
     let reference = losses(full.path());
     assert_eq!(reference.len(), 6);
 
     // Stop mid-epoch (step 3 is inside epoch 1), resume in a new task with fresh weights.
     let split = tempfile::tempdir().unwrap();
     let first = recipe(&["train.max_steps=3"]);
-    assert_eq!(run(split.path(), &first, false, StopFlag::default(), &mut ToyTask::new()).unwrap(), Outcome::Finished {
-        step: 3
-    });
+    assert_eq!(
+        run(
+            split.path(),
+            &first,
+            false,
+            StopFlag::default(),
+            &mut ToyTask::new()
+        )
+        .unwrap(),
+        Outcome::Finished { step: 3 }
+    );
     let mut fresh = ToyTask::new();
-    assert_eq!(run(split.path(), &r, true, StopFlag::default(), &mut fresh).unwrap(), Outcome::Finished { step: 6 });
+    assert_eq!(
+        run(split.path(), &r, true, StopFlag::default(), &mut fresh).unwrap(),
+        Outcome::Finished { step: 6 }
+    );
     assert_eq!(losses(split.path()), reference);
 
     // Final weights agree bit for bit too.
-    let a = CheckpointStore::load(&CheckpointStore::new(full.path()).latest().unwrap().unwrap()).unwrap();
-    let b = CheckpointStore::load(&CheckpointStore::new(split.path()).latest().unwrap().unwrap()).unwrap();
+    let a = CheckpointStore::load(&CheckpointStore::new(full.path()).latest().unwrap().unwrap())
+        .unwrap();
+    let b = CheckpointStore::load(
+        &CheckpointStore::new(split.path())
+            .latest()
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(a.state.step, 6);
     assert_eq!(a.state, b.state);
     assert!(a.model[0].1.equal(&b.model[0].1));
@@ -187,16 +249,39 @@ fn resumed_run_equals_uninterrupted_run() {
 fn a_signal_saves_and_resume_continues_exactly() {
     let full = tempfile::tempdir().unwrap();
     let r = recipe(&["checkpoint.every_steps=0", "checkpoint.every_epoch=false"]);
-    run(full.path(), &r, false, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    run(
+        full.path(),
+        &r,
+        false,
+        StopFlag::default(),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
 
     let split = tempfile::tempdir().unwrap();
     let stop = StopFlag::default();
     stop.raise();
     // Raised before the first step: the checkpoint holds the initial state.
     let out = run(split.path(), &r, false, stop, &mut ToyTask::new()).unwrap();
-    let Outcome::Interrupted { step: 0, checkpoint: Some(path) } = out else { panic!("{out:?}") };
-    assert_eq!(CheckpointStore::load(&path).unwrap().state.reason, "interrupted");
-    run(split.path(), &r, true, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    let Outcome::Interrupted {
+        step: 0,
+        checkpoint: Some(path),
+    } = out.clone()
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        CheckpointStore::load(&path).unwrap().state.reason,
+        "interrupted"
+    );
+    run(
+        split.path(),
+        &r,
+        true,
+        StopFlag::default(),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
     assert_eq!(losses(split.path()), losses(full.path()));
 }
 
@@ -207,26 +292,67 @@ fn a_non_finite_loss_stops_with_the_last_good_state() {
     let mut task = ToyTask::new();
     // Forward 6 is the second micro-batch of step 3.
     task.nan_at = Some(6);
-    let err = format!("{:#}", run(dir.path(), &r, false, StopFlag::default(), &mut task).unwrap_err());
-    assert!(err.contains("loss is NaN at step 3") && err.contains("last good state"), "{err}");
+    let err = format!(
+        "{:#}",
+        run(dir.path(), &r, false, StopFlag::default(), &mut task).unwrap_err()
+    );
+    assert!(
+        err.contains("loss is NaN at step 3") && err.contains("last good state"),
+        "{err}"
+    );
     let store = CheckpointStore::new(dir.path());
     let ckpt = CheckpointStore::load(&store.latest().unwrap().unwrap()).unwrap();
-    assert_eq!((ckpt.state.step, ckpt.state.epoch, ckpt.state.samples_in_epoch), (2, 1, 0));
+    assert_eq!(
+        (
+            ckpt.state.step,
+            ckpt.state.epoch,
+            ckpt.state.samples_in_epoch
+        ),
+        (2, 1, 0)
+    );
     assert_eq!(ckpt.state.reason, "non_finite");
     // Resuming from it replays step 3 exactly as an uninterrupted run would.
-    run(dir.path(), &r, true, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    run(
+        dir.path(),
+        &r,
+        true,
+        StopFlag::default(),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
     let full = tempfile::tempdir().unwrap();
-    run(full.path(), &r, false, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    run(
+        full.path(),
+        &r,
+        false,
+        StopFlag::default(),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
     assert_eq!(losses(dir.path()), losses(full.path()));
 }
 
 #[test]
 fn resume_refuses_a_different_recipe() {
     let dir = tempfile::tempdir().unwrap();
-    run(dir.path(), &recipe(&["train.max_steps=1"]), false, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    run(
+        dir.path(),
+        &recipe(&["train.max_steps=1"]),
+        false,
+        StopFlag::default(),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
     let err = format!(
         "{:#}",
-        run(dir.path(), &recipe(&["optim.blr=0.1"]), true, StopFlag::default(), &mut ToyTask::new()).unwrap_err()
+        run(
+            dir.path(),
+            &recipe(&["optim.blr=0.1"]),
+            true,
+            StopFlag::default(),
+            &mut ToyTask::new()
+        )
+        .unwrap_err()
     );
     assert!(err.contains("differs") && err.contains("optim"), "{err}");
 }
@@ -234,7 +360,14 @@ fn resume_refuses_a_different_recipe() {
 #[test]
 fn metrics_lines_carry_every_field() {
     let dir = tempfile::tempdir().unwrap();
-    run(dir.path(), &recipe(&[]), false, StopFlag::default(), &mut ToyTask::new()).unwrap();
+    run(
+        dir.path(),
+        &recipe(&[]),
+        false,
+        StopFlag::default(),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
     let m = read_metrics(&metrics_path(dir.path())).unwrap();
     assert_eq!(m.len(), 6);
     let r = recipe(&[]);
@@ -254,7 +387,11 @@ fn metrics_lines_carry_every_field() {
 
 #[test]
 fn schedules_follow_the_reference() {
-    let r = recipe(&["train.epochs=10", "optim.warmup_epochs=2", "optim.min_lr=0.001"]);
+    let r = recipe(&[
+        "train.epochs=10",
+        "optim.warmup_epochs=2",
+        "optim.min_lr=0.001",
+    ]);
     assert_eq!(lr_at(0.0, 1.0, &r), 0.0);
     assert_eq!(lr_at(1.0, 1.0, &r), 0.5);
     assert_eq!(lr_at(2.0, 1.0, &r), 1.0);
