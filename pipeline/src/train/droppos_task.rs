@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use droppos_model::checkpoint::load_into;
 use droppos_model::optim::{AdamW, AdamWConfig};
 use droppos_model::trainer::NoiseRng;
-use droppos_model::{AttentionImpl, DecoderConfig, DropPos, DropPosConfig, MaskTokenType, SmoothGrid, VitConfig};
+use droppos_model::{
+    AttentionImpl, DecoderConfig, DropPos, DropPosConfig, MaskTokenType, SmoothGrid, VitConfig,
+};
 use tch::{nn::VarStore, Device, Tensor};
 
 use super::task::{Forward, PretrainTask};
@@ -31,8 +33,11 @@ pub fn model_config(r: &Recipe) -> Result<DropPosConfig> {
         layer_norm_eps: 1e-6,
         attention,
     };
-    let decoder =
-        DecoderConfig { embed_dim: m.decoder_embed_dim, depth: m.decoder_depth, num_heads: m.decoder_num_heads };
+    let decoder = DecoderConfig {
+        embed_dim: m.decoder_embed_dim,
+        depth: m.decoder_depth,
+        num_heads: m.decoder_num_heads,
+    };
     let mut cfg = DropPosConfig::new(encoder, decoder);
     cfg.mask_ratio = d.mask_ratio;
     cfg.pos_mask_ratio = d.pos_mask_ratio;
@@ -46,7 +51,11 @@ pub fn model_config(r: &Recipe) -> Result<DropPosConfig> {
         "wrong_pos" => MaskTokenType::WrongPos,
         _ => MaskTokenType::Param,
     };
-    cfg.smooth_grid = if d.smooth_grid == "reference" { SmoothGrid::Reference } else { SmoothGrid::Model };
+    cfg.smooth_grid = if d.smooth_grid == "reference" {
+        SmoothGrid::Reference
+    } else {
+        SmoothGrid::Model
+    };
     cfg.validate().context("model configuration")?;
     Ok(cfg)
 }
@@ -74,7 +83,13 @@ impl DropPosTask {
         let o = &recipe.optim;
         let opt = AdamW::new(
             model.trainable_parameters(),
-            AdamWConfig { lr: 0.0, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay },
+            AdamWConfig {
+                lr: 0.0,
+                beta1: o.beta1,
+                beta2: o.beta2,
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+            },
         );
         let keep = cfg.keep_counts();
         Ok(Self {
@@ -113,8 +128,13 @@ impl PretrainTask for DropPosTask {
         let noise_patch = noise.uniform(&[n, self.num_patches], self.device);
         let noise_pos = noise.uniform(&[n, self.keep.0], self.device);
         let smooth = &self.smooth.as_ref().expect("set above").1;
-        let out = self.model.forward_train(images, &noise_patch, &noise_pos, smooth)?;
-        Ok(Forward { acc1: out.acc1.double_value(&[]), loss: out.loss })
+        let out = self
+            .model
+            .forward_train(images, &noise_patch, &noise_pos, smooth)?;
+        Ok(Forward {
+            acc1: out.acc1.double_value(&[]),
+            loss: out.loss,
+        })
     }
 
     fn optimizer_step(&mut self, lr: f64) -> Result<()> {
@@ -140,8 +160,18 @@ impl PretrainTask for DropPosTask {
     }
 
     fn load(&mut self, model: &[(String, Tensor)], optimizer: &[(String, Tensor)]) -> Result<()> {
-        load_into(&self.model.named_parameters(), model, true, Path::new("checkpoint"))?;
-        self.opt.load_state_tensors(&optimizer.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())?;
+        load_into(
+            &self.model.named_parameters(),
+            model,
+            true,
+            Path::new("checkpoint"),
+        )?;
+        self.opt.load_state_tensors(
+            &optimizer
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+        )?;
         Ok(())
     }
 }
@@ -184,7 +214,13 @@ class DropPosRef(nn.Module):
 
     fn python() -> Option<String> {
         let py = std::env::var("DROPPOS_PYTHON").unwrap_or_else(|_| "python3".into());
-        Command::new(&py).arg("-c").arg("import sys").status().ok().filter(|s| s.success()).map(|_| py)
+        Command::new(&py)
+            .arg("-c")
+            .arg("import sys")
+            .status()
+            .ok()
+            .filter(|s| s.success())
+            .map(|_| py)
     }
 
     fn run_py(py: &str, body: &str, arg1: &str, recipe: &Recipe) {
@@ -285,7 +321,11 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
         assert_eq!(ours.len(), want.len());
         for (name, t) in &want {
             let name = name.strip_prefix("module.").unwrap();
-            let mine = &ours.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
+            let mine = &ours
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("{name} missing"))
+                .1;
             assert!(mine.equal(t), "{name}");
         }
         // And a run can resume from a checkpoint whose weights came from PyTorch.
@@ -312,10 +352,21 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
             )
             .unwrap();
         let mut fresh = DropPosTask::new(&recipe, Device::Cpu).unwrap();
-        let st = load_resume(run.path(), &recipe, &mut fresh).unwrap().unwrap();
+        let st = load_resume(run.path(), &recipe, &mut fresh)
+            .unwrap()
+            .unwrap();
         assert_eq!(st.step, 3);
-        let cls = fresh.model_tensors().into_iter().find(|(n, _)| n == "cls_token").unwrap().1;
-        let want_cls = &want.iter().find(|(n, _)| n == "module.cls_token").unwrap().1;
+        let cls = fresh
+            .model_tensors()
+            .into_iter()
+            .find(|(n, _)| n == "cls_token")
+            .unwrap()
+            .1;
+        let want_cls = &want
+            .iter()
+            .find(|(n, _)| n == "module.cls_token")
+            .unwrap()
+            .1;
         assert!(cls.equal(want_cls));
     }
 
@@ -338,19 +389,33 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
             "model.depth=2",
         ];
         let recipe_with = |extra: &[&str]| {
-            let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml"))
-                .unwrap();
+            let text = std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml"),
+            )
+            .unwrap();
             let o: Vec<String> = base.iter().chain(extra).map(|s| s.to_string()).collect();
             Recipe::parse(&text, &o).unwrap()
         };
         let go = |dir: &Path, r: &Recipe, resume: bool| {
             let mut task = DropPosTask::new(r, Device::Cpu).unwrap();
-            let state = if resume { load_resume(dir, r, &mut task).unwrap() } else { None };
-            let mut src = ToySource { epoch: 0, next: 0, batch: 4, side: r.model.img_size };
+            let state = if resume {
+                load_resume(dir, r, &mut task).unwrap()
+            } else {
+                None
+            };
+            let mut src = ToySource {
+                epoch: 0,
+                next: 0,
+                batch: 4,
+                side: r.model.img_size,
+            };
             let ctx = TrainContext {
                 recipe: r,
                 run_dir: dir,
-                placement: Placement { device: Device::Cpu, bf16_autocast: false },
+                placement: Placement {
+                    device: Device::Cpu,
+                    bf16_autocast: false,
+                },
                 world: World::default(),
                 stop: StopFlag::default(),
                 resume: state,
@@ -365,7 +430,11 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
         go(split.path(), &recipe_with(&["train.max_steps=3"]), false);
         go(split.path(), &full_r, true);
         let bits = |d: &Path| -> Vec<(u64, u64, u64)> {
-            read_metrics(&metrics_path(d)).unwrap().iter().map(|m| (m.step, m.loss.to_bits(), m.acc1.to_bits())).collect()
+            read_metrics(&metrics_path(d))
+                .unwrap()
+                .iter()
+                .map(|m| (m.step, m.loss.to_bits(), m.acc1.to_bits()))
+                .collect()
         };
         let a = bits(full.path());
         assert_eq!(a.len(), 4);

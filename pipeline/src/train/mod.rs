@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod device;
+pub mod droppos_task;
 pub mod metrics;
 pub mod plot;
 pub mod run;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use droppos_model::schedule::{self, CosineSchedule};
 use droppos_model::trainer::{Checkpoint, CheckpointStore, NoiseRng, TrainState};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -40,28 +41,27 @@ pub enum Outcome {
     },
 }
 
-/// Peak-relative learning rate at a fractional epoch: linear warmup, then half-cycle cosine to
-/// `min_lr` (the reference's `lr_sched.adjust_learning_rate`).
+/// Learning rate at a fractional epoch: linear warmup, then half-cycle cosine to `min_lr` (the
+/// model crate's schedule, i.e. the reference's `lr_sched.adjust_learning_rate`).
 pub fn lr_at(epoch: f64, peak: f64, recipe: &Recipe) -> f64 {
-    let o = &recipe.optim;
-    let total = recipe.train.epochs as f64;
-    if epoch < o.warmup_epochs {
-        peak * epoch / o.warmup_epochs
-    } else {
-        let span = (total - o.warmup_epochs).max(f64::MIN_POSITIVE);
-        let progress = ((epoch - o.warmup_epochs) / span).min(1.0);
-        o.min_lr + (peak - o.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    CosineSchedule {
+        lr: peak,
+        min_lr: recipe.optim.min_lr,
+        warmup_epochs: recipe.optim.warmup_epochs,
+        epochs: recipe.train.epochs as f64,
     }
+    .lr_at(epoch)
 }
 
 /// σ for an epoch: σ0, decayed linearly per epoch when `sigma_decay` is on.
 pub fn sigma_at(epoch: u64, recipe: &Recipe) -> f64 {
     let d = &recipe.droppos;
-    if d.sigma_decay {
-        (1.0 - epoch as f64 / recipe.train.epochs as f64) * d.sigma
-    } else {
-        d.sigma
-    }
+    schedule::sigma_at(
+        d.sigma,
+        d.sigma_decay,
+        epoch as usize,
+        recipe.train.epochs as usize,
+    )
 }
 
 /// Everything the loop needs besides the task and the data.
