@@ -142,7 +142,7 @@ pub fn train(
         );
     }
     let samples_per_step = plan.micro_batch * plan.accum_iter;
-    if state.samples_in_epoch % samples_per_step != 0 {
+    if !state.samples_in_epoch.is_multiple_of(samples_per_step) {
         bail!(
             "checkpoint position ({} samples into epoch {}) is not on an optimizer-step boundary of \
              {samples_per_step} samples; was train.batch_size or accum_iter changed?",
@@ -256,7 +256,7 @@ pub fn train(
             state.last_loss = Some(step_loss);
             let acc1 = acc_sum / plan.accum_iter as f64;
             if let Some(m) = metrics.as_mut() {
-                if state.step % recipe.runtime.log_every == 0 || state.step == 1 {
+                if state.step.is_multiple_of(recipe.runtime.log_every) || state.step == 1 {
                     m.write(&StepMetrics {
                         step: state.step,
                         epoch: state.epoch as f64 + micro_index as f64 / ep.micro_batches as f64,
@@ -280,7 +280,7 @@ pub fn train(
                 images_per_step / dt
             ));
             let every = recipe.checkpoint.every_steps;
-            if every > 0 && state.step % every == 0 {
+            if every > 0 && state.step.is_multiple_of(every) {
                 save(&state, task, "interval")?;
             }
         }

@@ -46,7 +46,7 @@ impl PretrainTask for ToyTask {
         let pred = x.matmul(&self.w);
         let mut loss = (pred - &target).square().mean(Kind::Float);
         if self.nan_at == Some(self.forwards) {
-            loss = loss * f64::NAN;
+            loss *= f64::NAN;
         }
         Ok(Forward {
             acc1: 1.0 / (1.0 + loss.double_value(&[])),
