@@ -336,7 +336,7 @@ pub fn write_dataset(
     conversions.sort_by(|a, b| (&a.key, &a.from).cmp(&(&b.key, &b.from)));
     conversions.dedup();
     let converted = conversions.len();
-    let part = (opts.num_workers > 1).then(|| PartInfo {
+    let part = (opts.num_workers > 1).then_some(PartInfo {
         worker_index: opts.worker_index,
         num_workers: opts.num_workers,
         total_shards,
