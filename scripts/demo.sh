@@ -12,7 +12,8 @@ DATA="${DROPPOS_DEMO_DATA:-tests/fixtures/data}"
 mkdir -p "$OUT"
 
 echo "== building droppos-pipeline" >&2
-cargo build --workspace --bins --locked
+# Same target selection as the test command, so the build it made is reused as is.
+cargo build --workspace --all-targets --locked
 BIN="$CARGO_TARGET_DIR/debug/droppos-pipeline"
 
 step() { echo; echo "== $*" >&2; }
