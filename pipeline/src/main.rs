@@ -37,6 +37,8 @@ enum Command {
     Verify(commands::verify::Args),
     /// Rows per class, image-size and bytes-per-image distributions, skipped summary.
     Stats(commands::stats::Args),
+    /// Pre-train DropPos from a recipe on shards (CPU or CUDA); checkpoints, metrics, resume.
+    Train(commands::train::Args),
     /// Render a training run's loss / acc1 / lr curves to a PNG.
     Plot(commands::plot::Args),
 }
@@ -52,5 +54,6 @@ fn main() -> Result<()> {
         Command::Verify(args) => commands::verify::run(args),
         Command::Stats(args) => commands::stats::run(args),
         Command::Plot(args) => commands::plot::run(args),
+        Command::Train(args) => commands::train::run(args),
     }
 }

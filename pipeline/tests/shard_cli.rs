@@ -1,32 +1,10 @@
 //! `droppos-pipeline shard|verify|stats` end to end on the bundled sample data.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn data_root() -> PathBuf {
-    match std::env::var_os("DROPPOS_TEST_DATA") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data"),
-    }
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_droppos-pipeline"));
-    c.env("DROPPOS_LOG", "warn");
-    c
-}
-
-fn run_ok(c: &mut Command) -> Output {
-    let out = c.output().expect("spawn droppos-pipeline");
-    assert!(
-        out.status.success(),
-        "{:?} failed:\nstdout: {}\nstderr: {}",
-        c,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+mod common;
+use common::{bin, data_root, run_ok};
 
 fn shard_all(tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let d = data_root();

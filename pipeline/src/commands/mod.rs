@@ -8,4 +8,5 @@ pub mod export;
 pub mod plot;
 pub mod shard;
 pub mod stats;
+pub mod train;
 pub mod verify;

@@ -104,10 +104,6 @@ impl DropPosTask {
         })
     }
 
-    pub fn model(&self) -> &DropPos {
-        &self.model
-    }
-
     /// Loads weights saved by the reference (a PyTorch `state_dict` as safetensors) or by us.
     pub fn load_weights(&mut self, path: &Path) -> Result<()> {
         let (tensors, _) = droppos_model::checkpoint::load(path)?;

@@ -28,6 +28,8 @@ impl StopFlag {
         self.0.load(Ordering::SeqCst)
     }
 
+    /// Raises the flag as a signal would (tests simulate SIGINT with it).
+    #[cfg(test)]
     pub fn raise(&self) {
         self.0.store(true, Ordering::SeqCst);
     }

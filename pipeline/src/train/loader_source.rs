@@ -1,0 +1,84 @@
+//! The shard loader (droppos-shards) as the loop's [`BatchSource`]: deterministic in (seed,
+//! epoch), resumable from (epoch, samples consumed), rank-partitioned; batches are handed to
+//! tch by the model crate's prefetcher (pinned, non-blocking copies on CUDA) and normalised on
+//! the device.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use droppos_model::data::Prefetcher;
+use droppos_shards::loader::{Augment, EpochLoader, Loader, LoaderConfig, RrcParams, ShardSet};
+use tch::{Device, Tensor};
+
+use super::run::World;
+use super::source::BatchSource;
+use crate::config::Recipe;
+
+pub struct LoaderSource {
+    loader: Loader,
+    device: Device,
+    epoch: Option<Prefetcher<EpochLoader>>,
+}
+
+impl LoaderSource {
+    /// Opens the shards under the `data` folders (one dataset, in the given order) with the
+    /// recipe's augmentation and batch size. Shard hashes are checked against the manifests.
+    pub fn open(data: &[PathBuf], recipe: &Recipe, device: Device, world: World) -> Result<Self> {
+        let set = ShardSet::open(data, true).with_context(|| {
+            let dirs: Vec<String> = data.iter().map(|d| d.display().to_string()).collect();
+            format!("opening shards in {}", dirs.join(", "))
+        })?;
+        let mut cfg = LoaderConfig::pretrain(
+            recipe.model.img_size as usize,
+            recipe.train.batch_size as usize,
+        );
+        cfg.augment = Augment::Pretrain {
+            rrc: RrcParams {
+                scale: (recipe.data.crop_scale_min, recipe.data.crop_scale_max),
+                ..RrcParams::default()
+            },
+            flip: recipe.data.hflip,
+        };
+        cfg.seed = recipe.train.seed;
+        cfg.world = world.size as usize;
+        cfg.rank = world.rank as usize;
+        if recipe.data.workers > 0 {
+            cfg.threads = recipe.data.workers as usize;
+        }
+        cfg.prefetch = recipe.data.prefetch.max(1) as usize;
+        let loader = Loader::new(Arc::new(set), cfg).context("configuring the loader")?;
+        Ok(Self {
+            loader,
+            device,
+            epoch: None,
+        })
+    }
+}
+
+impl BatchSource for LoaderSource {
+    fn samples_per_epoch(&self) -> u64 {
+        self.loader.samples_per_epoch()
+    }
+
+    fn start_epoch(&mut self, epoch: u64, samples_consumed: u64) -> Result<()> {
+        // Drop the previous epoch's threads before starting the next.
+        self.epoch = None;
+        let it = self
+            .loader
+            .epoch(epoch, samples_consumed)
+            .context("starting the loader")?;
+        self.epoch = Some(Prefetcher::new(it, self.device));
+        Ok(())
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Tensor>> {
+        let Some(it) = self.epoch.as_mut() else {
+            return Ok(None);
+        };
+        match it.next() {
+            None => Ok(None),
+            Some(batch) => Ok(Some(batch.context("loading a batch")?.input())),
+        }
+    }
+}

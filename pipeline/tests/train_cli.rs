@@ -1,0 +1,187 @@
+//! `droppos-pipeline train` end to end: real DropPos model, real loader over shards of the
+//! bundled ImageNet sample. Pins the contract through the binary: a resumed run's loss
+//! sequence and weights equal an uninterrupted run's (CPU, bit for bit), SIGINT saves and the
+//! run continues with --resume, and an existing run is never overwritten silently.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{bin, data_root, run_ok};
+
+fn recipe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
+}
+
+fn shard_imagenet(tmp: &Path) -> PathBuf {
+    let d = data_root();
+    let out = tmp.join("imagenet");
+    run_ok(
+        bin()
+            .args(["shard", "imagenet", "--root"])
+            .arg(d.join("imagenet/train"))
+            .arg("--out")
+            .arg(&out),
+    );
+    out
+}
+
+/// The tiny recipe shrunk to a few fast steps: 8 images per step, 2 epochs, checkpoints every
+/// 3 steps, 2 loader threads.
+fn train_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = bin();
+    c.arg("train")
+        .arg("--config")
+        .arg(recipe())
+        .arg("--data")
+        .arg(data)
+        .arg("--output")
+        .arg(out);
+    for s in [
+        "train.epochs=2",
+        "train.batch_size=8",
+        "checkpoint.every_steps=3",
+        "runtime.progress=false",
+        "runtime.device=cpu",
+        "data.workers=2",
+    ]
+    .iter()
+    .chain(extra)
+    {
+        c.arg("--set").arg(s);
+    }
+    c
+}
+
+/// (step, loss bits) per metrics line: compared exactly, not within a tolerance.
+fn losses(run: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap().to_bits(),
+            )
+        })
+        .collect()
+}
+
+fn checkpoints(run: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn resumed_training_equals_uninterrupted_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shard_imagenet(tmp.path());
+
+    let full = tmp.path().join("full");
+    run_ok(&mut train_cmd(&data, &full, &[]));
+    let reference = losses(&full);
+    // 39 images / 8 = 4 steps per epoch (the partial batch is dropped), 2 epochs.
+    assert_eq!(reference.len(), 8, "{reference:?}");
+    assert!(reference
+        .iter()
+        .all(|(_, l)| f64::from_bits(*l).is_finite()));
+
+    // Stop after step 5 (mid-epoch 1), then resume in a new process.
+    let split = tmp.path().join("split");
+    run_ok(&mut train_cmd(&data, &split, &["train.max_steps=5"]));
+    assert_eq!(losses(&split).len(), 5);
+    run_ok(train_cmd(&data, &split, &[]).arg("--resume"));
+    assert_eq!(losses(&split), reference);
+
+    // The final checkpoints' weights are identical files' worth of tensors.
+    let a = checkpoints(&full).pop().unwrap();
+    let b = checkpoints(&split).pop().unwrap();
+    assert_eq!(a.file_name(), b.file_name());
+    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ between {a:?} and {b:?}");
+
+    // A run folder with checkpoints is not overwritten without --resume.
+    let out = train_cmd(&data, &full, &[]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--resume"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigint_saves_a_checkpoint_and_resume_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shard_imagenet(tmp.path());
+    let run = tmp.path().join("run");
+    // Long enough that the signal lands mid-run.
+    let mut child = train_cmd(
+        &data,
+        &run,
+        &[
+            "train.epochs=500",
+            "checkpoint.every_steps=0",
+            "checkpoint.every_epoch=false",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t0 = Instant::now();
+    while losses_or_empty(&run).len() < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no training progress"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "train exited early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("interrupted at step"), "{stdout}");
+    let saved = checkpoints(&run);
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let at = losses(&run).len() as u64;
+
+    // Resume with a smaller budget: continues from the saved step.
+    run_ok(
+        train_cmd(
+            &data,
+            &run,
+            &[
+                "train.epochs=500",
+                "checkpoint.every_steps=0",
+                "checkpoint.every_epoch=false",
+            ],
+        )
+        .args(["--resume", "--set", &format!("train.max_steps={}", at + 2)]),
+    );
+    let steps: Vec<u64> = losses(&run).iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, (1..=at + 2).collect::<Vec<_>>());
+}
+
+fn losses_or_empty(run: &Path) -> Vec<(u64, u64)> {
+    match std::fs::read_to_string(run.join("metrics.jsonl")) {
+        Ok(t) => t
+            .lines()
+            .filter(|l| l.ends_with('}'))
+            .map(|_| (0, 0))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
