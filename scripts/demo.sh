@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# README command (a): the pipeline on the bundled sample data (tests/fixtures/data), as far as it
-# exists today: doctor -> shard (ImageNet, COCO, ADE20K) -> verify --decode -> stats -> one
-# augmented pass of the streaming loader over the ImageNet shards.
+# README command (a): the pipeline on the bundled sample data (tests/fixtures/data): doctor ->
+# shard (ImageNet, COCO, ADE20K) -> verify --decode -> stats -> one augmented pass of the
+# streaming loader -> DropPos pre-training of the tiny recipe on CPU (about a minute) -> plot ->
+# ONNX export of the trained model.
 # Output goes to demo-output/ (or the folder given as $1); re-running resumes/overwrites it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,16 @@ step "stats imagenet-train"
 
 step "loader: one pre-training augmentation pass over the ImageNet shards"
 "$BIN" bench loader --data "$OUT/imagenet-train" --batch-size 16 --size 224
+
+RUN="$OUT/run-tiny"
+step "train: DropPos, tiny recipe, CPU, on the ImageNet sample (about a minute)"
+rm -rf "$RUN"
+"$BIN" train --config configs/tiny-cpu.toml --data "$OUT/imagenet-train" --output "$RUN"
+"$BIN" plot "$RUN"
+
+step "export the trained model to ONNX (encoder and DropPos position model)"
+"$BIN" export --checkpoint "$RUN" --what encoder --out "$OUT/tiny-encoder.onnx"
+"$BIN" export --checkpoint "$RUN" --what droppos --out "$OUT/tiny-droppos.onnx"
 
 echo
 echo "== demo finished; outputs in $OUT/" >&2

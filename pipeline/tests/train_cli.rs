@@ -105,6 +105,19 @@ fn resumed_training_equals_uninterrupted_training() {
     let wb = std::fs::read(b.join("model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ between {a:?} and {b:?}");
 
+    // The checkpoint describes its own architecture: export needs no flags, from the run folder.
+    for what in ["encoder", "droppos"] {
+        let onnx = tmp.path().join(format!("{what}.onnx"));
+        run_ok(
+            bin()
+                .args(["export", "--what", what, "--checkpoint"])
+                .arg(&full)
+                .arg("--out")
+                .arg(&onnx),
+        );
+        assert!(std::fs::metadata(&onnx).unwrap().len() > 1_000_000);
+    }
+
     // A run folder with checkpoints is not overwritten without --resume.
     let out = train_cmd(&data, &full, &[]).output().unwrap();
     assert!(!out.status.success());

@@ -9,6 +9,7 @@
 //! A checkpoint is first written to a hidden temporary folder, synced, then renamed into place,
 //! so a crash leaves either the old set or the new one, never a half-written folder.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ pub struct Checkpoint {
     pub optimizer: Vec<(String, Tensor)>,
     pub state: TrainState,
     pub config_toml: String,
+    /// String metadata stored in `model.safetensors` (e.g. `droppos_config`, the model's
+    /// configuration as JSON, so that export and other tools need no architecture flags).
+    pub model_metadata: HashMap<String, String>,
 }
 
 /// The `checkpoints/` folder of a run.
@@ -147,7 +151,12 @@ impl CheckpointStore {
         }
         std::fs::create_dir(&tmp)
             .map_err(|e| TrainerError::io(format!("creating {}", tmp.display()), e))?;
-        write_tensors(&tmp.join(MODEL_FILE), &ckpt.model)?;
+        let model_path = tmp.join(MODEL_FILE);
+        crate::checkpoint::save(&model_path, &ckpt.model, Some(ckpt.model_metadata.clone()))
+            .map_err(|e| TrainerError::Checkpoint {
+                path: model_path.clone(),
+                message: e.to_string(),
+            })?;
         write_tensors(&tmp.join(OPTIMIZER_FILE), &ckpt.optimizer)?;
         let state = serde_json::to_vec_pretty(&ckpt.state).expect("train state encodes as JSON");
         write_synced(&tmp.join(STATE_FILE), &state)?;
@@ -197,11 +206,18 @@ impl CheckpointStore {
         let config_path = dir.join(CONFIG_FILE);
         let config_toml = std::fs::read_to_string(&config_path)
             .map_err(|e| TrainerError::io(format!("reading {}", config_path.display()), e))?;
+        let model_path = dir.join(MODEL_FILE);
+        let (model, model_metadata) =
+            crate::checkpoint::load(&model_path).map_err(|e| TrainerError::Checkpoint {
+                path: model_path.clone(),
+                message: e.to_string(),
+            })?;
         Ok(Checkpoint {
-            model: read_tensors(&dir.join(MODEL_FILE))?,
+            model,
             optimizer: read_tensors(&dir.join(OPTIMIZER_FILE))?,
             state,
             config_toml,
+            model_metadata,
         })
     }
 }
@@ -239,6 +255,7 @@ mod tests {
                 last_loss: Some(1.5),
             },
             config_toml: "x = 1\n".into(),
+            model_metadata: HashMap::from([("droppos_config".into(), "{}".into())]),
         }
     }
 
@@ -256,6 +273,7 @@ mod tests {
         let back = CheckpointStore::load(&latest).unwrap();
         assert_eq!(back.state, ckpt(40).state);
         assert_eq!(back.config_toml, "x = 1\n");
+        assert_eq!(back.model_metadata, ckpt(40).model_metadata);
         let names: Vec<&str> = back.model.iter().map(|(n, _)| n.as_str()).collect();
         assert!(names.contains(&"cls_token") && names.contains(&"blocks.0.attn.qkv.weight"));
         let cls = &back.model.iter().find(|(n, _)| n == "cls_token").unwrap().1;

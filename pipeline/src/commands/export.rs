@@ -35,7 +35,9 @@ pub enum ExternalArg {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// safetensors checkpoint with reference (timm / DropPos) parameter names.
+    /// safetensors checkpoint with reference (timm / DropPos) parameter names, or a training
+    /// checkpoint folder (`RUN/checkpoints/step-N`, its `model.safetensors` is read), or a run
+    /// folder (its newest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
     #[arg(long, value_enum)]
@@ -120,8 +122,34 @@ fn hints_from_metadata(meta: &HashMap<String, String>) -> Result<ArchHints> {
     Ok(ArchHints::default())
 }
 
+/// A weights file from what the user named: the file itself, a checkpoint folder's
+/// `model.safetensors`, or a run folder's newest checkpoint.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let direct = path.join("model.safetensors");
+    if direct.is_file() {
+        return Ok(direct);
+    }
+    let store = droppos_model::trainer::CheckpointStore::new(path);
+    match store
+        .latest()
+        .with_context(|| format!("looking for checkpoints in {}", path.display()))?
+    {
+        Some(dir) => Ok(dir.join("model.safetensors")),
+        None => bail!(
+            "{} is a folder without model.safetensors or checkpoints/; name a safetensors file, a \
+             checkpoint folder or a run folder",
+            path.display()
+        ),
+    }
+}
+
 /// Loads a checkpoint's tensors (a DDP `module.` prefix is dropped) and its config hints.
 pub fn load_checkpoint(path: &Path) -> Result<(Weights, ArchHints)> {
+    let resolved = resolve_checkpoint(path)?;
+    let path = resolved.as_path();
     let ctx = || format!("loading checkpoint {}", path.display());
     let meta = Weights::safetensors_metadata(path).with_context(ctx)?;
     let hints = hints_from_metadata(&meta)?;

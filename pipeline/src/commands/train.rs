@@ -9,6 +9,7 @@ use crate::config::Recipe;
 use crate::train::device::Placement;
 use crate::train::droppos_task::DropPosTask;
 use crate::train::loader_source::LoaderSource;
+use crate::train::metrics::{metrics_path, read_metrics};
 use crate::train::run::{load_resume, train, Outcome, TrainContext, World};
 use crate::train::signals::StopFlag;
 
@@ -84,6 +85,10 @@ pub fn run(args: Args) -> Result<()> {
     match train(ctx, &mut task, &mut source)? {
         Outcome::Finished { step } => {
             println!("finished at step {step}; run folder {}", run_dir.display());
+            if world.rank == 0 {
+                let positions = (recipe.model.img_size / recipe.model.patch_size).pow(2);
+                print_accuracy_summary(run_dir, positions)?;
+            }
         }
         Outcome::Interrupted { step, checkpoint } => {
             println!(
@@ -92,5 +97,26 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Position accuracy at the start and the end of the run against chance (1/L): the quickest
+/// sign that pre-training learns.
+fn print_accuracy_summary(run_dir: &std::path::Path, positions: i64) -> Result<()> {
+    let metrics = read_metrics(&metrics_path(run_dir))?;
+    if metrics.is_empty() {
+        return Ok(());
+    }
+    let window = (metrics.len() / 4).clamp(1, 50);
+    let mean = |m: &[crate::train::metrics::StepMetrics]| {
+        m.iter().map(|x| x.acc1).sum::<f64>() / m.len() as f64
+    };
+    let first = mean(&metrics[..window]);
+    let last = mean(&metrics[metrics.len() - window..]);
+    println!(
+        "position accuracy (acc1): {first:.3} over the first {window} steps -> {last:.3} over the \
+         last {window}; chance 1/{positions} = {:.4}",
+        1.0 / positions as f64
+    );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The DropPos model + AdamW (from the model crate) as the loop's [`PretrainTask`].
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -71,6 +72,7 @@ pub struct DropPosTask {
     smooth: Option<(f64, Tensor)>,
     keep: (i64, i64),
     num_patches: i64,
+    config: DropPosConfig,
 }
 
 impl DropPosTask {
@@ -101,6 +103,7 @@ impl DropPosTask {
             smooth: None,
             keep,
             num_patches: cfg.encoder.num_patches(),
+            config: cfg,
         })
     }
 
@@ -149,6 +152,13 @@ impl PretrainTask for DropPosTask {
 
     fn model_tensors(&self) -> Vec<(String, Tensor)> {
         self.model.named_parameters()
+    }
+
+    fn model_metadata(&self) -> HashMap<String, String> {
+        let config = serde_json::to_string(&self.config).expect("model config encodes as JSON");
+        // One key only: safetensors serialises metadata from a HashMap, so several keys would
+        // make the header's byte order (and the file's hash) vary from run to run.
+        HashMap::from([("droppos_config".to_string(), config)])
     }
 
     fn optimizer_tensors(&self) -> Vec<(String, Tensor)> {
@@ -271,6 +281,7 @@ class DropPosRef(nn.Module):
                         last_loss: None,
                     },
                     config_toml: recipe.to_toml(),
+                    model_metadata: task.model_metadata(),
                 },
                 1,
             )
@@ -343,6 +354,7 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
                     optimizer: task.optimizer_tensors(),
                     state,
                     config_toml: recipe.to_toml(),
+                    model_metadata: task.model_metadata(),
                 },
                 1,
             )

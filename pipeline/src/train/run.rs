@@ -168,6 +168,7 @@ pub fn train(
                 optimizer: task.optimizer_tensors(),
                 state: s,
                 config_toml: config_toml.clone(),
+                model_metadata: task.model_metadata(),
             };
             let path = store.save(&ckpt, keep).context("writing a checkpoint")?;
             tracing::debug!(path = %path.display(), reason, "checkpoint written");
@@ -287,12 +288,22 @@ pub fn train(
         // Micro-batches beyond the last full window are not used (drop_last semantics).
         state.epoch += 1;
         state.samples_in_epoch = 0;
-        tracing::info!(
-            epoch = state.epoch,
-            step = state.step,
-            loss = state.last_loss,
-            "epoch done"
-        );
+        // Tiny epochs (the demo's are 2 steps) would flood the log; the bar shows progress.
+        if ep.steps >= 10 {
+            tracing::info!(
+                epoch = state.epoch,
+                step = state.step,
+                loss = state.last_loss,
+                "epoch done"
+            );
+        } else {
+            tracing::debug!(
+                epoch = state.epoch,
+                step = state.step,
+                loss = state.last_loss,
+                "epoch done"
+            );
+        }
         let last = state.epoch == recipe.train.epochs;
         if recipe.checkpoint.every_epoch || last {
             save(&state, task, if last { "final" } else { "epoch_end" })?;

@@ -1,6 +1,8 @@
 //! What the loop trains: a model plus its optimizer, behind a small interface so the loop's
 //! checkpoint/resume/metrics machinery is independent of the model code.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 use droppos_model::trainer::NoiseRng;
 use tch::Tensor;
@@ -27,6 +29,12 @@ pub trait PretrainTask {
 
     /// Model weights under the reference parameter names (what `model.safetensors` holds).
     fn model_tensors(&self) -> Vec<(String, Tensor)>;
+
+    /// String metadata stored with the weights (the model configuration as JSON), so that the
+    /// checkpoint describes itself to `export` and other tools.
+    fn model_metadata(&self) -> HashMap<String, String> {
+        HashMap::new()
+    }
 
     /// Optimizer state (moments, step counts) as named tensors.
     fn optimizer_tensors(&self) -> Vec<(String, Tensor)>;
