@@ -63,7 +63,10 @@ fn build_dist_shim() {
 
     let gloo = env_path("GLOO_INCLUDE_DIR")
         .into_iter()
-        .chain([PathBuf::from("/usr/include"), PathBuf::from("/usr/local/include")])
+        .chain([
+            PathBuf::from("/usr/include"),
+            PathBuf::from("/usr/local/include"),
+        ])
         .find(|d| d.join("gloo/algorithm.h").exists());
     match &gloo {
         Some(dir) => {
@@ -81,7 +84,10 @@ fn build_dist_shim() {
     let site = torch_include.join("../..");
     let nccl_inc = env_path("NCCL_INCLUDE_DIR")
         .into_iter()
-        .chain([site.join("nvidia/nccl/include"), PathBuf::from("/usr/include")])
+        .chain([
+            site.join("nvidia/nccl/include"),
+            PathBuf::from("/usr/include"),
+        ])
         .find(|d| d.join("nccl.h").exists());
     let cuda_inc = env_path("CUDA_HOME")
         .map(|h| h.join("include"))

@@ -130,7 +130,7 @@ char *dd_group_new(int backend, const char *master_addr, int master_port, int is
   opts.port = static_cast<std::uint16_t>(master_port);
   opts.isServer = is_store_server != 0;
   opts.numWorkers = static_cast<std::size_t>(world_size);
-  opts.waitWorkers = is_store_server != 0;
+  opts.waitWorkers = true;  // clients count themselves in; the host waits for all
   opts.multiTenant = true;
   opts.timeout = timeout;
   c10::intrusive_ptr<c10d::Store> tcp =
@@ -162,7 +162,7 @@ char *dd_group_new(int backend, const char *master_addr, int master_port, int is
     }
     options->threads = static_cast<int>(options->devices.size() * 2);
     auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
-        c10::make_intrusive<c10d::PrefixStore>("gloo/", store), rank, world_size, options);
+        c10::make_intrusive<c10d::PrefixStore>("gloo", store), rank, world_size, options);
     pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
     pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
 #else
@@ -171,7 +171,7 @@ char *dd_group_new(int backend, const char *master_addr, int master_port, int is
         "install it and rebuild)");
 #endif
   } else if (backend == DD_BACKEND_NCCL) {
-    auto nccl = droppos_dist_make_nccl(c10::make_intrusive<c10d::PrefixStore>("nccl/", store),
+    auto nccl = droppos_dist_make_nccl(c10::make_intrusive<c10d::PrefixStore>("nccl", store),
                                        rank, world_size, timeout, cuda_device);
     pg->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL, nccl);
     pg->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);

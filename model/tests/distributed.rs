@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use droppos_model::distributed::{
-    launch_local, GradSync, GradSyncMode, GradSyncOptions, GroupOptions, LaunchSpec,
-    ProcessGroup, ReduceOp,
+    launch_local, GradSync, GradSyncMode, GradSyncOptions, GroupOptions, LaunchSpec, ProcessGroup,
+    ReduceOp,
 };
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -79,7 +79,10 @@ fn collectives() -> R {
     let w = vs.variables()["l.weight"].copy();
     let gathered = w.copy();
     pg.all_reduce(&[&gathered], ReduceOp::Sum)?;
-    assert!(gathered.allclose(&(&w * 2.0), 0.0, 0.0, false), "weights differ after broadcast");
+    assert!(
+        gathered.allclose(&(&w * 2.0), 0.0, 0.0, false),
+        "weights differ after broadcast"
+    );
     pg.barrier()?;
     Ok(())
 }
@@ -139,7 +142,10 @@ fn train(role: &str, out: &Path) -> R {
     let local = 8 / world;
     for step in 0..STEPS {
         let (x, y) = batch(step);
-        let (x, y) = (x.narrow(0, rank * local, local), y.narrow(0, rank * local, local));
+        let (x, y) = (
+            x.narrow(0, rank * local, local),
+            y.narrow(0, rank * local, local),
+        );
         opt.zero_grad();
         let per = local / micro;
         for m in 0..micro {
@@ -257,7 +263,10 @@ fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String) {
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let out = child.wait_with_output().unwrap();
-            return (status.code(), String::from_utf8_lossy(&out.stderr).into_owned());
+            return (
+                status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
         }
         if start.elapsed() > limit {
             let _ = child.kill();
@@ -285,11 +294,16 @@ fn assert_clean_error(stderr: &str, expect_any: &[&str]) {
         .find(|l| l.starts_with("RANK-ERROR: "))
         .unwrap_or_else(|| panic!("no error line in: {stderr}"));
     assert!(
-        expect_any.iter().any(|w| line.to_lowercase().contains(&w.to_lowercase())),
+        expect_any
+            .iter()
+            .any(|w| line.to_lowercase().contains(&w.to_lowercase())),
         "unexpected error: {line}"
     );
     assert!(!stderr.contains("frame #"), "C++ backtrace in: {stderr}");
-    assert!(!stderr.contains("Exception raised from"), "C++ backtrace in: {stderr}");
+    assert!(
+        !stderr.contains("Exception raised from"),
+        "C++ backtrace in: {stderr}"
+    );
 }
 
 #[test]
@@ -316,10 +330,15 @@ fn check_equivalence(role: &str) {
         // Both ranks apply the same averaged gradient to the same weights: bitwise equal.
         assert!(a.equal(b), "{role}: {n0} differs between the ranks");
         let diff = (a - c).abs().max().double_value(&[]);
-        assert!(diff < 1e-5, "{role}: {n0} differs from the single-process run by {diff}");
+        assert!(
+            diff < 1e-5,
+            "{role}: {n0} differs from the single-process run by {diff}"
+        );
         // And training moved the weights: the test would be vacuous otherwise.
     }
-    let start_moved = r0.iter().any(|(_, a)| a.abs().sum(Kind::Double).double_value(&[]) > 0.0);
+    let start_moved = r0
+        .iter()
+        .any(|(_, a)| a.abs().sum(Kind::Double).double_value(&[]) > 0.0);
     assert!(start_moved);
 }
 

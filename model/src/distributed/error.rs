@@ -51,7 +51,10 @@ mod tests {
         let m = "Connection closed by peer [127.0.0.1]:1234\nException raised from recvBytes at \
                  /pytorch/torch/csrc/distributed/c10d/Utils.hpp:672 (most recent call first):\n\
                  frame #0: c10::Error::Error(...)";
-        assert_eq!(clean_message(m), "Connection closed by peer [127.0.0.1]:1234");
+        assert_eq!(
+            clean_message(m),
+            "Connection closed by peer [127.0.0.1]:1234"
+        );
         assert_eq!(clean_message("plain"), "plain");
     }
 }

@@ -54,10 +54,18 @@ extern "C" {
     ) -> *mut c_char;
     pub fn dd_group_free(group: *mut DdGroup);
     pub fn dd_group_abandon(group: *mut DdGroup);
-    pub fn dd_all_reduce(group: *mut DdGroup, tensors: *mut Tensor, n: c_int, op: c_int)
-        -> *mut c_char;
-    pub fn dd_broadcast(group: *mut DdGroup, tensors: *mut Tensor, n: c_int, root: c_int)
-        -> *mut c_char;
+    pub fn dd_all_reduce(
+        group: *mut DdGroup,
+        tensors: *mut Tensor,
+        n: c_int,
+        op: c_int,
+    ) -> *mut c_char;
+    pub fn dd_broadcast(
+        group: *mut DdGroup,
+        tensors: *mut Tensor,
+        n: c_int,
+        root: c_int,
+    ) -> *mut c_char;
     pub fn dd_broadcast_coalesced(
         group: *mut DdGroup,
         tensors: *mut Tensor,
@@ -86,7 +94,9 @@ pub fn take_error(err: *mut c_char) -> Option<String> {
         return None;
     }
     // SAFETY: the shim returns NUL-terminated strings from malloc; freed exactly once here.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { dd_error_free(err) };
     Some(msg)
 }

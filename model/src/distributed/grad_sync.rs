@@ -92,7 +92,9 @@ impl GradSync {
             .map(|p| p.shallow_clone())
             .collect();
         if params.is_empty() {
-            return Err(DistError::Unsupported("no trainable parameters to synchronise".into()));
+            return Err(DistError::Unsupported(
+                "no trainable parameters to synchronise".into(),
+            ));
         }
         let engine = match options.mode {
             GradSyncMode::Flat => Engine::Flat,
@@ -180,7 +182,10 @@ impl GradSync {
             while end < order.len() {
                 let p = &self.params[order[end]];
                 let b = p.numel() as i64 * elem_size(p.kind());
-                if p.kind() != kind || p.device() != device || (end > start && bytes + b > self.bucket_bytes) {
+                if p.kind() != kind
+                    || p.device() != device
+                    || (end > start && bytes + b > self.bucket_bytes)
+                {
                     break;
                 }
                 bytes += b;
@@ -199,7 +204,7 @@ impl GradSync {
                     }
                 })
                 .collect();
-            let flat = Tensor::cat(&pieces, 0);
+            let mut flat = Tensor::cat(&pieces, 0);
             self.group_all_reduce(&flat)?;
             let _ = flat.g_div_scalar_(world);
             let mut offset = 0i64;

@@ -229,8 +229,7 @@ impl ProcessGroup {
         // Without an interface, a loopback master means a single-node job: bind Gloo to
         // loopback too instead of trusting the hostname to resolve (it often doesn't in
         // containers). Otherwise Gloo resolves this machine's hostname, as PyTorch does.
-        let hostname = if options.gloo_ifnames.is_none() && is_loopback(&rendezvous.master_addr)
-        {
+        let hostname = if options.gloo_ifnames.is_none() && is_loopback(&rendezvous.master_addr) {
             "127.0.0.1"
         } else {
             ""
@@ -321,7 +320,8 @@ impl ProcessGroup {
             ReduceOp::Min => ffi::OP_MIN,
         };
         // SAFETY: the handles point at live tensors for the duration of the call.
-        let err = unsafe { ffi::dd_all_reduce(self.inner.raw(), h.as_mut_ptr(), h.len() as c_int, op) };
+        let err =
+            unsafe { ffi::dd_all_reduce(self.inner.raw(), h.as_mut_ptr(), h.len() as c_int, op) };
         self.inner.check("all_reduce", err)
     }
 
@@ -342,7 +342,12 @@ impl ProcessGroup {
         let mut h = ffi::handles(tensors);
         // SAFETY: as in all_reduce.
         let err = unsafe {
-            ffi::dd_broadcast(self.inner.raw(), h.as_mut_ptr(), h.len() as c_int, root as c_int)
+            ffi::dd_broadcast(
+                self.inner.raw(),
+                h.as_mut_ptr(),
+                h.len() as c_int,
+                root as c_int,
+            )
         };
         self.inner.check("broadcast", err)
     }

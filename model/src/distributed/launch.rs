@@ -118,7 +118,9 @@ pub fn launch_local(spec: &LaunchSpec) -> Result<()> {
     let nproc = spec.nproc;
     let grace = spec.grace;
     if nproc == 0 {
-        return Err(DistError::Launch("--nproc-per-node must be at least 1".into()));
+        return Err(DistError::Launch(
+            "--nproc-per-node must be at least 1".into(),
+        ));
     }
     let exe = match &spec.program {
         Some(p) => p.clone(),
@@ -167,7 +169,11 @@ pub fn launch_local(spec: &LaunchSpec) -> Result<()> {
         for (rank, child) in children.iter_mut() {
             match child.try_wait() {
                 Ok(Some(status)) => {
-                    if !status.success() && !failures.iter().any(|f| f.starts_with(&format!("rank {rank} "))) {
+                    if !status.success()
+                        && !failures
+                            .iter()
+                            .any(|f| f.starts_with(&format!("rank {rank} ")))
+                    {
                         failures.push(format!("rank {rank} exited with {status}"));
                         first_failure.get_or_insert_with(Instant::now);
                     }
@@ -214,10 +220,17 @@ mod tests {
 
     #[test]
     fn launcher_flag_is_removed() {
-        let a: Vec<OsString> = ["train", "--nproc-per-node", "2", "--epochs=1", "--nproc-per-node=4", "x"]
-            .iter()
-            .map(OsString::from)
-            .collect();
+        let a: Vec<OsString> = [
+            "train",
+            "--nproc-per-node",
+            "2",
+            "--epochs=1",
+            "--nproc-per-node=4",
+            "x",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
         let out = strip_flag(&a, "--nproc-per-node");
         assert_eq!(out, ["train", "--epochs=1", "x"].map(OsString::from));
     }

@@ -145,7 +145,7 @@ impl Rendezvous {
 
     /// Key prefix in the TCPStore for this job attempt.
     pub fn store_prefix(&self) -> String {
-        format!("droppos/attempt_{}/", self.restart_count)
+        format!("droppos/attempt_{}", self.restart_count)
     }
 
     /// Whether this process hosts the TCPStore server.
@@ -202,8 +202,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn rdv(vars: &[(&str, &str)]) -> Result<Option<Rendezvous>> {
-        let m: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Rendezvous::from_vars(|k| m.get(k).cloned())
     }
 
@@ -228,7 +230,7 @@ mod tests {
         assert_eq!((r.rank, r.world_size, r.local_rank), (3, 8, 1));
         assert_eq!((r.master_addr.as_str(), r.master_port), ("node01", 29500));
         assert!(r.agent_store && !r.hosts_store());
-        assert_eq!(r.store_prefix(), "droppos/attempt_2/");
+        assert_eq!(r.store_prefix(), "droppos/attempt_2");
         assert_eq!(r.launcher, Launcher::Torchrun);
     }
 
