@@ -27,6 +27,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod droppos;
 pub mod error;
 pub mod layers;
