@@ -24,6 +24,8 @@ pub struct DeviceBatch {
     pub patch_labels: Option<Tensor>,
     pub keys: Vec<String>,
     pub epoch: u64,
+    /// Each sample's position in the whole epoch order (keys the masking noise).
+    pub epoch_positions: Vec<u64>,
     /// Resume point after this batch (see `droppos_shards::loader::Batch::consumed`).
     pub consumed: u64,
     device: Device,
@@ -98,6 +100,7 @@ impl DeviceBatch {
                 patch_labels,
                 keys: batch.keys.clone(),
                 epoch: batch.epoch,
+                epoch_positions: batch.epoch_positions.clone(),
                 consumed: batch.consumed,
                 device,
                 host: Some(batch),
@@ -122,6 +125,7 @@ impl DeviceBatch {
             patch_labels,
             keys: batch.keys,
             epoch: batch.epoch,
+            epoch_positions: batch.epoch_positions,
             consumed: batch.consumed,
             device,
             host: None,
@@ -229,6 +233,7 @@ mod tests {
             epoch: 1,
             consumed: 2,
             positions: vec![0, 1],
+            epoch_positions: vec![4, 5],
             skipped: vec![],
         }
     }

@@ -225,7 +225,6 @@ impl CheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trainer::rng::NoiseRng;
     use tch::Kind;
 
     fn ckpt(step: u64) -> Checkpoint {
@@ -248,7 +247,6 @@ mod tests {
                 step,
                 epoch: 1,
                 samples_in_epoch: 32,
-                rng: NoiseRng::new(3, 0),
                 world_size: 1,
                 rank: 0,
                 reason: "interval".into(),

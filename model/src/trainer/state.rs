@@ -1,8 +1,7 @@
-//! Where a run stands: everything besides tensors that a resume needs to continue exactly.
+//! Where a run stands: everything besides tensors that a resume needs to continue exactly
+//! (masking noise needs no state: it is a function of the position, see [`super::noise`]).
 
 use serde::{Deserialize, Serialize};
-
-use super::rng::NoiseRng;
 
 /// The loop's position, saved at an optimizer-step boundary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -13,8 +12,6 @@ pub struct TrainState {
     pub epoch: u64,
     /// Samples this rank has taken from the loader in `epoch` (the loader's resume position).
     pub samples_in_epoch: u64,
-    /// Noise generator for masking, as of this boundary.
-    pub rng: NoiseRng,
     /// Processes in the run and this one's rank (1 and 0 for single-process training).
     pub world_size: u64,
     pub rank: u64,

@@ -1,17 +1,24 @@
 //! `droppos-pipeline train`: DropPos pre-training from a recipe on sharded data.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use droppos_model::distributed::{
+    self, Backend, GradSync, GradSyncOptions, GroupOptions, LaunchSpec, ProcessGroup, Rendezvous,
+};
 use droppos_model::trainer::CheckpointStore;
 
 use crate::config::Recipe;
+use crate::train::collective::Collective;
 use crate::train::device::Placement;
 use crate::train::droppos_task::DropPosTask;
 use crate::train::loader_source::LoaderSource;
 use crate::train::metrics::{metrics_path, read_metrics};
-use crate::train::run::{load_resume, train, Outcome, TrainContext, World};
+use crate::train::run::{load_resume, train, Outcome, TrainContext};
 use crate::train::signals::StopFlag;
+use crate::train::task::PretrainTask;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -34,11 +41,32 @@ pub struct Args {
     /// Initial weights (safetensors with reference names, e.g. a converted PyTorch state_dict).
     #[arg(long, conflicts_with = "resume")]
     pub init: Option<PathBuf>,
+    /// Start N ranks on this machine (one per GPU, or CPU processes with Gloo), like
+    /// `torchrun --nproc-per-node N`. Under torchrun or Slurm (`srun`), leave it out: the ranks
+    /// are read from RANK/WORLD_SIZE/... or SLURM_PROCID/SLURM_NTASKS/...
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// Communication backend: gloo or nccl (default: nccl on CUDA, gloo on CPU).
+    #[arg(long, value_enum)]
+    pub dist_backend: Option<DistBackend>,
+    /// Seconds a rank waits for its peers (joining, and every collective) before failing with
+    /// an error instead of hanging.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub dist_timeout: u64,
+    /// Gradient averaging: reducer (DDP's bucketed all-reduce overlapped with backward) or flat
+    /// (all-reduce of flat buckets after backward).
+    #[arg(long, default_value = "reducer")]
+    pub grad_sync: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum DistBackend {
+    Gloo,
+    Nccl,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let recipe = Recipe::load(&args.config, &args.set)?;
-    let world = World::default();
     let run_dir = &args.output;
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let has_checkpoints = !CheckpointStore::new(run_dir).list()?.is_empty();
@@ -48,21 +76,61 @@ pub fn run(args: Args) -> Result<()> {
             run_dir.display()
         );
     }
-    if world.rank == 0 {
-        let path = run_dir.join("config.toml");
-        let tmp = run_dir.join(".config.toml.tmp");
-        std::fs::write(&tmp, recipe.to_toml())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(n) = args.nproc_per_node {
+        if !distributed::is_launched_child() {
+            return launch(n, args.dist_timeout);
+        }
     }
 
-    let placement = Placement::resolve(&recipe.runtime, world.rank as usize)?;
+    // Under a launcher (ours, torchrun, Slurm): this rank's place in the job.
+    let rendezvous = Rendezvous::from_env().context("reading the launcher's environment")?;
+    let local_rank = rendezvous.as_ref().map_or(0, |r| r.local_rank);
+    let placement = Placement::resolve(&recipe.runtime, local_rank)?;
     let stop = StopFlag::install()?;
     let mut task = DropPosTask::new(&recipe, placement.device)?;
     if let Some(init) = &args.init {
         task.load_weights(init)
             .with_context(|| format!("loading --init {}", init.display()))?;
         tracing::info!(weights = %init.display(), "initial weights loaded");
+    }
+    let mut collective = match rendezvous {
+        None => Collective::Local,
+        Some(r) => {
+            let options = GroupOptions {
+                backend: args.dist_backend.map(|b| match b {
+                    DistBackend::Gloo => Backend::Gloo,
+                    DistBackend::Nccl => Backend::Nccl,
+                }),
+                timeout: Duration::from_secs(args.dist_timeout),
+                device: placement.device,
+                ..GroupOptions::default()
+            };
+            let (rank, size) = (r.rank, r.world_size);
+            let group = ProcessGroup::new(r, &options)
+                .with_context(|| format!("joining the process group as rank {rank}/{size}"))?;
+            let grads = GradSync::new(
+                &group,
+                &task.trainable_parameters(),
+                &GradSyncOptions {
+                    mode: args.grad_sync.parse()?,
+                    ..GradSyncOptions::default()
+                },
+            )
+            .context("setting up gradient averaging")?;
+            Collective::Group {
+                group,
+                grads,
+                device: placement.device,
+            }
+        }
+    };
+    let world = collective.world();
+    if world.rank == 0 {
+        let path = run_dir.join("config.toml");
+        let tmp = run_dir.join(".config.toml.tmp");
+        std::fs::write(&tmp, recipe.to_toml())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     }
     let resume = if args.resume {
         let state = load_resume(run_dir, &recipe, &mut task)?;
@@ -73,30 +141,61 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         None
     };
+    // Every rank starts from rank 0's weights, as under DDP.
+    collective.broadcast_weights(
+        &task
+            .model_tensors()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect::<Vec<_>>(),
+    )?;
     let mut source = LoaderSource::open(&args.data, &recipe, placement.device, world)?;
     let ctx = TrainContext {
         recipe: &recipe,
         run_dir,
         placement,
-        world,
+        collective: &mut collective,
         stop,
         resume,
     };
     match train(ctx, &mut task, &mut source)? {
         Outcome::Finished { step } => {
-            println!("finished at step {step}; run folder {}", run_dir.display());
+            let weights: Vec<_> = task.model_tensors().into_iter().map(|(_, t)| t).collect();
+            let (sum, _) = collective.check_in_sync(&weights)?;
             if world.rank == 0 {
+                println!("finished at step {step}; run folder {}", run_dir.display());
+                if world.size > 1 {
+                    println!(
+                        "weights identical on all {} ranks (checksum {sum:.9e})",
+                        world.size
+                    );
+                }
                 let positions = (recipe.model.img_size / recipe.model.patch_size).pow(2);
                 print_accuracy_summary(run_dir, positions)?;
             }
         }
         Outcome::Interrupted { step, checkpoint } => {
-            println!(
-                "interrupted at step {step}; saved {}; continue with the same command plus --resume",
-                checkpoint.map(|p| p.display().to_string()).unwrap_or_else(|| "nothing (not rank 0)".into())
-            );
+            if world.rank == 0 {
+                println!(
+                    "interrupted at step {step}; saved {}; continue with the same command plus --resume",
+                    checkpoint.map(|p| p.display().to_string()).unwrap_or_else(|| "nothing".into())
+                );
+            }
         }
     }
+    Ok(())
+}
+
+/// `--nproc-per-node N`: this executable N times as ranks 0..N of a one-node job.
+fn launch(nproc: usize, timeout_s: u64) -> Result<()> {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let spec = LaunchSpec::new(
+        nproc,
+        distributed::strip_flag(&args, "--nproc-per-node"),
+        Duration::from_secs(timeout_s),
+    );
+    tracing::info!(nproc, "starting {nproc} ranks on this node");
+    distributed::launch_local(&spec).context("running the ranks")?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use droppos_model::checkpoint::load_into;
 use droppos_model::optim::{AdamW, AdamWConfig};
-use droppos_model::trainer::NoiseRng;
+use droppos_model::trainer::SampleNoise;
 use droppos_model::{
     AttentionImpl, DecoderConfig, DropPos, DropPosConfig, MaskTokenType, SmoothGrid, VitConfig,
 };
@@ -116,16 +116,21 @@ impl DropPosTask {
 }
 
 impl PretrainTask for DropPosTask {
-    fn forward(&mut self, images: &Tensor, noise: &mut NoiseRng, sigma: f64) -> Result<Forward> {
+    fn forward(&mut self, images: &Tensor, noise: &SampleNoise, sigma: f64) -> Result<Forward> {
         let n = images.size()[0];
         if self.smooth.as_ref().map(|(s, _)| *s) != Some(sigma) {
             self.smooth = Some((sigma, self.model.smoothing_map(sigma)?));
         }
+        anyhow::ensure!(
+            noise.len() as i64 == n,
+            "noise for {} samples, batch of {n}",
+            noise.len()
+        );
         // Any use of libtorch's global generator inside the model (e.g. `wrong_pos` shuffles) is
-        // seeded from our checkpointed generator, so it replays exactly on resume too.
-        tch::manual_seed((noise.next_u64() >> 1) as i64);
-        let noise_patch = noise.uniform(&[n, self.num_patches], self.device);
-        let noise_pos = noise.uniform(&[n, self.keep.0], self.device);
+        // seeded from the batch's samples, so it replays exactly on resume too.
+        tch::manual_seed(noise.batch_seed());
+        let noise_patch = noise.uniform(0, self.num_patches, self.device);
+        let noise_pos = noise.uniform(1, self.keep.0, self.device);
         let smooth = &self.smooth.as_ref().expect("set above").1;
         let out = self
             .model
@@ -148,6 +153,14 @@ impl PretrainTask for DropPosTask {
 
     fn zero_grad(&mut self) {
         self.opt.zero_grad();
+    }
+
+    fn trainable_parameters(&self) -> Vec<Tensor> {
+        self.model
+            .trainable_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
     }
 
     fn model_tensors(&self) -> Vec<(String, Tensor)> {
@@ -274,7 +287,6 @@ class DropPosRef(nn.Module):
                         step: 0,
                         epoch: 0,
                         samples_in_epoch: 0,
-                        rng: NoiseRng::new(0, 0),
                         world_size: 1,
                         rank: 0,
                         reason: "test".into(),
@@ -341,7 +353,6 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
             step: 3,
             epoch: 0,
             samples_in_epoch: 0,
-            rng: NoiseRng::new(0, 0),
             world_size: 1,
             rank: 0,
             reason: "test".into(),
@@ -380,9 +391,10 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
 
     #[test]
     fn droppos_resume_equals_uninterrupted_run() {
+        use crate::train::collective::Collective;
         use crate::train::device::Placement;
         use crate::train::metrics::{metrics_path, read_metrics};
-        use crate::train::run::{train, TrainContext, World};
+        use crate::train::run::{train, TrainContext};
         use crate::train::signals::StopFlag;
         use crate::train::tests::ToySource;
 
@@ -424,7 +436,7 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
                     device: Device::Cpu,
                     bf16_autocast: false,
                 },
-                world: World::default(),
+                collective: &mut Collective::Local,
                 stop: StopFlag::default(),
                 resume: state,
             };

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use droppos_model::data::Prefetcher;
 use droppos_shards::loader::{Augment, EpochLoader, Loader, LoaderConfig, RrcParams, ShardSet};
-use tch::{Device, Tensor};
+use tch::Device;
 
 use super::run::World;
-use super::source::BatchSource;
+use super::source::{BatchSource, SourceBatch};
 use crate::config::Recipe;
 
 pub struct LoaderSource {
@@ -72,13 +72,19 @@ impl BatchSource for LoaderSource {
         Ok(())
     }
 
-    fn next_batch(&mut self) -> Result<Option<Tensor>> {
+    fn next_batch(&mut self) -> Result<Option<SourceBatch>> {
         let Some(it) = self.epoch.as_mut() else {
             return Ok(None);
         };
         match it.next() {
             None => Ok(None),
-            Some(batch) => Ok(Some(batch.context("loading a batch")?.input())),
+            Some(batch) => {
+                let batch = batch.context("loading a batch")?;
+                Ok(Some(SourceBatch {
+                    images: batch.input(),
+                    epoch_positions: batch.epoch_positions.clone(),
+                }))
+            }
         }
     }
 }

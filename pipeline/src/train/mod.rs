@@ -1,6 +1,7 @@
 //! `droppos-pipeline train`: the loop and its machinery (checkpoints, resume, metrics, signals,
 //! plots). Model and optimizer code live in the model crate; batches come from the loader.
 
+pub mod collective;
 pub mod device;
 pub mod droppos_task;
 pub mod loader_source;

@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use droppos_model::schedule::{self, CosineSchedule};
-use droppos_model::trainer::{Checkpoint, CheckpointStore, NoiseRng, TrainState};
+use droppos_model::trainer::{Checkpoint, CheckpointStore, SampleNoise, TrainState};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::collective::Collective;
 use super::device::{memory_mib, Placement};
 use super::metrics::{MetricsWriter, StepMetrics};
 use super::signals::StopFlag;
@@ -69,7 +70,8 @@ pub struct TrainContext<'a> {
     pub recipe: &'a Recipe,
     pub run_dir: &'a Path,
     pub placement: Placement,
-    pub world: World,
+    /// The other ranks (or none); gives the world.
+    pub collective: &'a mut Collective,
     pub stop: StopFlag,
     /// Resume from this state (from the newest checkpoint), or start fresh.
     pub resume: Option<TrainState>,
@@ -108,9 +110,10 @@ pub fn train(
     source: &mut dyn BatchSource,
 ) -> Result<Outcome> {
     let recipe = ctx.recipe;
-    let plan = recipe.batch_plan(ctx.world.size)?;
+    let world = ctx.collective.world();
+    let plan = recipe.batch_plan(world.size)?;
     let ep = epoch_plan(source.samples_per_epoch(), &plan)?;
-    let writer = ctx.world.rank == 0;
+    let writer = world.rank == 0;
     let store = CheckpointStore::new(ctx.run_dir);
     let config_toml = recipe.to_toml();
     let keep = recipe.checkpoint.keep_last as usize;
@@ -127,20 +130,21 @@ pub fn train(
         step: 0,
         epoch: 0,
         samples_in_epoch: 0,
-        rng: NoiseRng::new(recipe.train.seed, ctx.world.rank),
-        world_size: ctx.world.size,
-        rank: ctx.world.rank,
+        world_size: world.size,
+        rank: world.rank,
         reason: String::new(),
         last_loss: None,
     });
-    if state.world_size != ctx.world.size {
+    if state.world_size != world.size {
         bail!(
             "the checkpoint was written by a world of {} processes, this run has {}; exact resume \
              needs the same world size",
             state.world_size,
-            ctx.world.size
+            world.size
         );
     }
+    // Rank 0 wrote the checkpoint; the position is the same on every rank.
+    state.rank = world.rank;
     let samples_per_step = plan.micro_batch * plan.accum_iter;
     if !state.samples_in_epoch.is_multiple_of(samples_per_step) {
         bail!(
@@ -202,7 +206,7 @@ pub fn train(
                 save(&state, task, "final")?;
                 return Ok(Outcome::Finished { step: state.step });
             }
-            if ctx.stop.is_raised() {
+            if ctx.collective.any(ctx.stop.is_raised())? {
                 bar.finish_and_clear();
                 let path = save(&state, task, "interrupted")?;
                 tracing::warn!(
@@ -224,14 +228,18 @@ pub fn train(
             let good = state.clone();
             let started = Instant::now();
             let (mut loss_sum, mut acc_sum) = (0.0, 0.0);
-            for _ in 0..plan.accum_iter {
-                let images = source
+            for micro in 0..plan.accum_iter {
+                let batch = source
                     .next_batch()?
                     .with_context(|| format!("the loader ended epoch {} early", state.epoch))?;
+                let noise = SampleNoise::new(recipe.train.seed, state.epoch, batch.epoch_positions);
                 let fwd = ctx
                     .placement
-                    .autocast(|| task.forward(&images, &mut state.rng, sigma))?;
-                let loss = fwd.loss.double_value(&[]);
+                    .autocast(|| task.forward(&batch.images, &noise, sigma))?;
+                // Every rank sees the mean over ranks, so all of them stop on a non-finite loss.
+                let (loss, acc1) = ctx
+                    .collective
+                    .mean_metrics(fwd.loss.double_value(&[]), fwd.acc1)?;
                 if !loss.is_finite() {
                     bar.abandon();
                     task.zero_grad();
@@ -244,9 +252,11 @@ pub fn train(
                         path.map(|p| format!(" at {}", p.display())).unwrap_or_default()
                     );
                 }
-                (fwd.loss / plan.accum_iter as f64).backward();
+                let last = micro + 1 == plan.accum_iter;
+                ctx.collective
+                    .backward(&(fwd.loss / plan.accum_iter as f64), last)?;
                 loss_sum += loss;
-                acc_sum += fwd.acc1;
+                acc_sum += acc1;
                 micro_index += 1;
             }
             task.optimizer_step(lr)?;

@@ -12,7 +12,15 @@ pub trait BatchSource {
     /// Positions the stream at `epoch`, having skipped `samples_consumed` samples of it.
     fn start_epoch(&mut self, epoch: u64, samples_consumed: u64) -> Result<()>;
 
-    /// The next micro-batch of normalised float images [B,3,S,S] on the training device, or
-    /// `None` at the end of the epoch.
-    fn next_batch(&mut self) -> Result<Option<Tensor>>;
+    /// The next micro-batch, or `None` at the end of the epoch.
+    fn next_batch(&mut self) -> Result<Option<SourceBatch>>;
+}
+
+/// One micro-batch for the loop.
+pub struct SourceBatch {
+    /// Normalised float images [B,3,S,S] on the training device.
+    pub images: Tensor,
+    /// Each sample's position in the whole epoch order (the same for any number of ranks):
+    /// the masking noise is keyed by it.
+    pub epoch_positions: Vec<u64>,
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use droppos_model::trainer::NoiseRng;
+use droppos_model::trainer::SampleNoise;
 use tch::Tensor;
 
 /// Result of one forward pass.
@@ -18,8 +18,12 @@ pub struct Forward {
 /// A pre-training task: forward, optimizer step, and its state as named tensors.
 pub trait PretrainTask {
     /// Forward on one micro-batch of normalised images [B,3,S,S] on the task's device.
-    /// Masking noise must come from `noise` so that a resumed run draws the same masks.
-    fn forward(&mut self, images: &Tensor, noise: &mut NoiseRng, sigma: f64) -> Result<Forward>;
+    /// Masking noise must come from `noise` (per sample, keyed by position) so that a resumed
+    /// run, or the same batch split over ranks, draws the same masks.
+    fn forward(&mut self, images: &Tensor, noise: &SampleNoise, sigma: f64) -> Result<Forward>;
+
+    /// The parameters that receive gradients (what data-parallel training averages).
+    fn trainable_parameters(&self) -> Vec<Tensor>;
 
     /// Clips, applies one optimizer step at learning rate `lr`, and zeroes the gradients.
     fn optimizer_step(&mut self, lr: f64) -> Result<()>;

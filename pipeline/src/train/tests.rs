@@ -5,14 +5,15 @@
 use std::path::Path;
 
 use anyhow::Result;
-use droppos_model::trainer::{CheckpointStore, NoiseRng};
+use droppos_model::trainer::{CheckpointStore, SampleNoise};
 use tch::{Device, Kind, Tensor};
 
+use super::collective::Collective;
 use super::device::Placement;
 use super::metrics::{metrics_path, read_metrics};
-use super::run::{load_resume, lr_at, sigma_at, train, Outcome, TrainContext, World};
+use super::run::{load_resume, lr_at, sigma_at, train, Outcome, TrainContext};
 use super::signals::StopFlag;
-use super::source::BatchSource;
+use super::source::{BatchSource, SourceBatch};
 use super::task::{Forward, PretrainTask};
 use crate::config::Recipe;
 
@@ -38,11 +39,11 @@ impl ToyTask {
 }
 
 impl PretrainTask for ToyTask {
-    fn forward(&mut self, images: &Tensor, noise: &mut NoiseRng, sigma: f64) -> Result<Forward> {
+    fn forward(&mut self, images: &Tensor, noise: &SampleNoise, sigma: f64) -> Result<Forward> {
         self.forwards += 1;
         let b = images.size()[0];
         let x = images.reshape([b, -1]);
-        let target = noise.uniform(&[b, 4], Device::Cpu) * sigma;
+        let target = noise.uniform(0, 4, Device::Cpu) * sigma;
         let pred = x.matmul(&self.w);
         let mut loss = (pred - &target).square().mean(Kind::Float);
         if self.nan_at == Some(self.forwards) {
@@ -70,6 +71,10 @@ impl PretrainTask for ToyTask {
         if g.defined() {
             let _ = g.zero_();
         }
+    }
+
+    fn trainable_parameters(&self) -> Vec<Tensor> {
+        vec![self.w.shallow_clone()]
     }
 
     fn model_tensors(&self) -> Vec<(String, Tensor)> {
@@ -108,18 +113,21 @@ impl BatchSource for ToySource {
         Ok(())
     }
 
-    fn next_batch(&mut self) -> Result<Option<Tensor>> {
+    fn next_batch(&mut self) -> Result<Option<SourceBatch>> {
         if self.next + self.batch as u64 > self.samples_per_epoch() {
             return Ok(None);
         }
-        let imgs: Vec<Tensor> = (0..self.batch as u64)
-            .map(|i| {
-                NoiseRng::new(self.epoch * 1000 + self.next + i, 99)
-                    .uniform(&[3, self.side, self.side], Device::Cpu)
-            })
-            .collect();
+        let epoch_positions: Vec<u64> = (self.next..self.next + self.batch as u64).collect();
+        // Images: noise keyed by (epoch, position) in another seed, so they are deterministic.
+        let pixels = 3 * self.side * self.side;
+        let images = SampleNoise::new(99, self.epoch, epoch_positions.clone())
+            .uniform(0, pixels, Device::Cpu)
+            .reshape([self.batch, 3, self.side, self.side]);
         self.next += self.batch as u64;
-        Ok(Some(Tensor::stack(&imgs, 0)))
+        Ok(Some(SourceBatch {
+            images,
+            epoch_positions,
+        }))
     }
 }
 
@@ -171,7 +179,7 @@ fn run(
             device: Device::Cpu,
             bf16_autocast: false,
         },
-        world: World::default(),
+        collective: &mut Collective::Local,
         stop,
         resume: state,
     };

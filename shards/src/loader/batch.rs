@@ -64,6 +64,9 @@ pub struct Batch {
     pub consumed: u64,
     /// Position in the rank's order of each sample (for auditing determinism).
     pub positions: Vec<u64>,
+    /// Position of each sample in the whole (padded) epoch order, the same for any number of
+    /// ranks: per-sample randomness downstream (the trainer's masking noise) is keyed by it.
+    pub epoch_positions: Vec<u64>,
     /// Samples skipped while filling this batch.
     pub skipped: Vec<SkippedSample>,
 }

@@ -303,6 +303,7 @@ fn make_batches(
             epoch,
             consumed: consumed.unwrap_or(0),
             positions: accepted.iter().map(|r| r.slot.rank_position).collect(),
+            epoch_positions: accepted.iter().map(|r| r.slot.epoch_position).collect(),
             skipped,
         };
         if tx.send(Ok(batch)).is_err() {

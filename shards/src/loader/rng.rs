@@ -29,9 +29,11 @@ pub struct Rng {
     s: [u64; 4],
 }
 
-/// Domain tags keep the order stream and the augmentation stream independent.
+/// Domain tags keep the order, augmentation and masking streams independent.
 pub const DOMAIN_ORDER: u64 = 0x006F_7264_6572; // "order"
 pub const DOMAIN_AUGMENT: u64 = 0x6175_676D; // "augm"
+/// The trainer's masking noise (droppos-model) is keyed in this domain.
+pub const DOMAIN_MASK: u64 = 0x6D61_736B; // "mask"
 
 impl Rng {
     pub fn from_key(key: u64) -> Self {
