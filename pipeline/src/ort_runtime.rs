@@ -115,11 +115,34 @@ fn load() -> Result<Loaded> {
         .with_name("droppos-pipeline")
         .build()
         .map_err(|e| anyhow!("creating the ONNX Runtime environment: {e}"))?;
-    let info = RuntimeInfo {
-        version: version_from_build_info(ort::info()).unwrap_or_else(|| "unknown".into()),
-        path,
-    };
+    let version = library_version(&path)
+        .or_else(|| version_from_build_info(ort::info()))
+        .unwrap_or_else(|| "unknown".into());
+    let info = RuntimeInfo { version, path };
     Ok((info, env))
+}
+
+/// The release the library reports itself (`OrtGetApiBase()->GetVersionString()`); pip's build
+/// info names only a git branch ("HEAD" for some wheels).
+fn library_version(path: &Path) -> Option<String> {
+    #[repr(C)]
+    struct OrtApiBase {
+        get_api: unsafe extern "C" fn(u32) -> *const std::ffi::c_void,
+        get_version_string: unsafe extern "C" fn() -> *const std::ffi::c_char,
+    }
+    // SAFETY: OrtGetApiBase is ONNX Runtime's stable C entry point and OrtApiBase's layout is
+    // part of its ABI; the library is already loaded by ort, so this only bumps its refcount.
+    unsafe {
+        let lib = libloading::Library::new(path).ok()?;
+        let base: libloading::Symbol<unsafe extern "C" fn() -> *const OrtApiBase> =
+            lib.get(b"OrtGetApiBase").ok()?;
+        let base = base();
+        if base.is_null() {
+            return None;
+        }
+        let s = ((*base).get_version_string)();
+        (!s.is_null()).then(|| std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned())
+    }
 }
 
 /// `ort::info()` reads "ORT Build Info: git-branch=rel-1.31.1, ..."; take the release number.
