@@ -261,7 +261,7 @@ fn write_dataset(dir: &Path, rows: &[Row], per_shard: usize, per_group: usize) {
         w.close().unwrap();
         let (bytes, sha) = (
             std::fs::metadata(&path).unwrap().len(),
-            droppos_shards::loader::reader::sha256_file(&path).unwrap(),
+            droppos_shards::manifest::hash_file(&path).unwrap().1,
         );
         shards.push(json!({"file": file, "rows": chunk.len(), "bytes": bytes, "sha256": sha}));
     }
@@ -545,7 +545,7 @@ fn dense_masks_and_patch_labels_follow_the_geometry() {
     wr.close().unwrap();
     let (bytes, sha) = (
         std::fs::metadata(&path).unwrap().len(),
-        droppos_shards::loader::reader::sha256_file(&path).unwrap(),
+        droppos_shards::manifest::hash_file(&path).unwrap().1,
     );
     write_manifest(
         tmp.path(),

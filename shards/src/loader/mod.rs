@@ -62,18 +62,12 @@ pub enum LoaderError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: invalid manifest: {message}", path.display())]
-    Manifest { path: PathBuf, message: String },
     #[error("{}: parquet: {message}", path.display())]
     Parquet { path: PathBuf, message: String },
-    /// A shard differs from its manifest entry (size, sha256 or row count).
-    #[error("{}: {what}: manifest says {expected}, file has {actual}", path.display())]
-    ShardMismatch {
-        path: PathBuf,
-        what: &'static str,
-        expected: String,
-        actual: String,
-    },
+    /// The manifest is unreadable, or a shard differs from its manifest entry (size, sha256 or
+    /// row count): the shard format's own errors.
+    #[error(transparent)]
+    Shard(#[from] crate::error::ShardError),
     /// A sample could not be decoded and the policy is `Fail`.
     #[error("{shard}: sample {key:?}: {reason}")]
     Sample {

@@ -12,10 +12,8 @@ use arrow::datatypes::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
-
 use super::LoaderError;
+use crate::manifest::Manifest;
 
 /// Column names of the shard format (issue 3's `format::columns`).
 mod columns {
@@ -24,106 +22,6 @@ mod columns {
     pub const LABEL: &str = "label";
     pub const MASK: &str = "mask";
     pub const PATCH_LABELS: &str = "patch_labels";
-}
-
-/// The parts of `manifest.json` the loader needs (the full type lives with the shard writer);
-/// unknown fields are ignored.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Manifest {
-    pub shards: Vec<ShardEntry>,
-    #[serde(default = "default_patch")]
-    pub patch_size: u32,
-    #[serde(skip)]
-    pub dir: PathBuf,
-}
-
-fn default_patch() -> u32 {
-    16
-}
-
-/// One shard of the manifest.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ShardEntry {
-    pub file: String,
-    pub rows: u64,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-impl Manifest {
-    /// Reads `dir/manifest.json`; shard files must stay inside `dir`.
-    pub fn load(dir: &Path) -> Result<Manifest, LoaderError> {
-        let file = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&file).map_err(|e| LoaderError::io(&file, e))?;
-        let mut m: Manifest = serde_json::from_str(&text).map_err(|e| LoaderError::Manifest {
-            path: file.clone(),
-            message: e.to_string(),
-        })?;
-        for s in &m.shards {
-            let p = Path::new(&s.file);
-            if s.file.is_empty()
-                || p.components()
-                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
-            {
-                return Err(LoaderError::Manifest {
-                    path: file.clone(),
-                    message: format!(
-                        "shard file {:?} must be a relative path inside the folder",
-                        s.file
-                    ),
-                });
-            }
-        }
-        m.dir = dir.to_path_buf();
-        Ok(m)
-    }
-
-    pub fn shard_path(&self, i: usize) -> PathBuf {
-        self.dir.join(&self.shards[i].file)
-    }
-
-    /// Checks shard `i`'s size, then its sha256 (streamed), against the manifest.
-    pub fn verify_shard(&self, i: usize) -> Result<(), LoaderError> {
-        let path = self.shard_path(i);
-        let e = &self.shards[i];
-        let len = std::fs::metadata(&path)
-            .map_err(|err| LoaderError::io(&path, err))?
-            .len();
-        if len != e.bytes {
-            return Err(LoaderError::ShardMismatch {
-                path,
-                what: "size in bytes",
-                expected: e.bytes.to_string(),
-                actual: len.to_string(),
-            });
-        }
-        let sha = sha256_file(&path)?;
-        if sha != e.sha256 {
-            return Err(LoaderError::ShardMismatch {
-                path,
-                what: "sha256",
-                expected: e.sha256.clone(),
-                actual: sha,
-            });
-        }
-        Ok(())
-    }
-}
-
-/// Lowercase hex sha256 of a file, read in 1 MiB pieces.
-pub fn sha256_file(path: &Path) -> Result<String, LoaderError> {
-    use std::io::Read;
-    let mut f = File::open(path).map_err(|e| LoaderError::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| LoaderError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// One shard file.
@@ -224,12 +122,14 @@ impl ShardSet {
                     }
                 }
                 if rows != entry.rows {
-                    return Err(LoaderError::ShardMismatch {
-                        path,
-                        what: "row count",
-                        expected: entry.rows.to_string(),
-                        actual: rows.to_string(),
-                    });
+                    return Err(LoaderError::Shard(
+                        crate::error::ShardError::ShardMismatch {
+                            path,
+                            what: "row count",
+                            expected: entry.rows.to_string(),
+                            actual: rows.to_string(),
+                        },
+                    ));
                 }
                 shards.push(ShardFile {
                     path,
