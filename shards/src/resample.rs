@@ -1,9 +1,18 @@
-//! Separable image resampling on 8-bit interleaved pixels (Pillow's convolution algorithm:
-//! antialiased when downscaling, fixed-point weights, horizontal pass then vertical pass).
+//! PIL-exact resampling (Pillow's `ImagingResample`, `Resample.c`), used by the loader's
+//! transforms and by the shard writer's `--resize-short-side`.
 //!
-//! Written here rather than taken from a SIMD crate so the output is the same bytes on every
-//! CPU: shards must be reproducible.
+//! Reproduced to the bit for integer boxes: the filter (Keys' cubic with a = -0.5 and support 2,
+//! or Pillow's triangle "bilinear" with support 1) is widened by the downscale factor
+//! (antialiasing); per-output-pixel coefficients are normalised
+//! to sum 1 in double precision, then quantised to fixed point with 22 fractional bits (rounded
+//! half away from zero); the horizontal pass runs first over only the rows the vertical pass needs,
+//! and its output is rounded and clipped to u8 before the vertical pass, exactly like Pillow's
+//! 8-bit path. Each accumulator starts at 1 << 21 (round half up) and is clipped to [0, 255].
+//! Written here rather than taken from a SIMD crate so the output is the same bytes on every CPU:
+//! shards must be reproducible.
 
+/// Pillow's `PRECISION_BITS` for 8-bit images.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
 /// Resampling kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
@@ -14,14 +23,14 @@ pub enum Filter {
 }
 
 impl Filter {
-    fn support(self) -> f64 {
+    pub fn support(self) -> f64 {
         match self {
             Filter::Bilinear => 1.0,
             Filter::Bicubic => 2.0,
         }
     }
 
-    fn eval(self, x: f64) -> f64 {
+    pub fn eval(self, x: f64) -> f64 {
         let x = x.abs();
         match self {
             Filter::Bilinear => (1.0 - x).max(0.0),
@@ -39,54 +48,152 @@ impl Filter {
     }
 }
 
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// Per output index: first input index and fixed-point weights.
-struct Coeffs {
-    starts: Vec<usize>,
-    len: usize,
-    weights: Vec<i32>,
+/// Fixed-point filter coefficients for one axis.
+#[derive(Debug, Clone)]
+pub struct Coeffs {
+    /// Per output pixel: first input index and number of taps.
+    pub bounds: Vec<(usize, usize)>,
+    /// `ksize` coefficients per output pixel.
+    pub ksize: usize,
+    pub k: Vec<i32>,
 }
 
-fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
-    let scale = in_size as f64 / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = filter.support() * filterscale;
-    let len = support.ceil() as usize * 2 + 1;
-    let mut starts = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * len];
-    let mut k = vec![0f64; len];
-    for xx in 0..out_size {
-        let center = (xx as f64 + 0.5) * scale;
-        let xmin = ((center - support + 0.5).floor().max(0.0)) as usize;
-        let xmax = ((center + support + 0.5).floor() as usize).min(in_size);
-        let n = xmax.saturating_sub(xmin).min(len);
-        let mut ww = 0.0;
-        for (x, kx) in k.iter_mut().enumerate().take(n) {
-            let w = filter.eval((x as f64 + xmin as f64 - center + 0.5) / filterscale);
-            *kx = w;
-            ww += w;
+impl Coeffs {
+    /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for input length `in_size`, source
+    /// box [in0, in1) (C floats in Pillow), output length `out_size` and `filter`.
+    pub fn new(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Filter) -> Coeffs {
+        let scale = (in1 - in0) as f64 / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = filter.support() * filterscale;
+        let ksize = support.ceil() as usize * 2 + 1;
+        let mut bounds = Vec::with_capacity(out_size);
+        let mut k = vec![0i32; out_size * ksize];
+        let mut pre = vec![0f64; ksize];
+        let ss = 1.0 / filterscale;
+        for xx in 0..out_size {
+            let center = in0 as f64 + (xx as f64 + 0.5) * scale;
+            // C casts truncate toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64);
+            let n = (xmax - xmin as i64).max(0) as usize;
+            let mut ww = 0.0;
+            for (x, p) in pre.iter_mut().enumerate().take(n) {
+                let w = filter.eval((x as f64 + xmin as f64 - center + 0.5) * ss);
+                *p = w;
+                ww += w;
+            }
+            let row = &mut k[xx * ksize..(xx + 1) * ksize];
+            for x in 0..n {
+                let v = if ww != 0.0 { pre[x] / ww } else { pre[x] };
+                let f = v * (1u32 << PRECISION_BITS) as f64;
+                row[x] = if v < 0.0 {
+                    (-0.5 + f) as i32
+                } else {
+                    (0.5 + f) as i32
+                };
+            }
+            bounds.push((xmin, n));
         }
-        let row = &mut weights[xx * len..(xx + 1) * len];
-        for (r, &kx) in row.iter_mut().zip(&k).take(n) {
-            let w = if ww != 0.0 { kx / ww } else { 0.0 };
-            *r = (w * (1i64 << PRECISION_BITS) as f64).round() as i32;
-        }
-        starts.push(xmin);
-    }
-    Coeffs {
-        starts,
-        len,
-        weights,
+        Coeffs { bounds, ksize, k }
     }
 }
 
 #[inline(always)]
 fn clip8(v: i32) -> u8 {
-    (v >> PRECISION_BITS).clamp(0, 255) as u8
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
 }
 
-/// Resizes `src` (`w`×`h`, `channels` interleaved bytes per pixel) to `ow`×`oh`.
+/// A borrowed interleaved u8 image region: `width × height` pixels of `channels` bytes, rows
+/// `stride` bytes apart.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [u8],
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub stride: usize,
+}
+
+impl<'a> View<'a> {
+    pub fn new(data: &'a [u8], width: usize, height: usize, channels: usize) -> View<'a> {
+        View {
+            data,
+            width,
+            height,
+            channels,
+            stride: width * channels,
+        }
+    }
+
+    /// The sub-rectangle at (x, y) of size w × h (must lie inside).
+    pub fn crop(&self, x: usize, y: usize, w: usize, h: usize) -> View<'a> {
+        assert!(
+            x + w <= self.width && y + h <= self.height,
+            "crop outside view"
+        );
+        let off = y * self.stride + x * self.channels;
+        let end = if h == 0 {
+            off
+        } else {
+            off + (h - 1) * self.stride + w * self.channels
+        };
+        View {
+            data: &self.data[off..end],
+            width: w,
+            height: h,
+            channels: self.channels,
+            stride: self.stride,
+        }
+    }
+
+    fn row(&self, y: usize) -> &'a [u8] {
+        let off = y * self.stride;
+        &self.data[off..off + self.width * self.channels]
+    }
+}
+
+/// Scratch buffers reused across images (one per worker thread).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    temp: Vec<u8>,
+    acc: Vec<i32>,
+}
+
+/// Resizes the whole view to `out_w × out_h` with Pillow's bicubic filter, writing interleaved
+/// pixels (same channel count) into `out` (`out_w * out_h * channels` bytes). Equivalent to
+/// `img.crop(view).resize((out_w, out_h), Image.BICUBIC)`.
+pub fn resize_bicubic(src: View<'_>, out_w: usize, out_h: usize, out: &mut [u8], s: &mut Scratch) {
+    resize_bicubic_box(
+        src,
+        [0.0, 0.0, src.width as f32, src.height as f32],
+        out_w,
+        out_h,
+        out,
+        s,
+    )
+}
+
+/// Like [`resize_bicubic`] with a source box [x0, y0, x1, y1] in view coordinates (Pillow's
+/// `resize(size, BICUBIC, box)`); pixels outside the view are never read.
+pub fn resize_bicubic_box(
+    src: View<'_>,
+    bx: [f32; 4],
+    out_w: usize,
+    out_h: usize,
+    out: &mut [u8],
+    s: &mut Scratch,
+) {
+    resize_box(src, bx, out_w, out_h, Filter::Bicubic, out, s)
+}
+
+/// Resizes `src` (`w`×`h`, `channels` interleaved bytes per pixel) to `ow`×`oh` with `filter`
+/// (Pillow's `img.resize((ow, oh), filter)`), into a new buffer.
 pub fn resize(
     src: &[u8],
     w: usize,
@@ -96,82 +203,145 @@ pub fn resize(
     oh: usize,
     filter: Filter,
 ) -> Vec<u8> {
-    assert_eq!(src.len(), w * h * channels);
-    let horiz = if ow != w {
-        horizontal(src, w, h, channels, ow, filter)
-    } else {
-        src.to_vec()
-    };
-    if oh != h {
-        vertical(&horiz, ow, h, channels, oh, filter)
-    } else {
-        horiz
-    }
-}
-
-fn horizontal(src: &[u8], w: usize, h: usize, c: usize, ow: usize, filter: Filter) -> Vec<u8> {
-    let co = coeffs(w, ow, filter);
-    let mut out = vec![0u8; ow * h * c];
-    let half = 1i32 << (PRECISION_BITS - 1);
-    for (srow, orow) in src.chunks_exact(w * c).zip(out.chunks_exact_mut(ow * c)) {
-        for (xx, opx) in orow.chunks_exact_mut(c).enumerate() {
-            let start = co.starts[xx];
-            let ws = &co.weights[xx * co.len..(xx + 1) * co.len];
-            let n = (w - start).min(co.len);
-            let px = &srow[start * c..(start + n) * c];
-            match c {
-                3 => {
-                    let (mut r, mut g, mut b) = (half, half, half);
-                    for (p, &wt) in px.chunks_exact(3).zip(ws) {
-                        r += p[0] as i32 * wt;
-                        g += p[1] as i32 * wt;
-                        b += p[2] as i32 * wt;
-                    }
-                    opx[0] = clip8(r);
-                    opx[1] = clip8(g);
-                    opx[2] = clip8(b);
-                }
-                _ => {
-                    for (ch, o) in opx.iter_mut().enumerate() {
-                        let mut s = half;
-                        for (i, &wt) in ws.iter().enumerate().take(n) {
-                            s += px[i * c + ch] as i32 * wt;
-                        }
-                        *o = clip8(s);
-                    }
-                }
-            }
-        }
-    }
+    let mut out = vec![0u8; ow * oh * channels];
+    resize_box(
+        View::new(src, w, h, channels),
+        [0.0, 0.0, w as f32, h as f32],
+        ow,
+        oh,
+        filter,
+        &mut out,
+        &mut Scratch::default(),
+    );
     out
 }
 
-fn vertical(src: &[u8], w: usize, h: usize, c: usize, oh: usize, filter: Filter) -> Vec<u8> {
-    let co = coeffs(h, oh, filter);
-    let stride = w * c;
-    let mut out = vec![0u8; stride * oh];
-    let half = 1i32 << (PRECISION_BITS - 1);
-    let mut acc = vec![0i32; stride];
-    for (yy, orow) in out.chunks_exact_mut(stride).enumerate() {
-        let start = co.starts[yy];
-        let ws = &co.weights[yy * co.len..(yy + 1) * co.len];
-        let n = (h - start).min(co.len);
-        acc.fill(half);
-        // Row-wise accumulation: the inner loop runs over a whole row, which vectorises.
-        for (i, &wt) in ws.iter().enumerate().take(n) {
-            if wt == 0 {
-                continue;
-            }
-            let srow = &src[(start + i) * stride..(start + i + 1) * stride];
-            for (a, &p) in acc.iter_mut().zip(srow) {
-                *a += p as i32 * wt;
+/// The general form: source box [x0, y0, x1, y1] in view coordinates, any filter.
+pub fn resize_box(
+    src: View<'_>,
+    bx: [f32; 4],
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+    out: &mut [u8],
+    s: &mut Scratch,
+) {
+    let c = src.channels;
+    assert_eq!(out.len(), out_w * out_h * c, "output buffer size");
+    let full_box = bx == [0.0, 0.0, src.width as f32, src.height as f32];
+    let need_h = out_w != src.width || !full_box;
+    let need_v = out_h != src.height || !full_box;
+    if !need_h && !need_v {
+        for y in 0..out_h {
+            out[y * out_w * c..(y + 1) * out_w * c].copy_from_slice(src.row(y));
+        }
+        return;
+    }
+    let cv = Coeffs::new(src.height, bx[1], bx[3], out_h, filter);
+    // Rows the vertical pass reads.
+    let ybox_first = cv.bounds.first().map(|b| b.0).unwrap_or(0);
+    let ybox_last = cv.bounds.last().map(|b| b.0 + b.1).unwrap_or(0);
+    let mut temp = std::mem::take(&mut s.temp);
+    let (tview, shift) = if need_h {
+        let ch = Coeffs::new(src.width, bx[0], bx[2], out_w, filter);
+        let rows = ybox_last - ybox_first;
+        temp.clear();
+        temp.resize(out_w * rows * c, 0);
+        for (ty, y) in (ybox_first..ybox_last).enumerate() {
+            horizontal_row(
+                src.row(y),
+                c,
+                &ch,
+                &mut temp[ty * out_w * c..(ty + 1) * out_w * c],
+            );
+        }
+        (View::new(&temp, out_w, rows, c), ybox_first)
+    } else {
+        (src, 0)
+    };
+    if need_v {
+        vertical(tview, &cv, shift, out, &mut s.acc);
+    } else {
+        for y in 0..out_h {
+            out[y * out_w * c..(y + 1) * out_w * c].copy_from_slice(tview.row(y));
+        }
+    }
+    s.temp = temp;
+}
+
+fn horizontal_row(src: &[u8], c: usize, co: &Coeffs, dst: &mut [u8]) {
+    const HALF: i32 = 1 << (PRECISION_BITS - 1);
+    match c {
+        3 => {
+            for (xx, px) in dst.chunks_exact_mut(3).enumerate() {
+                let (xmin, n) = co.bounds[xx];
+                let k = &co.k[xx * co.ksize..xx * co.ksize + n];
+                let s = &src[xmin * 3..(xmin + n) * 3];
+                let (mut a0, mut a1, mut a2) = (HALF, HALF, HALF);
+                for (kv, p) in k.iter().zip(s.chunks_exact(3)) {
+                    a0 += p[0] as i32 * kv;
+                    a1 += p[1] as i32 * kv;
+                    a2 += p[2] as i32 * kv;
+                }
+                px[0] = clip8(a0);
+                px[1] = clip8(a1);
+                px[2] = clip8(a2);
             }
         }
-        for (o, &a) in orow.iter_mut().zip(&acc) {
+        _ => {
+            for xx in 0..dst.len() / c {
+                let (xmin, n) = co.bounds[xx];
+                let k = &co.k[xx * co.ksize..xx * co.ksize + n];
+                for ch in 0..c {
+                    let mut a = HALF;
+                    for (i, kv) in k.iter().enumerate() {
+                        a += src[(xmin + i) * c + ch] as i32 * kv;
+                    }
+                    dst[xx * c + ch] = clip8(a);
+                }
+            }
+        }
+    }
+}
+
+fn vertical(src: View<'_>, co: &Coeffs, shift: usize, out: &mut [u8], acc: &mut Vec<i32>) {
+    const HALF: i32 = 1 << (PRECISION_BITS - 1);
+    let row_len = src.width * src.channels;
+    acc.clear();
+    acc.resize(row_len, 0);
+    for (yy, orow) in out.chunks_exact_mut(row_len).enumerate() {
+        let (ymin, n) = co.bounds[yy];
+        let k = &co.k[yy * co.ksize..yy * co.ksize + n];
+        acc.fill(HALF);
+        for (i, &kv) in k.iter().enumerate() {
+            let r = src.row(ymin - shift + i);
+            for (a, &p) in acc.iter_mut().zip(r) {
+                *a += p as i32 * kv;
+            }
+        }
+        for (o, &a) in orow.iter_mut().zip(acc.iter()) {
             *o = clip8(a);
         }
     }
-    out
+}
+
+/// Nearest-neighbour resize of a one-channel view (for label masks): output pixel (x, y) takes
+/// the source pixel under its centre, `floor(x0 + (x + 0.5) · scale)`.
+pub fn resize_nearest(src: View<'_>, out_w: usize, out_h: usize, out: &mut [u8]) {
+    assert_eq!(out.len(), out_w * out_h * src.channels);
+    let c = src.channels;
+    let sx = src.width as f64 / out_w as f64;
+    let sy = src.height as f64 / out_h as f64;
+    let xs: Vec<usize> = (0..out_w)
+        .map(|x| (((x as f64 + 0.5) * sx) as usize).min(src.width - 1))
+        .collect();
+    for y in 0..out_h {
+        let srow = src.row((((y as f64 + 0.5) * sy) as usize).min(src.height - 1));
+        for (x, &ix) in xs.iter().enumerate() {
+            let o = (y * out_w + x) * c;
+            out[o..o + c].copy_from_slice(&srow[ix * c..ix * c + c]);
+        }
+    }
 }
 
 /// Output size for "shorter side at most `short`": the shorter side becomes `short` and the
@@ -194,6 +364,30 @@ pub fn short_side_size(w: u32, h: u32, short: u32) -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coefficients_sum_to_one_in_fixed_point() {
+        for (inn, out) in [(500, 224), (100, 224), (224, 224), (1000, 37)] {
+            let c = Coeffs::new(inn, 0.0, inn as f32, out, Filter::Bicubic);
+            for xx in 0..out {
+                let (_, n) = c.bounds[xx];
+                let s: i64 = c.k[xx * c.ksize..xx * c.ksize + n]
+                    .iter()
+                    .map(|&v| v as i64)
+                    .sum();
+                assert!((s - (1 << PRECISION_BITS)).abs() <= n as i64, "{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn identity_size_is_a_copy() {
+        let src: Vec<u8> = (0..(8 * 6)).map(|v| v as u8).collect();
+        let mut out = vec![0u8; 48];
+        let v = View::new(&src, 8, 6, 1);
+        resize_bicubic(v, 8, 6, &mut out, &mut Scratch::default());
+        assert_eq!(out, src);
+    }
 
     #[test]
     fn constant_image_stays_constant() {

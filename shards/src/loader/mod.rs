@@ -27,7 +27,7 @@ pub mod batch;
 pub mod decode;
 pub mod pipeline;
 pub mod reader;
-pub mod resample;
+pub use crate::resample;
 pub mod rng;
 pub mod sampler;
 pub mod transform;
