@@ -19,7 +19,7 @@ WORK="${DROPPOS_BENCH_DIR:-/tmp/droppos-bench-shard}"
 SRC="${DROPPOS_BENCH_SOURCE:-/work/shared/data/imagenet/train}"
 [ -d "$SRC" ] || SRC=tests/fixtures/data/imagenet/train
 PY="$DROPPOS_PYTHON"
-cargo build --release -q -p droppos-pipeline
+cargo build --release --workspace --locked -q  # same selection as the README build: no feature re-resolution
 BIN="$CARGO_TARGET_DIR/release/droppos-pipeline"
 
 if [ ! -f "$WORK/input-$N.done" ]; then

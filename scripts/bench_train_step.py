@@ -101,8 +101,9 @@ class DropPosModel(nn.Module):
         pe = pe.gather(1, restore_pos.unsqueeze(-1).expand(-1, -1, self.d))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1)
         x = torch.cat([cls, x + pe], 1)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.guide_bf16):
+            z = self.encode(torch.cat([cls, self.embed(imgs) + self.pos_embed[:, 1:]], 1)).float()
         with torch.no_grad():
-            z = self.encode(torch.cat([cls, self.embed(imgs) + self.pos_embed[:, 1:]], 1))
             attn = F.softmax(F.cosine_similarity(z[:, :1], z[:, 1:], dim=-1) / 0.1, dim=-1)
             attn = attn.gather(1, ids_keep)
             attn = attn / attn.sum(-1, keepdim=True)
@@ -122,6 +123,7 @@ def python_bench(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = DropPosModel(args.size, args.patch, args.img)
+    model.guide_bf16 = args.guide_bf16
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
     opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.05}], lr=1.5e-4, betas=(0.9, 0.95))
@@ -149,6 +151,8 @@ def rust_bench(args):
     cmd = [args.rust_bin, "bench", "train-step", "--model", f"vit_{args.size}_patch{args.patch}_{args.img}",
            "--batch", str(args.batch), "--threads", str(args.threads), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--sigma", str(args.sigma), "--json"] + args.rust_arg
+    if args.guide_bf16:
+        cmd.append("--guide-bf16")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -165,6 +169,7 @@ def main():
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=1, help="alternate PyTorch and ours this many times")
     ap.add_argument("--rust-bin", help="droppos-pipeline binary to compare against")
+    ap.add_argument("--guide-bf16", action="store_true", help="run the attention guide's no-grad pass under CPU bf16 autocast (both sides)")
     ap.add_argument("--rust-arg", action="append", default=[], help="extra argument for the Rust bench (repeatable)")
     args = ap.parse_args()
     py, rs = [], []
@@ -176,7 +181,7 @@ def main():
             res = rust_bench(args)
             rs.append(res["median_ms"] / 1e3)
             print(f"round {r}: ours    {res['median_ms']:.1f} ms/step ({res.get('attention')}, guide {res.get('guide_precision')})", file=sys.stderr)
-    result = {"torch": torch.__version__, "threads": args.threads, "batch": args.batch, "pytorch_median_ms": round(statistics.median(py) * 1e3, 2)}
+    result = {"torch": torch.__version__, "threads": args.threads, "batch": args.batch, "guide": "bf16" if args.guide_bf16 else "fp32", "pytorch_median_ms": round(statistics.median(py) * 1e3, 2)}
     if rs:
         result["ours_median_ms"] = round(statistics.median(rs) * 1e3, 2)
         result["ratio_ours_over_pytorch"] = round(statistics.median(rs) / statistics.median(py), 3)

@@ -291,6 +291,22 @@ pub struct DropPosConfig {
     pub norm_pix_loss: bool,
     #[serde(default)]
     pub smooth_grid: SmoothGrid,
+    /// Numerics of the attention guide's no-grad pass (it only weights the loss).
+    #[serde(default)]
+    pub guide_precision: GuidePrecision,
+}
+
+/// Precision of the attention guide's no-grad full pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GuidePrecision {
+    /// fp32, as the reference (and bit-parity with it).
+    #[default]
+    Fp32,
+    /// bf16 autocast on the CPU (AMX / AVX512-BF16 make it several times faster; on CUDA the
+    /// training forward already runs under bf16 autocast). The guide's weights then differ
+    /// from fp32 by bf16 rounding.
+    Bf16,
 }
 
 fn default_ratio() -> f64 {
@@ -322,6 +338,7 @@ impl DropPosConfig {
             mask_token_type: MaskTokenType::Param,
             norm_pix_loss: true,
             smooth_grid: SmoothGrid::Model,
+            guide_precision: GuidePrecision::Fp32,
         }
     }
 

@@ -9,7 +9,7 @@
 use tch::nn::{Init, Path};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{AttentionImpl, DropPosConfig, MaskTokenType};
+use crate::config::{AttentionImpl, DropPosConfig, GuidePrecision, MaskTokenType};
 use crate::error::{ModelError, Result};
 use crate::layers::{LayerNorm, Linear, NamedTensors};
 use crate::masking::{random_masking, Masking};
@@ -235,13 +235,26 @@ impl DropPos {
     /// the same convolution, so the values equal those of a separate pass).
     fn guide_from_patches(&self, patches: &Tensor, n: i64) -> Result<Tensor> {
         let l = self.cfg.encoder.num_patches();
-        tch::no_grad(|| {
-            let enc = &self.encoder;
-            let x = patches.detach() + enc.pos_embed.narrow(1, 1, l);
-            let z = enc.forward_tokens(Tensor::cat(&[enc.cls_with_pos(n), x], 1));
-            let sim = Tensor::cosine_similarity(&z.narrow(1, 0, 1), &z.narrow(1, 1, l), -1, 1e-8);
-            Ok((sim / ATTN_GUIDE_TEMPERATURE).softmax(-1, None::<Kind>))
-        })
+        let pass = || {
+            tch::no_grad(|| {
+                let enc = &self.encoder;
+                let x = patches.detach() + enc.pos_embed.narrow(1, 1, l);
+                let z = enc.forward_tokens(Tensor::cat(&[enc.cls_with_pos(n), x], 1));
+                // Similarities and softmax in fp32 whatever the pass computed in.
+                let z = z.to_kind(Kind::Float);
+                let sim =
+                    Tensor::cosine_similarity(&z.narrow(1, 0, 1), &z.narrow(1, 1, l), -1, 1e-8);
+                (sim / ATTN_GUIDE_TEMPERATURE).softmax(-1, None::<Kind>)
+            })
+        };
+        match self.cfg.guide_precision {
+            GuidePrecision::Fp32 => Ok(pass()),
+            GuidePrecision::Bf16 if patches.device() == tch::Device::Cpu => {
+                crate::trainer::precision::with_cpu_autocast_bf16(pass).map_err(ModelError::Config)
+            }
+            // On CUDA the caller's bf16 autocast (if any) already covers the pass.
+            GuidePrecision::Bf16 => Ok(pass()),
+        }
     }
 
     /// Position embeddings of the K visible slots: the true one where kept, the mask token type's

@@ -41,7 +41,8 @@ pub mod trainer;
 pub mod vit;
 
 pub use config::{
-    AttentionImpl, DecoderConfig, DropPosConfig, MaskTokenType, SmoothGrid, VitConfig,
+    AttentionImpl, DecoderConfig, DropPosConfig, GuidePrecision, MaskTokenType, SmoothGrid,
+    VitConfig,
 };
 pub use droppos::{DropPos, StepOutput};
 pub use error::{ModelError, Result};

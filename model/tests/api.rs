@@ -3,7 +3,8 @@
 
 use droppos_model::checkpoint;
 use droppos_model::config::{
-    AttentionImpl, DecoderConfig, DropPosConfig, MaskTokenType, SmoothGrid, VitConfig,
+    AttentionImpl, DecoderConfig, DropPosConfig, GuidePrecision, MaskTokenType, SmoothGrid,
+    VitConfig,
 };
 use droppos_model::optim::{AdamW, AdamWConfig};
 use droppos_model::DropPos;
@@ -248,4 +249,31 @@ fn a_few_steps_reduce_the_loss() {
     let mut opt2 = AdamW::new(m.trainable_parameters(), AdamWConfig::default());
     opt2.load_state_tensors(&state).unwrap();
     assert_eq!(opt2.state_tensors().len(), state.len());
+}
+
+#[test]
+fn bf16_guide_is_close_to_fp32_and_leaves_autocast_off() {
+    let cfg = small_cfg();
+    let (_vs, fp32) = model(&cfg, 3);
+    let mut bcfg = cfg.clone();
+    bcfg.guide_precision = GuidePrecision::Bf16;
+    let (_vs2, bf16) = model(&bcfg, 3);
+    tch::manual_seed(5);
+    let images = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let a = fp32.attention_guide(&images).unwrap();
+    let b = bf16.attention_guide(&images).unwrap();
+    assert_eq!(b.kind(), Kind::Float);
+    assert_eq!(a.size(), b.size());
+    // Rows are softmax distributions over L = 16 patches: bf16 rounding moves them a little,
+    // not a lot.
+    let d = max_diff(&a, &b);
+    assert!(
+        d > 0.0,
+        "bf16 pass computed exactly like fp32: autocast was not applied"
+    );
+    assert!(d < 0.05, "bf16 guide differs by {d}");
+    let sums = b.sum_dim_intlist(-1, false, Kind::Float);
+    assert!(max_diff(&sums, &sums.ones_like()) < 1e-5);
+    // The autocast scope ended: a later fp32 guide is bit-identical to the first.
+    assert!(fp32.attention_guide(&images).unwrap().equal(&a));
 }

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use droppos_model::checkpoint;
 use droppos_model::config::{
-    AttentionImpl, DecoderConfig, DropPosConfig, MaskTokenType, SmoothGrid, VitConfig,
+    AttentionImpl, DecoderConfig, DropPosConfig, GuidePrecision, MaskTokenType, SmoothGrid,
+    VitConfig,
 };
 use droppos_model::optim::{AdamW, AdamWConfig};
 use droppos_model::{pos_embed, smoothing, DropPos, StepOutput};
@@ -193,6 +194,8 @@ impl Fixture {
             mask_token_type,
             norm_pix_loss: self.b("norm_pix_loss")?,
             smooth_grid,
+            // The reference's numerics.
+            guide_precision: GuidePrecision::Fp32,
         };
         cfg.validate().map_err(|e| e.to_string())?;
         let (k, kp) = cfg.keep_counts();

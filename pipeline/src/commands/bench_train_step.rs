@@ -49,6 +49,10 @@ pub struct Args {
     /// Switch the attention guide off (it is on in the paper's recipes).
     #[arg(long)]
     no_attn_guide: bool,
+    /// Run the attention guide's no-grad pass under CPU bf16 autocast (`droppos.guide_precision
+    /// = "bf16"`); the default is fp32, the reference's numerics.
+    #[arg(long)]
+    guide_bf16: bool,
     /// Per-parameter gradient clipping threshold.
     #[arg(long, default_value_t = 5.0)]
     clip_grad: f64,
@@ -69,6 +73,8 @@ struct Report {
     batch: i64,
     attention: &'static str,
     attn_guide: bool,
+    /// `fp32` or `bf16` (the guide pass's autocast).
+    guide_precision: &'static str,
     steps: usize,
     median_ms: f64,
     min_ms: f64,
@@ -135,6 +141,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut cfg = DropPosConfig::new(encoder, decoder);
     cfg.sigma = args.sigma;
     cfg.attn_guide = !args.no_attn_guide;
+    if args.guide_bf16 {
+        cfg.guide_precision = droppos_model::GuidePrecision::Bf16;
+    }
     let vs = VarStore::new(device);
     let model = DropPos::new(&vs.root(), &cfg)?;
     let mut opt = AdamW::new(model.trainable_parameters(), AdamWConfig::default());
@@ -204,6 +213,7 @@ pub fn run(args: Args) -> Result<()> {
             Attention::Explicit => "explicit",
         },
         attn_guide: cfg.attn_guide,
+        guide_precision: if args.guide_bf16 { "bf16" } else { "fp32" },
         steps: args.steps,
         median_ms: (med * 100.0).round() / 100.0,
         min_ms: (min * 100.0).round() / 100.0,
@@ -226,7 +236,11 @@ pub fn run(args: Args) -> Result<()> {
             report.batch,
             report.threads,
             report.attention,
-            if report.attn_guide { "on" } else { "off" },
+            match (report.attn_guide, report.guide_precision) {
+                (false, _) => "off",
+                (true, "bf16") => "on (bf16)",
+                _ => "on",
+            },
             report.median_ms,
             report.images_per_s,
             report.min_ms,

@@ -8,7 +8,8 @@ use droppos_model::checkpoint::load_into;
 use droppos_model::optim::{AdamW, AdamWConfig};
 use droppos_model::trainer::SampleNoise;
 use droppos_model::{
-    AttentionImpl, DecoderConfig, DropPos, DropPosConfig, MaskTokenType, SmoothGrid, VitConfig,
+    AttentionImpl, DecoderConfig, DropPos, DropPosConfig, GuidePrecision, MaskTokenType,
+    SmoothGrid, VitConfig,
 };
 use tch::{nn::VarStore, Device, Tensor};
 
@@ -51,6 +52,11 @@ pub fn model_config(r: &Recipe) -> Result<DropPosConfig> {
         "zeros" => MaskTokenType::Zeros,
         "wrong_pos" => MaskTokenType::WrongPos,
         _ => MaskTokenType::Param,
+    };
+    cfg.guide_precision = if d.guide_precision == "bf16" {
+        GuidePrecision::Bf16
+    } else {
+        GuidePrecision::Fp32
     };
     cfg.smooth_grid = if d.smooth_grid == "reference" {
         SmoothGrid::Reference
