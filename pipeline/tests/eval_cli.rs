@@ -199,6 +199,14 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
         &[("--data", &val)],
     ));
     assert_eq!(again["scores"], r["scores"]);
+    // Three mask draws per image: three times the predictions.
+    let r = json(&mut eval(
+        "position",
+        &dp,
+        &["--mask-ratio", "0.5", "--repeats", "3"],
+        &[("--data", &val)],
+    ));
+    assert_eq!(r["scores"][0]["predictions_visible"], 3 * 4 * 8);
 
     // Dense probe on COCO (train = val here) and ADE20K patch labels.
     for (dirs, extra) in [(&coco, None), (&ade, Some("--ignore-label=0"))] {

@@ -155,6 +155,9 @@ pub struct PositionArgs {
     /// Seed of the random masks.
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
+    /// Mask draws per image (more predictions from few images: a steadier estimate).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeats: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -300,16 +303,21 @@ fn run_position(a: PositionArgs) -> Result<()> {
     let mut batch_index = 0i64;
     let feed = a.common.feed();
     let images = eval::for_each_batch(&a.data, img, &feed, Need::Images, "position", |x, b| {
-        for (i, c) in counters.iter_mut().enumerate() {
-            // One seed per (run seed, batch, ratio): the same masks on every run.
-            let seed = position::batch_seed(a.seed, batch_index, i);
-            c.add_batch(&mut model, x, b.labels.len(), img, l, seed)?;
+        for _ in 0..a.repeats {
+            for (i, c) in counters.iter_mut().enumerate() {
+                // One seed per (run seed, batch and draw, ratio): the same masks on every run.
+                let seed = position::batch_seed(a.seed, batch_index, i);
+                c.add_batch(&mut model, x, b.labels.len(), img, l, seed)?;
+            }
+            batch_index += 1;
         }
-        batch_index += 1;
         Ok(())
     })?;
     let scores: Vec<_> = counters.iter().map(|c| c.score()).collect();
-    let mut summary = format!("position accuracy ({images} images, {l} positions):");
+    let mut summary = format!(
+        "position accuracy ({images} images x {} mask draws, {l} positions):",
+        a.repeats
+    );
     for s in &scores {
         summary.push_str(&format!(
             "\n  mask {:.2} / pos-mask {:.2}: dropped {}  visible {:.4}  (chance {:.4})",
@@ -321,7 +329,8 @@ fn run_position(a: PositionArgs) -> Result<()> {
             s.chance
         ));
     }
-    let body = json!({"images": images, "num_positions": l, "seed": a.seed, "scores": scores});
+    let body = json!({"images": images, "repeats": a.repeats, "num_positions": l,
+                      "seed": a.seed, "scores": scores});
     emit(
         &a.common,
         &result("position", &a.common, body, start)?,
