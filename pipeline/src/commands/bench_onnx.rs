@@ -33,6 +33,10 @@ pub struct Args {
     /// Keep the exported model here (default: a temporary folder).
     #[arg(long)]
     pub onnx_out: Option<std::path::PathBuf>,
+    /// Also save the benchmarked weights (timm names, safetensors) here, for
+    /// `scripts/bench_onnx_encoder.py` (ort vs PyTorch eager timm on the same weights).
+    #[arg(long)]
+    pub weights_out: Option<std::path::PathBuf>,
     /// Skip the tch side.
     #[arg(long)]
     pub no_tch: bool,
@@ -71,6 +75,10 @@ pub fn run(a: Args) -> Result<()> {
     let vit = VisionTransformer::new(&vs.root(), &cfg)?;
     let named = vit.named_parameters();
     let weights = Weights::from_named_tensors(named.iter().map(|(n, t)| (n.clone(), t)))?;
+    if let Some(out) = &a.weights_out {
+        Tensor::write_safetensors(&named, out)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
 
     let tmp = std::env::temp_dir().join(format!("droppos-bench-onnx-{}.onnx", std::process::id()));
     let path = a.onnx_out.clone().unwrap_or_else(|| tmp.clone());
