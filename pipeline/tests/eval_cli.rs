@@ -27,18 +27,20 @@ fn shard(tmp: &Path, name: &str, args: &[&str], paths: &[(&str, PathBuf)]) -> Pa
     out
 }
 
-fn export(tmp: &Path, what: &str) -> PathBuf {
+fn export(tmp: &Path, what: &str, seed: u32) -> PathBuf {
     let out = tmp.join(format!("{what}.onnx"));
     let o = run_ok(
         bin()
-            .args(["export", "--random-init", "--seed", "3", "--what", what])
+            .args(["export", "--random-init", "--what", what])
+            .arg("--seed")
+            .arg(seed.to_string())
             .arg("--config")
             .arg(recipe())
             .arg("--out")
             .arg(&out),
     );
     let report: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(report["random_init_seed"], 3);
+    assert_eq!(report["random_init_seed"], seed);
     assert_eq!(report["img_size"], 64);
     out
 }
@@ -118,8 +120,15 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
         &["ade20k", "--split", "validation"],
         &[("--root", d.join("ade20k/ADEChallengeData2016"))],
     );
-    let enc = export(t, "encoder");
-    let dp = export(t, "droppos");
+    let enc = export(t, "encoder", 3);
+    let dp = export(t, "droppos", 3);
+    // --random-init is the seeded trainer initialisation: same seed, same bytes; another seed,
+    // other weights.
+    let bytes = |p: &Path| std::fs::read(p).unwrap();
+    let again = t.join("again");
+    std::fs::create_dir(&again).unwrap();
+    assert_eq!(bytes(&export(&again, "encoder", 3)), bytes(&enc));
+    assert_ne!(bytes(&export(&again, "encoder", 4)), bytes(&enc));
 
     // k-NN: memory bank = train shards, queries = val shards; and leave-one-out on train.
     let r = json(&mut eval(
@@ -276,4 +285,30 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
         &mut eval("knn", &enc, &[], &[("--train", &t.join("missing"))]),
         "missing",
     );
+}
+
+/// `bench onnx` on a tiny encoder: one JSON line, ort and tch agree on `cls`.
+#[test]
+fn bench_onnx_reports_both_engines() {
+    let o = run_ok(bin().args([
+        "bench",
+        "onnx",
+        "--model",
+        "vit_tiny_patch16_32",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--iters",
+        "1",
+    ]));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (r["img_size"].as_i64(), r["batch"].as_i64()),
+        (Some(32), Some(2))
+    );
+    assert!(r["ort_images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["tch_images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["onnx_bytes"].as_u64().unwrap() > 0);
+    assert!(r["cls_max_abs_diff"].as_f64().unwrap() <= 1e-4, "{r}");
 }
