@@ -99,14 +99,21 @@ pub struct KnnArgs {
 pub struct LinearArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub sets: ProbeSets,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+/// The shard sets a probe is trained and scored on.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProbeSets {
     /// Shard directories the probe is trained on.
     #[arg(long, required = true, num_args = 1..)]
     pub train: Vec<PathBuf>,
     /// Shard directories the probe is scored on.
     #[arg(long, required = true, num_args = 1..)]
     pub val: Vec<PathBuf>,
-    #[command(flatten)]
-    pub probe: ProbeArgs,
 }
 
 /// Linear-probe training settings.
@@ -164,12 +171,9 @@ pub struct PositionArgs {
 pub struct DenseArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Shard directories (COCO or ADE20K) the probe is trained on.
-    #[arg(long, required = true, num_args = 1..)]
-    pub train: Vec<PathBuf>,
-    /// Shard directories the probe is scored on.
-    #[arg(long, required = true, num_args = 1..)]
-    pub val: Vec<PathBuf>,
+    // COCO or ADE20K shards.
+    #[command(flatten)]
+    pub sets: ProbeSets,
     /// Patch label left out of training and scoring (e.g. ADE20K's 0 = "other"); repeatable.
     #[arg(long)]
     pub ignore_label: Vec<i32>,
@@ -268,8 +272,8 @@ fn run_linear(a: LinearArgs) -> Result<()> {
     let start = Instant::now();
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();
-    let train = eval::extract_features(&mut model, &a.train, &feed, Need::ClassLabels)?;
-    let val = eval::extract_features(&mut model, &a.val, &feed, Need::ClassLabels)?;
+    let train = eval::extract_features(&mut model, &a.sets.train, &feed, Need::ClassLabels)?;
+    let val = eval::extract_features(&mut model, &a.sets.val, &feed, Need::ClassLabels)?;
     let classes = eval::num_classes(
         &eval::class_indices(&train.labels),
         &eval::class_indices(&val.labels),
@@ -342,8 +346,8 @@ fn run_dense(a: DenseArgs) -> Result<()> {
     let start = Instant::now();
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();
-    let train = eval::extract_features(&mut model, &a.train, &feed, Need::PatchLabels)?;
-    let val = eval::extract_features(&mut model, &a.val, &feed, Need::PatchLabels)?;
+    let train = eval::extract_features(&mut model, &a.sets.train, &feed, Need::PatchLabels)?;
+    let val = eval::extract_features(&mut model, &a.sets.val, &feed, Need::PatchLabels)?;
     let keep = |l: i32| l >= 0 && !a.ignore_label.contains(&l);
     let classes = train
         .patch_labels
