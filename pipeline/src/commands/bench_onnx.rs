@@ -10,6 +10,7 @@ use droppos_model::{AttentionImpl, VisionTransformer, VitConfig};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+use super::bench_train_step::Attention;
 use crate::ort_runtime::{self, Input, OrtModel};
 
 #[derive(clap::Args, Debug)]
@@ -27,9 +28,9 @@ pub struct Args {
     pub iters: usize,
     #[arg(long, default_value_t = 17)]
     pub opset: i64,
-    /// tch attention: `fused` (scaled_dot_product_attention) or `explicit`.
-    #[arg(long, default_value = "fused")]
-    pub attention: String,
+    /// tch attention implementation.
+    #[arg(long, value_enum, default_value = "fused")]
+    pub attention: Attention,
     /// Keep the exported model here (default: a temporary folder).
     #[arg(long)]
     pub onnx_out: Option<std::path::PathBuf>,
@@ -65,9 +66,9 @@ fn time_it(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 pub fn run(a: Args) -> Result<()> {
     let mut cfg = VitConfig::from_name(&a.model)?;
-    cfg.attention = match a.attention.as_str() {
-        "explicit" => AttentionImpl::Explicit,
-        _ => AttentionImpl::Fused,
+    cfg.attention = match a.attention {
+        Attention::Fused => AttentionImpl::Fused,
+        Attention::Explicit => AttentionImpl::Explicit,
     };
     tch::set_num_threads(a.threads as i32);
     tch::manual_seed(0);
@@ -118,7 +119,7 @@ pub fn run(a: Args) -> Result<()> {
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
         let tch_s = time_it(a.iters, || fwd().map(drop).context("tch forward"))?;
-        report["tch_attention"] = json!(a.attention);
+        report["tch_attention"] = json!(cfg.attention);
         report["tch_batch_seconds"] = json!(tch_s);
         report["tch_images_per_s"] = json!(n as f64 / tch_s);
         report["ort_speedup_vs_tch"] = json!(tch_s / ort_s);

@@ -175,7 +175,7 @@ pub struct DenseArgs {
     #[command(flatten)]
     pub sets: ProbeSets,
     /// Patch label left out of training and scoring (e.g. ADE20K's 0 = "other"); repeatable.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub ignore_label: Vec<i32>,
     /// Train on at most this many patches (a seeded random subset).
     #[arg(long, default_value_t = 200_000)]
