@@ -109,12 +109,12 @@ fn check_columns(set: &ShardSet, dirs: &[PathBuf], need: Need) -> Result<()> {
     let cols = set.columns();
     match need {
         Need::ClassLabels if !cols.label => bail!(
-            "{} have no class labels (COCO / ADE20K shards?); this evaluation needs labelled \
-             ImageNet-style shards (use `eval dense` for patch labels)",
+            "the shards in {} have no class labels (COCO / ADE20K shards?); this evaluation \
+             needs labelled ImageNet-style shards (use `eval dense` for patch labels)",
             display_dirs(dirs)
         ),
         Need::PatchLabels if !cols.patch_labels => bail!(
-            "{} have no patch_labels; dense evaluation needs COCO or ADE20K shards",
+            "the shards in {} have no patch_labels; dense evaluation needs COCO or ADE20K shards",
             display_dirs(dirs)
         ),
         _ => Ok(()),
@@ -203,8 +203,8 @@ pub fn for_each_batch(
         };
         if need == Need::ClassLabels && view.labels.iter().any(|&l| l < 0) {
             bail!(
-                "{} hold images without a class label; k-NN and linear probes need every image \
-                 labelled",
+                "the shards in {} hold images without a class label; k-NN and linear probes need \
+                 every image labelled",
                 display_dirs(dirs)
             );
         }
