@@ -229,8 +229,6 @@ impl Default for RuntimeConfig {
 
 impl Recipe {
     /// Reads a recipe file and applies `key=value` overrides.
-    // Used by the tests now and by the `train` command once it is registered.
-    #[allow(dead_code)]
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading recipe {}", path.display()))?;

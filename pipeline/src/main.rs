@@ -2,10 +2,13 @@
 
 mod commands;
 mod config;
+mod eval;
 mod logging;
 mod ort_runtime;
 mod train;
 
+#[cfg(test)]
+mod onnx_tch_tests;
 #[cfg(test)]
 mod onnx_tests;
 
@@ -31,6 +34,9 @@ enum Command {
     Bench(commands::bench::Args),
     /// Export a checkpoint to ONNX (encoder or DropPos position model), written without Python.
     Export(commands::export::Args),
+    /// Evaluate an ONNX export with ONNX Runtime on shards: k-NN, linear probe, position
+    /// accuracy, dense patch probe.
+    Eval(commands::eval::Args),
     /// Turn ImageNet, COCO or ADE20K into zstd Parquet shards with a manifest.
     Shard(commands::shard::Args),
     /// Check shards against their manifest (sha256, row counts; --decode decodes everything).
@@ -50,6 +56,7 @@ fn main() -> Result<()> {
         Command::Doctor(args) => commands::doctor::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Export(args) => commands::export::run(args),
+        Command::Eval(args) => commands::eval::run(args),
         Command::Shard(args) => commands::shard::run(args),
         Command::Verify(args) => commands::verify::run(args),
         Command::Stats(args) => commands::stats::run(args),

@@ -168,7 +168,10 @@ fn timm_vit_encoder_matches_timm() {
         if opset == Opset::V17 {
             // Through the command, heads from the command line (timm files carry no config).
             crate::commands::export::run(crate::commands::export::Args {
-                checkpoint: d.join("vit.safetensors"),
+                checkpoint: Some(d.join("vit.safetensors")),
+                random_init: false,
+                config: None,
+                seed: 0,
                 what: crate::commands::export::What::Encoder,
                 out: path.clone(),
                 num_heads: Some(heads),
@@ -414,7 +417,10 @@ fn export_command_reads_checkpoints() {
     // Through the command itself.
     let out = dir.path().join("sub/enc.onnx");
     export::run(export::Args {
-        checkpoint: ckpt.clone(),
+        checkpoint: Some(ckpt.clone()),
+        random_init: false,
+        config: None,
+        seed: 0,
         what: What::Encoder,
         out: out.clone(),
         num_heads: Some(3),

@@ -155,8 +155,6 @@ fn version_from_build_info(info: &str) -> Option<String> {
 /// Input data for [`OrtModel::run`]: plain row-major slices with their shapes (no ndarray, so
 /// tch's and ort's ndarray versions never have to agree).
 #[derive(Debug, Clone, Copy)]
-// Used by the parity tests now; the `eval` commands build on it.
-#[allow(dead_code)]
 pub enum InputData<'a> {
     F32(&'a [f32]),
     I64(&'a [i64]),
@@ -164,16 +162,12 @@ pub enum InputData<'a> {
 
 /// One named input.
 #[derive(Debug, Clone)]
-// Used by the parity tests now; the `eval` commands build on it.
-#[allow(dead_code)]
 pub struct Input<'a> {
     pub name: &'a str,
     pub shape: Vec<i64>,
     pub data: InputData<'a>,
 }
 
-// Used by the parity tests now; the `eval` commands build on it.
-#[allow(dead_code)]
 impl<'a> Input<'a> {
     pub fn f32(name: &'a str, shape: &[i64], data: &'a [f32]) -> Self {
         Self {
@@ -194,16 +188,12 @@ impl<'a> Input<'a> {
 
 /// One fp32 output, copied out of ONNX Runtime.
 #[derive(Debug, Clone, PartialEq)]
-// Used by the parity tests now; the `eval` commands build on it.
-#[allow(dead_code)]
 pub struct Output {
     pub shape: Vec<i64>,
     pub data: Vec<f32>,
 }
 
 /// An ONNX model loaded into an ONNX Runtime CPU session.
-// Used by the parity tests now; the `eval` commands build on it.
-#[allow(dead_code)]
 pub struct OrtModel {
     session: ort::session::Session,
     path: PathBuf,
@@ -217,8 +207,6 @@ impl std::fmt::Debug for OrtModel {
     }
 }
 
-// Used by the parity tests now; the `eval` commands build on it.
-#[allow(dead_code)]
 impl OrtModel {
     /// Loads `path` (and its external data, if any) with `threads` intra-op threads (0 lets
     /// ONNX Runtime choose) and all graph optimisations.

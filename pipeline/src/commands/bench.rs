@@ -15,11 +15,14 @@ pub enum BenchCommand {
     TrainStep(super::bench_train_step::Args),
     /// Images/s of the streaming loader over a shard folder (full pre-training augmentation).
     Loader(super::bench_loader::Args),
+    /// Encoder inference: ONNX Runtime on our export vs our tch forward of the same weights.
+    Onnx(super::bench_onnx::Args),
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         BenchCommand::TrainStep(a) => super::bench_train_step::run(a),
         BenchCommand::Loader(a) => super::bench_loader::run(a),
+        BenchCommand::Onnx(a) => super::bench_onnx::run(a),
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! Shapes come from the weights; what shapes cannot tell (head counts, the mask token type) comes
 //! from the checkpoint's config metadata or from `--num-heads` / `--decoder-num-heads`.
+//! `--random-init` exports a freshly initialised model of the same architecture instead (the
+//! baseline the evaluations compare a trained model against).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,8 +11,11 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use droppos_model::onnx::{self, ExternalData, HostTensor, Opset, Weights};
+use droppos_model::DropPosConfig;
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::config::Recipe;
 
 /// What to export.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -37,9 +42,20 @@ pub enum ExternalArg {
 pub struct Args {
     /// safetensors checkpoint with reference (timm / DropPos) parameter names, or a training
     /// checkpoint folder (`RUN/checkpoints/step-N`, its `model.safetensors` is read), or a run
-    /// folder (its newest checkpoint).
+    /// folder (its newest checkpoint). With --random-init only its config metadata is used.
+    #[arg(long, required_unless_present = "config")]
+    pub checkpoint: Option<PathBuf>,
+    /// Export a freshly initialised model (the trainer's initialisation, seeded by --seed)
+    /// instead of trained weights; the architecture comes from --checkpoint's config metadata or
+    /// from --config.
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub random_init: bool,
+    /// A training recipe (TOML) giving the architecture for --random-init.
+    #[arg(long, requires = "random_init", conflicts_with = "checkpoint")]
+    pub config: Option<PathBuf>,
+    /// Seed of --random-init.
+    #[arg(long, default_value_t = 0, requires = "random_init")]
+    pub seed: i64,
     #[arg(long, value_enum)]
     pub what: What,
     #[arg(long)]
@@ -79,6 +95,9 @@ pub struct Report {
     pub ir_version: i64,
     pub img_size: i64,
     pub num_heads: i64,
+    /// The seed of a `--random-init` export (absent for trained weights).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub random_init_seed: Option<i64>,
     pub seconds: f64,
 }
 
@@ -224,9 +243,51 @@ pub fn build(
     })
 }
 
+/// The DropPos config a training checkpoint carries in its metadata.
+fn config_from_checkpoint(path: &Path) -> Result<DropPosConfig> {
+    let resolved = resolve_checkpoint(path)?;
+    let meta = Weights::safetensors_metadata(&resolved)
+        .with_context(|| format!("reading {}", resolved.display()))?;
+    let text = meta.get("droppos_config").ok_or_else(|| {
+        anyhow!(
+            "{} carries no droppos_config metadata (only checkpoints written by `train` do); \
+             use --config RECIPE.toml for --random-init",
+            resolved.display()
+        )
+    })?;
+    serde_json::from_str(text).context("checkpoint metadata `droppos_config`")
+}
+
+/// A freshly initialised DropPos model (seeded, as the trainer initialises it) and its hints.
+pub fn random_init(cfg: &DropPosConfig, seed: i64) -> Result<(Weights, ArchHints)> {
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = droppos_model::DropPos::new(&vs.root(), cfg)?;
+    let named = model.named_parameters();
+    let weights = Weights::from_named_tensors(named.iter().map(|(n, t)| (n.clone(), t)))?;
+    Ok((weights, hints_from_config(&serde_json::to_value(cfg)?)))
+}
+
+/// Trained weights, or a fresh initialisation of the named architecture.
+fn source_weights(args: &Args) -> Result<(Weights, ArchHints)> {
+    if !args.random_init {
+        let ckpt = args
+            .checkpoint
+            .as_deref()
+            .ok_or_else(|| anyhow!("--checkpoint is required (or --random-init --config)"))?;
+        return load_checkpoint(ckpt);
+    }
+    let cfg = match (&args.config, &args.checkpoint) {
+        (Some(recipe), _) => crate::train::droppos_task::model_config(&Recipe::load(recipe, &[])?)?,
+        (None, Some(ckpt)) => config_from_checkpoint(ckpt)?,
+        (None, None) => bail!("--random-init needs --config RECIPE.toml or --checkpoint RUN"),
+    };
+    random_init(&cfg, args.seed)
+}
+
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
-    let (weights, mut hints) = load_checkpoint(&args.checkpoint)?;
+    let (weights, mut hints) = source_weights(&args)?;
     if args.num_heads.is_some() {
         hints.num_heads = args.num_heads;
     }
@@ -258,6 +319,7 @@ pub fn run(args: Args) -> Result<()> {
         ir_version: onnx::IR_VERSION,
         img_size: img,
         num_heads: hints.num_heads.unwrap_or_default(),
+        random_init_seed: args.random_init.then_some(args.seed),
         seconds: start.elapsed().as_secs_f64(),
     };
     tracing::info!(

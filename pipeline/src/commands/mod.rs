@@ -2,8 +2,10 @@
 
 pub mod bench;
 pub mod bench_loader;
+pub mod bench_onnx;
 pub mod bench_train_step;
 pub mod doctor;
+pub mod eval;
 pub mod export;
 pub mod plot;
 pub mod shard;

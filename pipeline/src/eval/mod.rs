@@ -1,0 +1,293 @@
+//! Evaluation of exported ONNX models with ONNX Runtime over shard directories.
+//!
+//! Images come from the shards through the loader's evaluation transform (resize + centre crop,
+//! ImageNet normalisation, manifest order); features come from the `encoder` export, position
+//! predictions from the `droppos` export. The probes themselves are in [`knn`], [`linear`] and
+//! [`dense`]; [`position`] scores the pre-text task.
+
+pub mod dense;
+pub mod knn;
+pub mod linear;
+pub mod position;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use droppos_model::onnx::{droppos_io, encoder_io};
+use droppos_shards::loader::{Images, Loader, LoaderConfig, PixelFormat, ShardSet};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::ort_runtime::{Input, OrtModel};
+
+/// How images are fed to a model.
+#[derive(Debug, Clone)]
+pub struct FeedConfig {
+    pub batch_size: usize,
+    /// Loader decode threads.
+    pub loader_threads: usize,
+    /// Stop after this many images (all when None).
+    pub limit: Option<u64>,
+    pub progress: bool,
+}
+
+/// Encoder outputs for a set of images.
+#[derive(Debug, Clone, Default)]
+pub struct Features {
+    pub dim: usize,
+    pub num_patches: usize,
+    /// [n, dim]
+    pub cls: Vec<f32>,
+    /// [n, L, dim] when requested.
+    pub patches: Vec<f32>,
+    pub labels: Vec<i64>,
+    /// [n, L] when patch labels were requested.
+    pub patch_labels: Vec<i32>,
+}
+
+/// The export an evaluation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// `export --what encoder`: images -> cls, patch_tokens, feature_map.
+    Encoder,
+    /// `export --what droppos`: images, ids_keep, mask_pos -> position_logits.
+    Droppos,
+}
+
+/// Fails with a clear message when `model` is not the `kind` of export an evaluation needs.
+pub fn check_model_kind(model: &OrtModel, path: &Path, kind: ModelKind) -> Result<()> {
+    let outputs = model.output_names();
+    let has = |n: &str| outputs.iter().any(|o| o == n);
+    let (wanted, flag) = match kind {
+        ModelKind::Encoder => (encoder_io::CLS, "encoder"),
+        ModelKind::Droppos => (droppos_io::LOGITS, "droppos"),
+    };
+    if !has(wanted) {
+        let seems = if has(droppos_io::LOGITS) {
+            "a `droppos` export"
+        } else if has(encoder_io::CLS) {
+            "an `encoder` export"
+        } else {
+            "not an export of droppos-pipeline"
+        };
+        bail!(
+            "{} has no `{wanted}` output (it looks like {seems}); this evaluation needs \
+             `droppos-pipeline export --what {flag}`",
+            path.display()
+        );
+    }
+    let inputs = model.input_names();
+    let expected: &[&str] = match kind {
+        ModelKind::Encoder => &[encoder_io::IMAGES],
+        ModelKind::Droppos => &[
+            droppos_io::IMAGES,
+            droppos_io::IDS_KEEP,
+            droppos_io::MASK_POS,
+        ],
+    };
+    if let Some(missing) = expected.iter().find(|n| !inputs.iter().any(|i| i == *n)) {
+        bail!(
+            "{} has no `{missing}` input (inputs: {inputs:?}); export it with \
+             `droppos-pipeline export --what {flag}`",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// What an evaluation needs from the shards besides images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    Images,
+    /// A class label per image (ImageNet shards).
+    ClassLabels,
+    /// Patch labels (COCO, ADE20K shards).
+    PatchLabels,
+}
+
+fn check_columns(set: &ShardSet, dirs: &[PathBuf], need: Need) -> Result<()> {
+    let cols = set.columns();
+    match need {
+        Need::ClassLabels if !cols.label => bail!(
+            "the shards in {} have no class labels (COCO / ADE20K shards?); this evaluation \
+             needs labelled ImageNet-style shards (use `eval dense` for patch labels)",
+            display_dirs(dirs)
+        ),
+        Need::PatchLabels if !cols.patch_labels => bail!(
+            "the shards in {} have no patch_labels; dense evaluation needs COCO or ADE20K shards",
+            display_dirs(dirs)
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Labels as class indices (after [`Need::ClassLabels`] was checked; stray -1s become errors
+/// upstream, see [`extract_features`]).
+pub fn class_indices(labels: &[i64]) -> Vec<usize> {
+    labels.iter().map(|&l| l.max(0) as usize).collect()
+}
+
+/// One more than the largest class index of either set.
+pub fn num_classes(a: &[usize], b: &[usize]) -> usize {
+    a.iter().chain(b).max().map_or(0, |m| m + 1)
+}
+
+pub fn progress_bar(len: u64, what: &str, enabled: bool) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// The per-sample data of one batch (its first `n` samples).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchView<'a> {
+    /// Class index per sample (-1 without one).
+    pub labels: &'a [i64],
+    /// [n, L] patch labels of dense datasets.
+    pub patch_labels: Option<&'a [i32]>,
+}
+
+/// Streams the evaluation transform (resize + centre crop) of `dirs` at `img_size` in manifest
+/// order and calls `f` on every batch (images as normalised f32 NCHW). Returns the image count.
+pub fn for_each_batch(
+    dirs: &[PathBuf],
+    img_size: usize,
+    feed: &FeedConfig,
+    need: Need,
+    what: &str,
+    mut f: impl FnMut(&[f32], BatchView<'_>) -> Result<()>,
+) -> Result<u64> {
+    let set = Arc::new(
+        ShardSet::open(dirs, false)
+            .with_context(|| format!("opening shards {}", display_dirs(dirs)))?,
+    );
+    check_columns(&set, dirs, need)?;
+    let mut cfg = LoaderConfig::eval(img_size, feed.batch_size);
+    cfg.pixel_format = PixelFormat::F32Normalized;
+    cfg.threads = feed.loader_threads.max(1);
+    let loader = Loader::new(set.clone(), cfg)
+        .with_context(|| format!("the model's {img_size}px input and {}", display_dirs(dirs)))?;
+    let total = feed
+        .limit
+        .map_or(set.num_samples(), |l| l.min(set.num_samples()));
+    let pb = progress_bar(total, what, feed.progress);
+    let per = 3 * img_size * img_size;
+    let mut seen = 0u64;
+    for batch in loader.epoch(0, 0)? {
+        let batch = batch?;
+        for s in &batch.skipped {
+            tracing::warn!("skipped {} in {}: {}", s.key, s.shard, s.reason);
+        }
+        let Images::F32(images) = &batch.images else {
+            bail!("the loader returned u8 images for an f32 request");
+        };
+        let take = (total - seen).min(batch.len() as u64) as usize;
+        if take == 0 {
+            break;
+        }
+        let patch_labels = batch.patch_labels.as_deref().map(|p| {
+            let per_image = p.len() / batch.len().max(1);
+            &p[..take * per_image]
+        });
+        let view = BatchView {
+            labels: &batch.labels[..take],
+            patch_labels,
+        };
+        if need == Need::ClassLabels && view.labels.iter().any(|&l| l < 0) {
+            bail!(
+                "the shards in {} hold images without a class label; k-NN and linear probes need \
+                 every image labelled",
+                display_dirs(dirs)
+            );
+        }
+        f(&images[..take * per], view)?;
+        seen += take as u64;
+        pb.set_position(seen);
+        if seen >= total {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    if seen == 0 {
+        bail!("no images in {}", display_dirs(dirs));
+    }
+    Ok(seen)
+}
+
+pub fn display_dirs(dirs: &[PathBuf]) -> String {
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The square input size a model expects (its `images` input's last axis).
+pub fn model_image_size(model: &OrtModel) -> Result<usize> {
+    let shape = model
+        .input_shape(encoder_io::IMAGES)
+        .context("the model has no `images` input")?;
+    match shape.as_slice() {
+        [_, 3, h, w] if *h > 0 && h == w => Ok(*h as usize),
+        _ => bail!("the model's `images` input is {shape:?}, expected [N, 3, S, S] with a fixed S"),
+    }
+}
+
+/// The number of positions L a `droppos` export predicts.
+pub fn position_count(model: &OrtModel) -> Result<i64> {
+    model
+        .output_shape(droppos_io::LOGITS)
+        .and_then(|s| s.last().copied())
+        .filter(|&l| l > 0)
+        .context("the model has no `position_logits` output with a fixed size")
+}
+
+/// Runs the encoder export over `dirs`: cls features, plus patch tokens and patch labels with
+/// [`Need::PatchLabels`].
+pub fn extract_features(
+    model: &mut OrtModel,
+    dirs: &[PathBuf],
+    feed: &FeedConfig,
+    need: Need,
+) -> Result<Features> {
+    let img = model_image_size(model)?;
+    let patches = need == Need::PatchLabels;
+    let wanted: &[&str] = if patches {
+        &[encoder_io::CLS, encoder_io::PATCH_TOKENS]
+    } else {
+        &[encoder_io::CLS]
+    };
+    let mut out = Features::default();
+    let what = format!("features of {}", display_dirs(dirs));
+    for_each_batch(dirs, img, feed, need, &what, |images, batch| {
+        let n = batch.labels.len();
+        let shape = [n as i64, 3, img as i64, img as i64];
+        let outs = model.run(&[Input::f32(encoder_io::IMAGES, &shape, images)], wanted)?;
+        out.dim = outs[0].shape.last().copied().unwrap_or(0) as usize;
+        out.cls.extend_from_slice(&outs[0].data);
+        if patches {
+            out.num_patches = outs[1].shape.get(1).copied().unwrap_or(0) as usize;
+            out.patches.extend_from_slice(&outs[1].data);
+            let pl = batch.patch_labels.unwrap_or(&[]);
+            if pl.len() != n * out.num_patches {
+                bail!(
+                    "the shards' patch grid ({} labels per image) does not match the model's {} \
+                     patches at {img}px; shard with the model's patch size",
+                    pl.len() / n.max(1),
+                    out.num_patches
+                );
+            }
+            out.patch_labels.extend_from_slice(pl);
+        }
+        out.labels.extend_from_slice(batch.labels);
+        Ok(())
+    })?;
+    Ok(out)
+}

@@ -1,0 +1,314 @@
+//! `droppos-pipeline export --random-init` and `eval knn|linear|position|dense` end to end through
+//! the binary: shards made here from the bundled sample data (ImageNet train/val, COCO, ADE20K),
+//! ONNX exports of the tiny recipe's architecture, ONNX Runtime over the loader. Checks the
+//! result JSON's structure and counts (accuracies of an untrained model are only range-checked)
+//! and that wrong inputs fail with messages that say what is wrong.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+mod common;
+use common::{bin, data_root, run_ok};
+
+fn recipe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
+}
+
+fn shard(tmp: &Path, name: &str, args: &[&str], paths: &[(&str, PathBuf)]) -> PathBuf {
+    let out = tmp.join(name);
+    let mut c = bin();
+    c.arg("shard").args(args).arg("--quiet");
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    run_ok(c.arg("--out").arg(&out));
+    out
+}
+
+fn export(tmp: &Path, what: &str, seed: u32) -> PathBuf {
+    let out = tmp.join(format!("{what}.onnx"));
+    let o = run_ok(
+        bin()
+            .args(["export", "--random-init", "--what", what])
+            .arg("--seed")
+            .arg(seed.to_string())
+            .arg("--config")
+            .arg(recipe())
+            .arg("--out")
+            .arg(&out),
+    );
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["random_init_seed"], seed);
+    assert_eq!(report["img_size"], 64);
+    out
+}
+
+fn eval(sub: &str, model: &Path, args: &[&str], dirs: &[(&str, &Path)]) -> Command {
+    let mut c = bin();
+    c.args(["eval", sub, "--json", "--no-progress", "--threads", "1"])
+        .args(["--batch-size", "8", "--model"])
+        .arg(model)
+        .args(args);
+    for (flag, d) in dirs {
+        c.arg(flag).arg(d);
+    }
+    c
+}
+
+fn json(c: &mut Command) -> Value {
+    let o = run_ok(c);
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(text.trim().lines().count(), 1, "one JSON object: {text}");
+    serde_json::from_str(text.trim()).unwrap()
+}
+
+fn fails_with(c: &mut Command, needle: &str) {
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{c:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{c:?}: expected `{needle}` in:\n{err}"
+    );
+}
+
+fn unit(v: &Value) -> f64 {
+    let x = v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
+    assert!((0.0..=1.0).contains(&x), "{x}");
+    x
+}
+
+#[test]
+fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let d = data_root();
+    let classes = ("--classes", d.join("imagenet/synset_words.txt"));
+    let train = shard(
+        t,
+        "inet-train",
+        &["imagenet"],
+        &[("--root", d.join("imagenet/train")), classes.clone()],
+    );
+    let val = shard(
+        t,
+        "inet-val",
+        &["imagenet"],
+        &[
+            ("--root", d.join("imagenet/val")),
+            ("--list", d.join("imagenet/val.txt")),
+            classes,
+        ],
+    );
+    let coco = shard(
+        t,
+        "coco",
+        &["coco"],
+        &[
+            ("--images", d.join("coco/train2017")),
+            (
+                "--annotations",
+                d.join("coco/annotations/instances_train2017.json"),
+            ),
+        ],
+    );
+    let ade = shard(
+        t,
+        "ade",
+        &["ade20k", "--split", "validation"],
+        &[("--root", d.join("ade20k/ADEChallengeData2016"))],
+    );
+    let enc = export(t, "encoder", 3);
+    let dp = export(t, "droppos", 3);
+    // --random-init is the seeded trainer initialisation: same seed, same bytes; another seed,
+    // other weights.
+    let bytes = |p: &Path| std::fs::read(p).unwrap();
+    let again = t.join("again");
+    std::fs::create_dir(&again).unwrap();
+    assert_eq!(bytes(&export(&again, "encoder", 3)), bytes(&enc));
+    assert_ne!(bytes(&export(&again, "encoder", 4)), bytes(&enc));
+
+    // k-NN: memory bank = train shards, queries = val shards; and leave-one-out on train.
+    let r = json(&mut eval(
+        "knn",
+        &enc,
+        &[],
+        &[("--train", &train), ("--val", &val)],
+    ));
+    assert_eq!(r["eval"], "knn");
+    assert_eq!(
+        (r["k"].as_u64(), r["temperature"].as_f64()),
+        (Some(20), Some(0.07f32 as f64))
+    );
+    assert_eq!(
+        (r["num_train"].as_u64(), r["num_queries"].as_u64()),
+        (Some(39), Some(4))
+    );
+    assert!(unit(&r["top1"]) <= unit(&r["top5"]));
+    let r = json(&mut eval(
+        "knn",
+        &enc,
+        &["--k", "5"],
+        &[("--train", &train)],
+    ));
+    assert_eq!(r["leave_one_out"], true);
+    assert_eq!(r["num_queries"], 39);
+    assert!(unit(&r["top1"]) <= unit(&r["top5"]));
+    let out = t.join("knn.json");
+    let mut c = eval("knn", &enc, &["--limit", "10"], &[("--train", &train)]);
+    let r = json(c.arg("--out").arg(&out));
+    assert_eq!(r["num_train"], 10);
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(saved["top1"], r["top1"]);
+
+    // Linear probe trained in Rust.
+    let r = json(&mut eval(
+        "linear",
+        &enc,
+        &["--epochs", "3"],
+        &[("--train", &train), ("--val", &val)],
+    ));
+    assert_eq!(
+        (r["num_train"].as_u64(), r["num_val"].as_u64()),
+        (Some(39), Some(4))
+    );
+    assert!(unit(&r["top1"]) <= unit(&r["top5"]));
+    unit(&r["train_top1"]);
+    assert!(r["final_train_loss"].as_f64().unwrap().is_finite());
+
+    // Position accuracy at two mask ratios: 16 patches; ratio 0.5 keeps 8 and drops the
+    // positions of int(8 · 0.75) = 6 of them; 0.75 keeps 4 and drops 3. 4 val images.
+    let r = json(&mut eval(
+        "position",
+        &dp,
+        &["--mask-ratio", "0.5,0.75", "--seed", "1"],
+        &[("--data", &val)],
+    ));
+    assert_eq!(
+        (r["images"].as_u64(), r["num_positions"].as_u64()),
+        (Some(4), Some(16))
+    );
+    let s = r["scores"].as_array().unwrap();
+    assert_eq!(s.len(), 2);
+    for (s, (visible, dropped)) in s.iter().zip([(8, 6), (4, 3)]) {
+        assert_eq!(s["visible"], visible);
+        assert_eq!(s["predictions_visible"], 4 * visible);
+        assert_eq!(s["predictions_dropped"], 4 * dropped);
+        assert_eq!(s["chance"], 1.0 / 16.0);
+        unit(&s["acc_dropped"]);
+        unit(&s["acc_visible"]);
+    }
+    // Same seed, same masks, same numbers.
+    let again = json(&mut eval(
+        "position",
+        &dp,
+        &["--mask-ratio", "0.5,0.75", "--seed", "1"],
+        &[("--data", &val)],
+    ));
+    assert_eq!(again["scores"], r["scores"]);
+    // Three mask draws per image: three times the predictions.
+    let r = json(&mut eval(
+        "position",
+        &dp,
+        &["--mask-ratio", "0.5", "--repeats", "3"],
+        &[("--data", &val)],
+    ));
+    assert_eq!(r["scores"][0]["predictions_visible"], 3 * 4 * 8);
+
+    // Dense probe on COCO (train = val here) and ADE20K patch labels.
+    for (dirs, extra) in [(&coco, None), (&ade, Some("--ignore-label=0"))] {
+        let mut args = vec!["--epochs", "3"];
+        args.extend(extra);
+        let r = json(&mut eval(
+            "dense",
+            &enc,
+            &args,
+            &[("--train", dirs), ("--val", dirs)],
+        ));
+        let images = r["val_images"].as_u64().unwrap();
+        assert!(images > 0);
+        assert!(r["val_patches"].as_u64().unwrap() <= images * 16);
+        assert!(r["classes_scored"].as_u64().unwrap() >= 1);
+        unit(&r["patch_accuracy"]);
+        unit(&r["miou"]);
+    }
+
+    // Human summary without --json.
+    let o = run_ok(
+        bin()
+            .args(["eval", "knn", "--no-progress", "--model"])
+            .arg(&enc)
+            .arg("--train")
+            .arg(&train),
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("top-1") && text.contains("leave-one-out"),
+        "{text}"
+    );
+
+    // Wrong model kind, wrong shard kind, mismatched patch grid.
+    fails_with(
+        &mut eval("position", &enc, &[], &[("--data", &val)]),
+        "--what droppos",
+    );
+    fails_with(
+        &mut eval("knn", &dp, &[], &[("--train", &train)]),
+        "--what encoder",
+    );
+    fails_with(
+        &mut eval("knn", &enc, &[], &[("--train", &coco)]),
+        "no class labels",
+    );
+    fails_with(
+        &mut eval(
+            "dense",
+            &enc,
+            &[],
+            &[("--train", &train), ("--val", &train)],
+        ),
+        "no patch_labels",
+    );
+    let ade8 = shard(
+        t,
+        "ade8",
+        &["ade20k", "--split", "validation", "--patch-size", "8"],
+        &[("--root", d.join("ade20k/ADEChallengeData2016"))],
+    );
+    fails_with(
+        &mut eval("dense", &enc, &[], &[("--train", &ade8), ("--val", &ade8)]),
+        "patch grid",
+    );
+    fails_with(
+        &mut eval("knn", &enc, &[], &[("--train", &t.join("missing"))]),
+        "missing",
+    );
+}
+
+/// `bench onnx` on a tiny encoder: one JSON line, ort and tch agree on `cls`.
+#[test]
+fn bench_onnx_reports_both_engines() {
+    let o = run_ok(bin().args([
+        "bench",
+        "onnx",
+        "--model",
+        "vit_tiny_patch16_32",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--iters",
+        "1",
+    ]));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (r["img_size"].as_i64(), r["batch"].as_i64()),
+        (Some(32), Some(2))
+    );
+    assert!(r["ort_images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["tch_images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["onnx_bytes"].as_u64().unwrap() > 0);
+    assert!(r["cls_max_abs_diff"].as_f64().unwrap() <= 1e-4, "{r}");
+}
