@@ -140,6 +140,20 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The `[batch, C, S, S]` fp32 image input.
+    fn images_input(&mut self, name: &str, s: &EncoderSpec, batch: &Dim) -> String {
+        self.g.input(
+            name,
+            ElemType::F32,
+            &[
+                batch.clone(),
+                Dim::Fixed(s.in_chans),
+                Dim::Fixed(s.img_size),
+                Dim::Fixed(s.img_size),
+            ],
+        )
+    }
+
     fn param(&mut self, name: &str, dims: &[i64]) -> Result<String, OnnxError> {
         let t = self.w.get_shaped(name, dims)?;
         Ok(self.g.weight(name, &t.dims, &t.data))
@@ -366,16 +380,7 @@ pub fn encoder_model(
     };
     let (d, grid) = (s.embed_dim, s.grid());
     let batch = Dim::param("batch");
-    let images = cx.g.input(
-        IMAGES,
-        ElemType::F32,
-        &[
-            batch.clone(),
-            Dim::Fixed(s.in_chans),
-            Dim::Fixed(s.img_size),
-            Dim::Fixed(s.img_size),
-        ],
-    );
+    let images = cx.images_input(IMAGES, s, &batch);
     let tokens = cx.patch_embed(&images, s)?;
     let cls = cx.param("cls_token", &[1, 1, d])?;
     let cls = cx.expand_batch(&cls, &images, d);
@@ -442,16 +447,7 @@ pub fn droppos_model(
     let (d, l) = (s.embed_dim, s.num_patches());
     let batch = Dim::param("batch");
     let visible = Dim::param("visible");
-    let images = cx.g.input(
-        IMAGES,
-        ElemType::F32,
-        &[
-            batch.clone(),
-            Dim::Fixed(s.in_chans),
-            Dim::Fixed(s.img_size),
-            Dim::Fixed(s.img_size),
-        ],
-    );
+    let images = cx.images_input(IMAGES, s, &batch);
     let ids =
         cx.g.input(IDS_KEEP, ElemType::I64, &[batch.clone(), visible.clone()]);
     let mask =
