@@ -186,6 +186,18 @@ fn run(
     train(ctx, task, &mut source)
 }
 
+/// A run with a fresh toy task and no signal, which must succeed.
+fn fresh_run(dir: &Path, recipe: &Recipe, resume: bool) -> Outcome {
+    run(
+        dir,
+        recipe,
+        resume,
+        StopFlag::default(),
+        &mut ToyTask::new(),
+    )
+    .unwrap()
+}
+
 fn losses(dir: &Path) -> Vec<(u64, u64)> {
     // Bit patterns: the comparison is exact, not within a tolerance.
     read_metrics(&metrics_path(dir))
@@ -257,14 +269,7 @@ fn resumed_run_equals_uninterrupted_run() {
 fn a_signal_saves_and_resume_continues_exactly() {
     let full = tempfile::tempdir().unwrap();
     let r = recipe(&["checkpoint.every_steps=0", "checkpoint.every_epoch=false"]);
-    run(
-        full.path(),
-        &r,
-        false,
-        StopFlag::default(),
-        &mut ToyTask::new(),
-    )
-    .unwrap();
+    fresh_run(full.path(), &r, false);
 
     let split = tempfile::tempdir().unwrap();
     let stop = StopFlag::default();
@@ -282,14 +287,7 @@ fn a_signal_saves_and_resume_continues_exactly() {
         CheckpointStore::load(&path).unwrap().state.reason,
         "interrupted"
     );
-    run(
-        split.path(),
-        &r,
-        true,
-        StopFlag::default(),
-        &mut ToyTask::new(),
-    )
-    .unwrap();
+    fresh_run(split.path(), &r, true);
     assert_eq!(losses(split.path()), losses(full.path()));
 }
 
@@ -320,37 +318,16 @@ fn a_non_finite_loss_stops_with_the_last_good_state() {
     );
     assert_eq!(ckpt.state.reason, "non_finite");
     // Resuming from it replays step 3 exactly as an uninterrupted run would.
-    run(
-        dir.path(),
-        &r,
-        true,
-        StopFlag::default(),
-        &mut ToyTask::new(),
-    )
-    .unwrap();
+    fresh_run(dir.path(), &r, true);
     let full = tempfile::tempdir().unwrap();
-    run(
-        full.path(),
-        &r,
-        false,
-        StopFlag::default(),
-        &mut ToyTask::new(),
-    )
-    .unwrap();
+    fresh_run(full.path(), &r, false);
     assert_eq!(losses(dir.path()), losses(full.path()));
 }
 
 #[test]
 fn resume_refuses_a_different_recipe() {
     let dir = tempfile::tempdir().unwrap();
-    run(
-        dir.path(),
-        &recipe(&["train.max_steps=1"]),
-        false,
-        StopFlag::default(),
-        &mut ToyTask::new(),
-    )
-    .unwrap();
+    fresh_run(dir.path(), &recipe(&["train.max_steps=1"]), false);
     let err = format!(
         "{:#}",
         run(
@@ -368,14 +345,7 @@ fn resume_refuses_a_different_recipe() {
 #[test]
 fn metrics_lines_carry_every_field() {
     let dir = tempfile::tempdir().unwrap();
-    run(
-        dir.path(),
-        &recipe(&[]),
-        false,
-        StopFlag::default(),
-        &mut ToyTask::new(),
-    )
-    .unwrap();
+    fresh_run(dir.path(), &recipe(&[]), false);
     let m = read_metrics(&metrics_path(dir.path())).unwrap();
     assert_eq!(m.len(), 6);
     let r = recipe(&[]);
