@@ -132,6 +132,10 @@ pub struct DataConfig {
     pub workers: u64,
     /// Batches prepared ahead of the trainer.
     pub prefetch: u64,
+    /// How ranks share an epoch: `strided` (torch's DistributedSampler: W ranks × batch B train
+    /// exactly like one process × W·B) or `contiguous` (each rank reads ~1/W of the row groups:
+    /// less I/O on shared storage, but a step's samples depend on W).
+    pub rank_partition: String,
 }
 
 /// When and how many checkpoints to keep.
@@ -201,6 +205,7 @@ impl Default for DataConfig {
             hflip: true,
             workers: 0,
             prefetch: 2,
+            rank_partition: "strided".into(),
         }
     }
 }
@@ -307,6 +312,11 @@ impl Recipe {
             "droppos.smooth_grid",
             &self.droppos.smooth_grid,
             &["model", "reference"],
+        )?;
+        one_of(
+            "data.rank_partition",
+            &self.data.rank_partition,
+            &["strided", "contiguous"],
         )?;
         one_of(
             "droppos.guide_precision",

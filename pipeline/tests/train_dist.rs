@@ -13,9 +13,9 @@ use droppos_model::checkpoint;
 mod common;
 use common::{bin, data_root, run_ok};
 
-/// An ImageFolder of exactly `n` of the bundled ImageNet images, sharded. With n = 2B and two
-/// ranks each rank's epoch is one batch of B, and the two together are exactly the one-process
-/// batch of 2B (ranks take contiguous slices of the same epoch order).
+/// An ImageFolder of exactly `n` of the bundled ImageNet images, sharded. With n a multiple of
+/// 2B both runs have the same number of steps per epoch (hence the same lr schedule); the
+/// loader's strided rank partition makes step k's 2B samples the same in both.
 fn shard_subset(tmp: &Path, n: usize) -> PathBuf {
     let src = data_root().join("imagenet/train");
     let dst = tmp.join("subset");
@@ -107,13 +107,20 @@ fn final_weights(run: &Path) -> Vec<(String, tch::Tensor)> {
 #[test]
 fn two_ranks_with_batch_b_train_like_one_process_with_batch_2b() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = shard_subset(tmp.path(), 16);
+    // 32 images, 2B = 8: four steps per epoch, two epochs.
+    let data = shard_subset(tmp.path(), 32);
 
     let one = tmp.path().join("one");
-    run_ok(&mut train_cmd(&data, &one, &["train.batch_size=16"]));
+    run_ok(&mut train_cmd(
+        &data,
+        &one,
+        &["train.batch_size=8", "train.epochs=2"],
+    ));
     let two = tmp.path().join("two");
-    let out =
-        run_ok(train_cmd(&data, &two, &["train.batch_size=8"]).args(["--nproc-per-node", "2"]));
+    let out = run_ok(
+        train_cmd(&data, &two, &["train.batch_size=4", "train.epochs=2"])
+            .args(["--nproc-per-node", "2"]),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("weights identical on all 2 ranks"),
@@ -121,8 +128,8 @@ fn two_ranks_with_batch_b_train_like_one_process_with_batch_2b() {
     );
 
     let (l1, l2) = (losses(&one), losses(&two));
-    assert_eq!(l1.len(), 4);
-    assert_eq!(l2.len(), 4);
+    assert_eq!(l1.len(), 8);
+    assert_eq!(l2.len(), 8);
     for (a, b) in l1.iter().zip(&l2) {
         assert!((a - b).abs() <= 1e-5 * a.abs(), "losses {l1:?} vs {l2:?}");
     }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use droppos_model::data::Prefetcher;
-use droppos_shards::loader::{Augment, EpochLoader, Loader, LoaderConfig, RrcParams, ShardSet};
+use droppos_shards::loader::{
+    Augment, EpochLoader, Loader, LoaderConfig, Partition, RrcParams, ShardSet,
+};
 use tch::Device;
 
 use super::run::World;
@@ -43,6 +45,11 @@ impl LoaderSource {
         cfg.seed = recipe.train.seed;
         cfg.world = world.size as usize;
         cfg.rank = world.rank as usize;
+        cfg.partition = if recipe.data.rank_partition == "contiguous" {
+            Partition::Contiguous
+        } else {
+            Partition::Strided
+        };
         if recipe.data.workers > 0 {
             cfg.threads = recipe.data.workers as usize;
         }

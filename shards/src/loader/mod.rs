@@ -37,7 +37,7 @@ use std::sync::Arc;
 pub use batch::{Batch, Images, PixelFormat, SkippedSample, IMAGENET_MEAN, IMAGENET_STD};
 pub use pipeline::EpochLoader;
 pub use reader::ShardSet;
-pub use sampler::Pad;
+pub use sampler::{Pad, Partition};
 pub use transform::{Augment, RrcParams};
 
 use std::path::{Path, PathBuf};
@@ -103,6 +103,8 @@ pub struct LoaderConfig {
     pub world: usize,
     pub rank: usize,
     pub pad: Pad,
+    /// How the epoch order is cut among ranks (strided, like DistributedSampler, by default).
+    pub partition: Partition,
     /// Drop a last batch smaller than `batch_size`.
     pub drop_last: bool,
     /// Decode threads.
@@ -132,6 +134,7 @@ impl LoaderConfig {
             world: 1,
             rank: 0,
             pad: Pad::Wrap,
+            partition: Partition::Strided,
             drop_last: true,
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -198,11 +201,12 @@ impl Loader {
 
     /// Samples of this rank's slice per epoch.
     pub fn samples_per_epoch(&self) -> u64 {
-        sampler::RankSlice::new(
+        sampler::RankSlice::with_partition(
             self.set.num_samples(),
             self.config.world as u64,
             self.config.rank as u64,
             self.config.pad,
+            self.config.partition,
         )
         .len
     }

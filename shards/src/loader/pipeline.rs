@@ -61,11 +61,12 @@ impl EpochLoader {
             },
             epoch,
         );
-        let slice = RankSlice::new(
+        let slice = RankSlice::with_partition(
             set.num_samples(),
             cfg.world as u64,
             cfg.rank as u64,
             cfg.pad,
+            cfg.partition,
         );
         let cursor = OrderCursor::new(plan, slice, consumed);
         let pool = rayon::ThreadPoolBuilder::new()

@@ -14,11 +14,15 @@
 //!
 //! Ranks (DistributedSampler semantics): with W ranks each gets `ceil(N / W)` samples
 //! (`Pad::Wrap`: the permuted order is extended by repeating it from its start) or
-//! `floor(N / W)` (`Pad::Drop`: the tail of the permuted order is dropped). Rank r takes the
-//! *contiguous* positions [r·n, (r+1)·n) of that extended order, not every W-th position as
-//! torch's DistributedSampler does: the slices are still disjoint, equal-length and together
-//! cover the whole order, and a contiguous slice means each rank reads only about 1/W of the row
-//! groups per epoch.
+//! `floor(N / W)` (`Pad::Drop`: the tail of the permuted order is dropped). Two ways to cut it
+//! ([`Partition`]):
+//! - `Strided` (default): rank r takes positions r, r+W, r+2W, ... as torch's
+//!   DistributedSampler does. The i-th batch of B on every rank together are then exactly the
+//!   i-th batch of W·B of a single process, so W ranks train like one process with W× the
+//!   batch. Each rank reads every row group of the epoch (and decodes only its own samples).
+//! - `Contiguous`: rank r takes positions [r·n, (r+1)·n): each rank reads only about 1/W of the
+//!   row groups per epoch (less I/O for many ranks on shared storage), but a step's samples then
+//!   depend on W.
 
 use super::rng::{Rng, DOMAIN_ORDER};
 
@@ -39,11 +43,34 @@ pub struct RankSlice {
     pub start: u64,
     /// Number of positions.
     pub len: u64,
+    /// Distance between consecutive positions (1: contiguous, W: strided).
+    pub stride: u64,
+}
+
+/// How the epoch order is cut into rank slices (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Partition {
+    /// Every W-th position (torch's DistributedSampler).
+    #[default]
+    Strided,
+    /// One contiguous block per rank.
+    Contiguous,
 }
 
 impl RankSlice {
-    /// The slice of `rank` out of `world` ranks over `n` samples.
+    /// The strided slice of `rank` out of `world` ranks over `n` samples.
     pub fn new(n: u64, world: u64, rank: u64, pad: Pad) -> RankSlice {
+        Self::with_partition(n, world, rank, pad, Partition::Strided)
+    }
+
+    /// The slice of `rank` out of `world` ranks over `n` samples.
+    pub fn with_partition(
+        n: u64,
+        world: u64,
+        rank: u64,
+        pad: Pad,
+        partition: Partition,
+    ) -> RankSlice {
         assert!(
             world > 0 && rank < world,
             "rank {rank} out of world {world}"
@@ -52,10 +79,23 @@ impl RankSlice {
             Pad::Wrap => n.div_ceil(world),
             Pad::Drop => n / world,
         };
-        RankSlice {
-            start: rank * len,
-            len,
+        match partition {
+            Partition::Strided => RankSlice {
+                start: rank,
+                len,
+                stride: world,
+            },
+            Partition::Contiguous => RankSlice {
+                start: rank * len,
+                len,
+                stride: 1,
+            },
         }
+    }
+
+    /// The epoch-order position of this slice's `i`-th sample.
+    pub fn position(&self, i: u64) -> u64 {
+        self.start + i * self.stride
     }
 }
 
@@ -255,7 +295,7 @@ impl OrderCursor {
         if self.consumed >= self.slice.len || self.plan.is_empty() {
             return None;
         }
-        let epoch_position = self.slice.start + self.consumed;
+        let epoch_position = self.slice.position(self.consumed);
         let pos = self.plan.unpad(epoch_position);
         let (window, offset) = self.plan.locate(pos);
         if self.cached_window.as_ref().map(|(w, _)| *w) != Some(window) {
@@ -334,14 +374,16 @@ mod tests {
     fn ranks_are_disjoint_equal_and_cover() {
         let sizes = [5u64, 7, 3, 9, 1, 4];
         let n: u64 = sizes.iter().sum();
-        for world in 1..=7u64 {
+        for (world, partition) in
+            (1..=7u64).flat_map(|w| [(w, Partition::Strided), (w, Partition::Contiguous)])
+        {
             for pad in [Pad::Wrap, Pad::Drop] {
                 let plan = EpochPlan::new(&sizes, cfg(3), 2);
                 let mut seen_pos = HashSet::new();
                 let mut seen_samples = HashSet::new();
                 let mut lens = vec![];
                 for rank in 0..world {
-                    let slice = RankSlice::new(n, world, rank, pad);
+                    let slice = RankSlice::with_partition(n, world, rank, pad, partition);
                     let slots: Vec<Slot> = OrderCursor::new(plan.clone(), slice, 0).collect();
                     lens.push(slots.len() as u64);
                     for s in &slots {
@@ -383,5 +425,35 @@ mod tests {
         let full: Vec<Slot> = OrderCursor::new(plan.clone(), slice, 0).collect();
         let resumed: Vec<Slot> = OrderCursor::new(plan, slice, 5).collect();
         assert_eq!(&full[5..], &resumed[..]);
+    }
+
+    #[test]
+    fn strided_ranks_together_form_the_single_process_batches() {
+        let sizes = [5u64, 7, 3, 9, 1, 4];
+        let n: u64 = sizes.iter().sum();
+        let plan = EpochPlan::new(&sizes, cfg(11), 4);
+        let single: Vec<u64> =
+            OrderCursor::new(plan.clone(), RankSlice::new(n, 1, 0, Pad::Drop), 0)
+                .map(|s| s.global_index)
+                .collect();
+        let (world, b) = (3u64, 2usize);
+        let ranks: Vec<Vec<u64>> = (0..world)
+            .map(|r| {
+                OrderCursor::new(plan.clone(), RankSlice::new(n, world, r, Pad::Drop), 0)
+                    .map(|s| s.global_index)
+                    .collect()
+            })
+            .collect();
+        for step in 0..ranks[0].len() / b {
+            let mut together: Vec<u64> = ranks
+                .iter()
+                .flat_map(|r| r[step * b..(step + 1) * b].iter().copied())
+                .collect();
+            let mut one =
+                single[step * b * world as usize..(step + 1) * b * world as usize].to_vec();
+            together.sort();
+            one.sort();
+            assert_eq!(together, one, "step {step}");
+        }
     }
 }
