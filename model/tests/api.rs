@@ -258,6 +258,14 @@ fn bf16_guide_is_close_to_fp32_and_leaves_autocast_off() {
     let mut bcfg = cfg.clone();
     bcfg.guide_precision = GuidePrecision::Bf16;
     let (_vs2, bf16) = model(&bcfg, 3);
+    // Same weights whatever other tests drew from libtorch's global generator meanwhile.
+    tch::no_grad(|| {
+        for ((na, a), (nb, b)) in fp32.named_parameters().iter().zip(bf16.named_parameters()) {
+            assert_eq!(na, &nb);
+            let mut b = b;
+            b.copy_(a);
+        }
+    });
     tch::manual_seed(5);
     let images = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
     let a = fp32.attention_guide(&images).unwrap();
