@@ -14,10 +14,11 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::error::TrainerError;
 use super::state::TrainState;
+use crate::layers::NamedTensors;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -43,15 +44,6 @@ pub struct CheckpointStore {
     dir: PathBuf,
 }
 
-fn cpu_contiguous(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    tch::no_grad(|| {
-        tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous()))
-            .collect()
-    })
-}
-
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainerError> {
     let mut f = File::create(path)
         .map_err(|e| TrainerError::io(format!("creating {}", path.display()), e))?;
@@ -60,28 +52,24 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainerError> {
         .map_err(|e| TrainerError::io(format!("writing {}", path.display()), e))
 }
 
-fn sync_file(path: &Path) -> Result<(), TrainerError> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| TrainerError::io(format!("syncing {}", path.display()), e))
-}
-
-/// Writes named tensors as safetensors (moved to the CPU, made contiguous).
-pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), TrainerError> {
-    Tensor::write_safetensors(&cpu_contiguous(tensors), path).map_err(|source| {
-        TrainerError::Tensor {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?;
-    sync_file(path)
-}
-
-/// Reads named tensors from a safetensors file (on the CPU).
-pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, TrainerError> {
-    Tensor::read_safetensors(path).map_err(|source| TrainerError::Tensor {
+/// Writes named tensors (+ string metadata) as safetensors through the model crate's writer
+/// (moved to the CPU, made contiguous, synced).
+fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), TrainerError> {
+    crate::checkpoint::save(path, tensors, metadata).map_err(|e| TrainerError::Checkpoint {
         path: path.to_path_buf(),
-        source,
+        message: e.to_string(),
+    })
+}
+
+/// Reads named tensors (on the CPU) and the string metadata of a safetensors file.
+fn read_tensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String>), TrainerError> {
+    crate::checkpoint::load(path).map_err(|e| TrainerError::Checkpoint {
+        path: path.to_path_buf(),
+        message: e.to_string(),
     })
 }
 
@@ -151,13 +139,12 @@ impl CheckpointStore {
         }
         std::fs::create_dir(&tmp)
             .map_err(|e| TrainerError::io(format!("creating {}", tmp.display()), e))?;
-        let model_path = tmp.join(MODEL_FILE);
-        crate::checkpoint::save(&model_path, &ckpt.model, Some(ckpt.model_metadata.clone()))
-            .map_err(|e| TrainerError::Checkpoint {
-                path: model_path.clone(),
-                message: e.to_string(),
-            })?;
-        write_tensors(&tmp.join(OPTIMIZER_FILE), &ckpt.optimizer)?;
+        write_tensors(
+            &tmp.join(MODEL_FILE),
+            &ckpt.model,
+            Some(ckpt.model_metadata.clone()),
+        )?;
+        write_tensors(&tmp.join(OPTIMIZER_FILE), &ckpt.optimizer, None)?;
         let state = serde_json::to_vec_pretty(&ckpt.state).expect("train state encodes as JSON");
         write_synced(&tmp.join(STATE_FILE), &state)?;
         write_synced(&tmp.join(CONFIG_FILE), ckpt.config_toml.as_bytes())?;
@@ -206,15 +193,11 @@ impl CheckpointStore {
         let config_path = dir.join(CONFIG_FILE);
         let config_toml = std::fs::read_to_string(&config_path)
             .map_err(|e| TrainerError::io(format!("reading {}", config_path.display()), e))?;
-        let model_path = dir.join(MODEL_FILE);
-        let (model, model_metadata) =
-            crate::checkpoint::load(&model_path).map_err(|e| TrainerError::Checkpoint {
-                path: model_path.clone(),
-                message: e.to_string(),
-            })?;
+        let (model, model_metadata) = read_tensors(&dir.join(MODEL_FILE))?;
+        let (optimizer, _) = read_tensors(&dir.join(OPTIMIZER_FILE))?;
         Ok(Checkpoint {
             model,
-            optimizer: read_tensors(&dir.join(OPTIMIZER_FILE))?,
+            optimizer,
             state,
             config_toml,
             model_metadata,
@@ -225,7 +208,7 @@ impl CheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Kind;
+    use tch::{Device, Kind};
 
     fn ckpt(step: u64) -> Checkpoint {
         Checkpoint {

@@ -9,11 +9,6 @@ pub enum TrainerError {
         context: String,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Tensor {
-        path: PathBuf,
-        source: tch::TchError,
-    },
     #[error("{path}: invalid train state: {source}")]
     State {
         path: PathBuf,
