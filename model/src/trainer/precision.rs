@@ -65,28 +65,53 @@ pub fn cuda_autocast_is_bf16() -> Result<bool, String> {
 /// does): matmuls and linear layers compute in bf16, which CPUs with AMX or AVX512-BF16 run
 /// several times faster than fp32. The previous CPU autocast state is restored afterwards.
 pub fn with_cpu_autocast_bf16<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    let lib = this()?;
-    // SAFETY: signatures match at::autocast::{is,set}_autocast_enabled(DeviceType[, bool]),
-    // set_autocast_dtype(DeviceType, ScalarType), {increment,decrement}_nesting() -> int64 and
-    // clear_cache(); DeviceType and ScalarType are int8_t-backed enums.
+    let api = cpu_autocast_api()?;
+    // SAFETY: the pointers come from libtorch, which stays loaded for the process's lifetime,
+    // with the signatures declared in `CpuAutocastApi`.
     unsafe {
-        let is_enabled: Symbol<unsafe extern "C" fn(i8) -> bool> = sym(&lib, IS_AUTOCAST_ENABLED)?;
-        let set_enabled: Symbol<unsafe extern "C" fn(i8, bool)> = sym(&lib, SET_AUTOCAST_ENABLED)?;
-        let set_dtype: Symbol<unsafe extern "C" fn(i8, i8)> = sym(&lib, SET_AUTOCAST_DTYPE)?;
-        let inc: Symbol<unsafe extern "C" fn() -> i64> = sym(&lib, INCREMENT_NESTING)?;
-        let dec: Symbol<unsafe extern "C" fn() -> i64> = sym(&lib, DECREMENT_NESTING)?;
-        let clear: Symbol<unsafe extern "C" fn()> = sym(&lib, CLEAR_CACHE)?;
-        let was = is_enabled(DEVICE_CPU);
-        set_dtype(DEVICE_CPU, SCALAR_BF16);
-        set_enabled(DEVICE_CPU, true);
-        inc();
+        let was = (api.is_enabled)(DEVICE_CPU);
+        (api.set_dtype)(DEVICE_CPU, SCALAR_BF16);
+        (api.set_enabled)(DEVICE_CPU, true);
+        (api.increment_nesting)();
         let out = f();
-        if dec() == 0 {
-            clear();
+        if (api.decrement_nesting)() == 0 {
+            (api.clear_cache)();
         }
-        set_enabled(DEVICE_CPU, was);
+        (api.set_enabled)(DEVICE_CPU, was);
         Ok(out)
     }
+}
+
+/// libtorch's CPU autocast controls, looked up once (the guide pass uses them every step).
+struct CpuAutocastApi {
+    is_enabled: unsafe extern "C" fn(i8) -> bool,
+    set_enabled: unsafe extern "C" fn(i8, bool),
+    set_dtype: unsafe extern "C" fn(i8, i8),
+    increment_nesting: unsafe extern "C" fn() -> i64,
+    decrement_nesting: unsafe extern "C" fn() -> i64,
+    clear_cache: unsafe extern "C" fn(),
+}
+
+fn cpu_autocast_api() -> Result<&'static CpuAutocastApi, String> {
+    static API: std::sync::OnceLock<Result<CpuAutocastApi, String>> = std::sync::OnceLock::new();
+    API.get_or_init(|| {
+        let lib = this()?;
+        // SAFETY: signatures match at::autocast::{is,set}_autocast_enabled(DeviceType[, bool]),
+        // set_autocast_dtype(DeviceType, ScalarType), {increment,decrement}_nesting() -> int64
+        // and clear_cache(); DeviceType and ScalarType are int8_t-backed enums.
+        unsafe {
+            Ok(CpuAutocastApi {
+                is_enabled: *sym(&lib, IS_AUTOCAST_ENABLED)?,
+                set_enabled: *sym(&lib, SET_AUTOCAST_ENABLED)?,
+                set_dtype: *sym(&lib, SET_AUTOCAST_DTYPE)?,
+                increment_nesting: *sym(&lib, INCREMENT_NESTING)?,
+                decrement_nesting: *sym(&lib, DECREMENT_NESTING)?,
+                clear_cache: *sym(&lib, CLEAR_CACHE)?,
+            })
+        }
+    })
+    .as_ref()
+    .map_err(Clone::clone)
 }
 
 /// Allows TF32 in cuBLAS matmuls and cuDNN convolutions (fp32 tensors, ~10-bit mantissa math).

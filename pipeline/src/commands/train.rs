@@ -141,14 +141,10 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    // Every rank starts from rank 0's weights, as under DDP.
-    collective.broadcast_weights(
-        &task
-            .model_tensors()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect::<Vec<_>>(),
-    )?;
+    // Handles to the parameters themselves (the optimizer updates them in place): every rank
+    // starts from rank 0's values, as under DDP, and they are compared again at the end.
+    let weights: Vec<_> = task.model_tensors().into_iter().map(|(_, t)| t).collect();
+    collective.broadcast_weights(&weights)?;
     let mut source = LoaderSource::open(&args.data, &recipe, placement.device, world)?;
     let ctx = TrainContext {
         recipe: &recipe,
@@ -160,7 +156,6 @@ pub fn run(args: Args) -> Result<()> {
     };
     match train(ctx, &mut task, &mut source)? {
         Outcome::Finished { step } => {
-            let weights: Vec<_> = task.model_tensors().into_iter().map(|(_, t)| t).collect();
             let (sum, _) = collective.check_in_sync(&weights)?;
             if world.rank == 0 {
                 println!("finished at step {step}; run folder {}", run_dir.display());
@@ -170,8 +165,7 @@ pub fn run(args: Args) -> Result<()> {
                         world.size
                     );
                 }
-                let positions = (recipe.model.img_size / recipe.model.patch_size).pow(2);
-                print_accuracy_summary(run_dir, positions)?;
+                print_accuracy_summary(run_dir, recipe.num_patches())?;
             }
         }
         Outcome::Interrupted { step, checkpoint } => {
