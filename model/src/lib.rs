@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: ViT / decoder presets and the pre-text task settings (serde).
 //! - [`vit`]: the encoder ([`vit::VisionTransformer::forward_features`] for export and probes).
+//! - [`classifier`]: the ViT with a classification head (timm / MAE fine-tuning names).
 //! - [`droppos`]: the pre-training model ([`droppos::DropPos::forward_train`]).
 //! - [`masking`], [`smoothing`], [`pos_embed`]: the reference's building blocks.
 //! - [`optim`]: per-parameter clipping and AdamW; [`schedule`]: lr / σ schedules.
@@ -25,6 +26,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod classifier;
 pub mod config;
 pub mod data;
 pub mod distributed;
@@ -40,6 +42,7 @@ pub mod smoothing;
 pub mod trainer;
 pub mod vit;
 
+pub use classifier::{ClassifierConfig, GlobalPool, VitClassifier};
 pub use config::{
     AttentionImpl, DecoderConfig, DropPosConfig, GuidePrecision, MaskTokenType, SmoothGrid,
     VitConfig,

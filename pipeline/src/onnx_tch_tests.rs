@@ -35,6 +35,18 @@ fn tiny_config() -> DropPosConfig {
     cfg
 }
 
+/// Adds N(0, 0.05²) noise to every parameter but the fixed pos_embed table.
+fn perturb(params: Vec<(String, Tensor)>) {
+    tch::no_grad(|| {
+        for (name, mut t) in params {
+            if name != "pos_embed" {
+                let noise = Tensor::randn_like(&t) * 0.05;
+                let _ = t.f_add_(&noise).unwrap();
+            }
+        }
+    });
+}
+
 /// A seeded tiny model whose parameters are all perturbed (so LayerNorm 1/0 and zero biases do
 /// not hide wiring mistakes); pos_embed stays the fixed sin-cos table.
 fn tiny_model(seed: i64) -> (tch::nn::VarStore, DropPos, DropPosConfig) {
@@ -42,15 +54,7 @@ fn tiny_model(seed: i64) -> (tch::nn::VarStore, DropPos, DropPosConfig) {
     tch::manual_seed(seed);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let model = DropPos::new(&vs.root(), &cfg).unwrap();
-    tch::no_grad(|| {
-        for (name, t) in model.named_parameters() {
-            if name != "pos_embed" {
-                let mut t = t;
-                let noise = Tensor::randn_like(&t) * 0.05;
-                let _ = t.f_add_(&noise).unwrap();
-            }
-        }
-    });
+    perturb(model.named_parameters());
     (vs, model, cfg)
 }
 
@@ -66,6 +70,18 @@ fn weights(model: &DropPos) -> droppos_model::onnx::Weights {
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(t.contiguous().view(-1)).unwrap()
+}
+
+/// The `cls` output of the encoder export at `path` for `images` (NCHW).
+fn ort_cls(path: &std::path::Path, images: &Tensor) -> Vec<f32> {
+    let mut ort = OrtModel::load(path, 1).unwrap();
+    let mut got = ort
+        .run(
+            &[Input::f32("images", &images.size(), &to_vec(images))],
+            &[encoder_io::CLS],
+        )
+        .unwrap();
+    got.remove(0).data
 }
 
 #[test]
@@ -160,7 +176,8 @@ fn droppos_export_matches_tch_forward() {
     }
 }
 
-/// A dynamic batch: the same export runs batches of 1 and 5; other image sizes are refused.
+/// A dynamic batch: the same export runs batches of 1 and 5; the DropPos head refuses other
+/// image sizes (the encoder's pos_embed is resampled instead, tested below).
 #[test]
 fn batch_axis_is_dynamic_and_the_trained_size_is_enforced() {
     let (_vs, model, cfg) = tiny_model(3);
@@ -180,9 +197,8 @@ fn batch_axis_is_dynamic_and_the_trained_size_is_enforced() {
             .unwrap();
         assert_eq!(outs[0].shape, vec![n, 48, 4, 4]);
     }
-    for what in [What::Encoder, What::Droppos] {
-        assert!(export::build(&w, &hints(&cfg), what, 48, Opset::V17).is_err());
-    }
+    assert!(export::build(&w, &hints(&cfg), What::Droppos, 48, Opset::V17).is_err());
+    assert!(export::build(&w, &hints(&cfg), What::Encoder, 48, Opset::V17).is_ok());
 }
 
 /// `--random-init`: names, shapes and hints of the trainer's model. (Same seed -> same bytes is
@@ -248,25 +264,179 @@ fn random_init_export_from_checkpoint_metadata() {
         num_heads: None,
         decoder_num_heads: None,
         img_size: None,
+        global_pool: None,
+        num_classes: None,
         opset: 17,
         external_data: export::ExternalArg::Never,
     };
     export::run(args(ckpt.clone())).unwrap();
     let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
-    let mut ort = OrtModel::load(&out, 1).unwrap();
-    let got = ort
-        .run(
-            &[Input::f32("images", &[2, 3, 32, 32], &to_vec(&images))],
-            &[encoder_io::CLS],
-        )
-        .unwrap();
-    assert_eq!(got[0].shape, vec![2, 48]);
+    let got = ort_cls(&out, &images);
+    assert_eq!(got.len(), 2 * 48);
     // Not the checkpoint's weights.
     let (trained_cls, _) = tch::no_grad(|| trained.encoder.forward_features(&images)).unwrap();
-    assert!(max_abs_diff(&got[0].data, &to_vec(&trained_cls)) > 1e-3);
+    assert!(max_abs_diff(&got, &to_vec(&trained_cls)) > 1e-3);
     // A weights file without the config metadata is refused, naming the fix.
     let bare = dir.path().join("bare.safetensors");
     droppos_model::checkpoint::save(&bare, &trained.named_parameters(), None).unwrap();
     let err = export::run(args(bare)).unwrap_err();
     assert!(format!("{err:#}").contains("--config"), "{err:#}");
+}
+
+/// A seeded tiny classifier with every parameter perturbed (the head's 2e-5 init would make
+/// all logits nearly equal).
+fn tiny_classifier(
+    seed: i64,
+    cfg: &droppos_model::ClassifierConfig,
+) -> (tch::nn::VarStore, droppos_model::VitClassifier) {
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = droppos_model::VitClassifier::new(&vs.root(), cfg).unwrap();
+    perturb(model.named_parameters());
+    (vs, model)
+}
+
+/// Exports a classifier of `w` to `path` and runs it in ort: (logits, their shape).
+fn run_classifier(
+    w: &droppos_model::onnx::Weights,
+    h: &ArchHints,
+    opset: Opset,
+    path: &std::path::Path,
+    shape: &[i64],
+    img: &[f32],
+) -> (Vec<f32>, Vec<i64>) {
+    use droppos_model::onnx::classifier_io;
+    let m = export::build(w, h, What::Classifier, shape[2], opset).unwrap();
+    droppos_model::onnx::write_model(m, path, ExternalData::Auto).unwrap();
+    let mut ort = OrtModel::load(path, 1).unwrap();
+    let mut outs = ort
+        .run(
+            &[Input::f32(classifier_io::IMAGES, shape, img)],
+            &[classifier_io::LOGITS],
+        )
+        .unwrap();
+    let o = outs.remove(0);
+    (o.data, o.shape)
+}
+
+#[test]
+fn classifier_export_matches_tch_forward_for_both_pools() {
+    use droppos_model::onnx::classifier_io;
+    use droppos_model::{ClassifierConfig, GlobalPool};
+    let enc = tiny_config().encoder;
+    let dir = tempfile::tempdir().unwrap();
+    for (i, cfg) in [
+        ClassifierConfig::finetune(enc.clone(), 7),
+        ClassifierConfig::token(enc.clone(), 7),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (_vs, model) = tiny_classifier(10 + i as i64, &cfg);
+        let named = model.named_parameters();
+        let w = droppos_model::onnx::Weights::from_named_tensors(
+            named.iter().map(|(n, t)| (n.clone(), t)),
+        )
+        .unwrap();
+        let images = Tensor::randn([3, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+        let want = to_vec(&tch::no_grad(|| model.forward(&images)).unwrap());
+        let img = to_vec(&images);
+        let shape = [3i64, 3, 32, 32];
+        let h = ArchHints {
+            num_heads: Some(enc.num_heads),
+            ..Default::default()
+        };
+        for opset in [Opset::V17, Opset::V20] {
+            // Pooling comes from the weights (fc_norm => avg), as timm decides.
+            let path = dir.path().join(format!("cls{i}_{}.onnx", opset.version()));
+            let (got, got_shape) = run_classifier(&w, &h, opset, &path, &shape, &img);
+            assert_eq!(got_shape, vec![3, 7]);
+            let d = max_abs_diff(&got, &want);
+            eprintln!(
+                "tch parity classifier {:?} opset {}: max |Δ| {d:e}",
+                cfg.global_pool,
+                opset.version()
+            );
+            assert!(d <= TOL, "{d}");
+            let mut case = Case::default();
+            case.input_f32(dir.path(), "images", &shape, &img);
+            case.expect(dir.path(), classifier_io::LOGITS, &[3, 7], &want);
+            python_check(&path, &case.write(dir.path()));
+        }
+        // Forcing the other pooling changes the logits (the option is honoured).
+        let other = match cfg.global_pool {
+            GlobalPool::Avg => GlobalPool::Token,
+            GlobalPool::Token => GlobalPool::Avg,
+        };
+        let h2 = ArchHints {
+            global_pool: Some(other),
+            ..h.clone()
+        };
+        let path = dir.path().join(format!("cls{i}_other.onnx"));
+        let (got, _) = run_classifier(&w, &h2, Opset::V17, &path, &shape, &img);
+        assert!(max_abs_diff(&got, &want) > 1e-3);
+    }
+}
+
+#[test]
+fn classifier_needs_a_head_and_droppos_keeps_its_grid() {
+    let (_vs, model, cfg) = tiny_model(5);
+    let w = weights(&model);
+    let err = export::build(&w, &hints(&cfg), What::Classifier, 32, Opset::V17)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("head.weight"), "{err}");
+    let err = export::build(&w, &hints(&cfg), What::Droppos, 48, Opset::V17)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--img-size 32"), "{err}");
+}
+
+/// `--img-size` other than the trained size: pos_embed resampled like MAE's
+/// `interpolate_pos_embed`, checked against a tch model built at the new size with that table.
+#[test]
+fn encoder_export_at_another_size_resamples_pos_embed() {
+    let (_vs, model, cfg) = tiny_model(6);
+    let w = weights(&model);
+    let m = export::build(&w, &hints(&cfg), What::Encoder, 48, Opset::V17).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("enc48.onnx");
+    droppos_model::onnx::write_model(m, &path, ExternalData::Auto).unwrap();
+
+    let mut enc = cfg.encoder.clone();
+    enc.img_size = 48;
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let big = droppos_model::VisionTransformer::new(&vs.root(), &enc).unwrap();
+    let src: Vec<(String, Tensor)> = model
+        .encoder
+        .named_parameters()
+        .into_iter()
+        .filter(|(n, _)| n != "pos_embed")
+        .collect();
+    let dst: Vec<(String, Tensor)> = big
+        .named_parameters()
+        .into_iter()
+        .filter(|(n, _)| n != "pos_embed")
+        .collect();
+    droppos_model::checkpoint::load_into(&dst, &src, true, std::path::Path::new("mem")).unwrap();
+    // The reference resampling, written with tch ops: [1, 16, D] -> [1, D, 4, 4] -> 6x6.
+    let pe = model.encoder.pos_embed.shallow_clone();
+    let d = cfg.encoder.embed_dim;
+    let rows = pe
+        .narrow(1, 1, 16)
+        .reshape([1, 4, 4, d])
+        .permute([0, 3, 1, 2])
+        .upsample_bicubic2d([6, 6], false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([1, 36, d]);
+    tch::no_grad(|| {
+        big.pos_embed
+            .shallow_clone()
+            .copy_(&Tensor::cat(&[pe.narrow(1, 0, 1), rows], 1))
+    });
+    let images = Tensor::randn([2, 3, 48, 48], (Kind::Float, tch::Device::Cpu));
+    let (cls, _) = tch::no_grad(|| big.forward_features(&images)).unwrap();
+    let diff = max_abs_diff(&ort_cls(&path, &images), &to_vec(&cls));
+    eprintln!("resampled pos_embed encoder at 48px: max |Δ| {diff:e}");
+    assert!(diff <= TOL, "{diff}");
 }

@@ -123,8 +123,50 @@ pub fn python_check(model: &Path, case: &Path) {
     );
 }
 
+/// `export` arguments for trained weights at the checkpoint's size, inline data.
+pub fn export_args(
+    checkpoint: &Path,
+    what: crate::commands::export::What,
+    out: &Path,
+    num_heads: i64,
+    opset: i64,
+) -> crate::commands::export::Args {
+    crate::commands::export::Args {
+        checkpoint: Some(checkpoint.to_path_buf()),
+        random_init: false,
+        config: None,
+        seed: 0,
+        what,
+        out: out.to_path_buf(),
+        num_heads: Some(num_heads),
+        decoder_num_heads: None,
+        img_size: None,
+        global_pool: None,
+        num_classes: None,
+        opset,
+        external_data: crate::commands::export::ExternalArg::Never,
+    }
+}
+
 fn opsets() -> [Opset; 2] {
     [Opset::V17, Opset::V20]
+}
+
+/// Runs `tests/onnx/timm_reference.py` into `d`; returns its case.json.
+fn timm_case(py: &str, d: &Path, args: &[&str]) -> Value {
+    let script = repo_root().join("tests/onnx/timm_reference.py");
+    let out = Command::new(py)
+        .arg(&script)
+        .arg(d)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "timm_reference.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(d.join("case.json")).unwrap()).unwrap()
 }
 
 /// A tiny timm ViT saved with safetensors: our export (IR 10, opset 17 and 20, inline and
@@ -140,15 +182,7 @@ fn timm_vit_encoder_matches_timm() {
     };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let script = repo_root().join("tests/onnx/timm_reference.py");
-    let out = Command::new(&py).arg(&script).arg(d).output().unwrap();
-    assert!(
-        out.status.success(),
-        "timm_reference.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let case: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("case.json")).unwrap()).unwrap();
+    let case = timm_case(&py, d, &[]);
     let meta = &case["meta"];
     let (img, heads) = (
         meta["img"].as_i64().unwrap(),
@@ -167,19 +201,13 @@ fn timm_vit_encoder_matches_timm() {
         let path = d.join(format!("enc_{}.onnx", opset.version()));
         if opset == Opset::V17 {
             // Through the command, heads from the command line (timm files carry no config).
-            crate::commands::export::run(crate::commands::export::Args {
-                checkpoint: Some(d.join("vit.safetensors")),
-                random_init: false,
-                config: None,
-                seed: 0,
-                what: crate::commands::export::What::Encoder,
-                out: path.clone(),
-                num_heads: Some(heads),
-                decoder_num_heads: None,
-                img_size: None,
-                opset: 17,
-                external_data: crate::commands::export::ExternalArg::Never,
-            })
+            crate::commands::export::run(export_args(
+                &d.join("vit.safetensors"),
+                crate::commands::export::What::Encoder,
+                &path,
+                heads,
+                17,
+            ))
             .unwrap();
         } else {
             let model = onnx::encoder_model(&w, &spec, opset).unwrap();
@@ -398,7 +426,7 @@ fn export_command_reads_checkpoints() {
     assert_eq!(hints.decoder_num_heads, Some(2));
     let err = export::build(&w2, &ArchHints::default(), What::Encoder, 16, Opset::V17).unwrap_err();
     assert!(err.to_string().contains("--num-heads"), "{err}");
-    let err = export::build(&w2, &hints, What::Encoder, 32, Opset::V17).unwrap_err();
+    let err = export::build(&w2, &hints, What::Droppos, 32, Opset::V17).unwrap_err();
     assert!(err.to_string().contains("16px"), "{err}");
     let wrong = ArchHints {
         mask_token_type: Some("wrong_pos".into()),
@@ -416,20 +444,48 @@ fn export_command_reads_checkpoints() {
     assert!(tok.raw_data.as_ref().unwrap().iter().all(|&b| b == 0));
     // Through the command itself.
     let out = dir.path().join("sub/enc.onnx");
-    export::run(export::Args {
-        checkpoint: Some(ckpt.clone()),
-        random_init: false,
-        config: None,
-        seed: 0,
-        what: What::Encoder,
-        out: out.clone(),
-        num_heads: Some(3),
-        decoder_num_heads: None,
-        img_size: None,
-        opset: 20,
-        external_data: export::ExternalArg::Never,
-    })
-    .unwrap();
+    export::run(export_args(&ckpt, What::Encoder, &out, 3, 20)).unwrap();
     assert!(out.is_file());
     assert!(!dir.path().join("sub/enc.onnx.data").exists());
+}
+
+/// timm classifiers (class-token pooling after `norm`; mean pooling + `fc_norm` without `norm`)
+/// saved with safetensors: `export --what classifier` must match timm's logits, pooling taken
+/// from the weights as timm decides it.
+#[test]
+fn timm_classifier_matches_timm() {
+    let py = match python_with(&["torch", "timm", "safetensors", "numpy"]) {
+        Ok(py) => py,
+        Err(why) => {
+            eprintln!("SKIP timm classifier parity: {why}");
+            return;
+        }
+    };
+    for pool in ["token", "avg"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let case = timm_case(&py, d, &["--classes", "11", "--pool", pool, "--seed", "3"]);
+        let heads = case["meta"]["heads"].as_i64().unwrap();
+        let path = d.join("classifier.onnx");
+        crate::commands::export::run(export_args(
+            &d.join("vit.safetensors"),
+            crate::commands::export::What::Classifier,
+            &path,
+            heads,
+            17,
+        ))
+        .unwrap();
+        let images = read_f32(&d.join("images.bin"));
+        let ishape: Vec<i64> =
+            serde_json::from_value(case["inputs"]["images"]["shape"].clone()).unwrap();
+        let mut m = OrtModel::load(&path, 1).unwrap();
+        let outs = m
+            .run(&[Input::f32("images", &ishape, &images)], &["logits"])
+            .unwrap();
+        assert_eq!(outs[0].shape, vec![ishape[0], 11]);
+        let diff = max_abs_diff(&outs[0].data, &read_f32(&d.join("logits.bin")));
+        eprintln!("timm classifier parity ({pool}): max |Δ| {diff:e}");
+        assert!(diff <= TOL, "{pool}: max |Δ| {diff} > {TOL}");
+        python_check(&path, &d.join("case.json"));
+    }
 }

@@ -1,4 +1,4 @@
-//! `droppos-pipeline export --random-init` and `eval knn|linear|position|dense` end to end through
+//! `droppos-pipeline export --random-init` and `eval knn|linear|position|dense|classify` end to end through
 //! the binary: shards made here from the bundled sample data (ImageNet train/val, COCO, ADE20K),
 //! ONNX exports of the tiny recipe's architecture, ONNX Runtime over the loader. Checks the
 //! result JSON's structure and counts (accuracies of an untrained model are only range-checked)
@@ -42,6 +42,24 @@ fn export(tmp: &Path, what: &str, seed: u32) -> PathBuf {
     let report: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["random_init_seed"], seed);
     assert_eq!(report["img_size"], 64);
+    out
+}
+
+/// A `--random-init` classifier of the tiny recipe's encoder with `classes` classes.
+fn export_classifier(tmp: &Path, classes: u32) -> PathBuf {
+    let out = tmp.join(format!("classifier{classes}.onnx"));
+    let o = run_ok(
+        bin()
+            .args(["export", "--random-init", "--what", "classifier"])
+            .arg("--num-classes")
+            .arg(classes.to_string())
+            .arg("--config")
+            .arg(recipe())
+            .arg("--out")
+            .arg(&out),
+    );
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["what"], "classifier");
     out
 }
 
@@ -247,6 +265,48 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     assert!(
         text.contains("top-1") && text.contains("leave-one-out"),
         "{text}"
+    );
+
+    // classify: a random-init classifier over the 1000 synset_words classes scores the val
+    // shards (chance-level accuracy, range-checked), counts every image once.
+    let cls_model = export_classifier(t, 1000);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(val.join("manifest.json")).unwrap()).unwrap();
+    let r = json(&mut eval("classify", &cls_model, &[], &[("--data", &val)]));
+    assert_eq!(r["eval"], "classify");
+    assert_eq!(r["images"], manifest["num_rows"]);
+    assert_eq!(r["num_classes"], 1000);
+    let (top1, top5) = (unit(&r["top1"]), unit(&r["top5"]));
+    assert!(top1 <= top5, "{r}");
+    unit(&r["mean_class_top1"]);
+    // Too few classes for the shards' labels; an encoder is not a classifier; a pre-training
+    // checkpoint has no head; a random classifier needs its class count.
+    let small = export_classifier(t, 3);
+    fails_with(
+        &mut eval("classify", &small, &[], &[("--data", &val)]),
+        "outside the model's 3 classes",
+    );
+    fails_with(
+        &mut eval("classify", &enc, &[], &[("--data", &val)]),
+        "--what classifier",
+    );
+    fails_with(
+        &mut eval("classify", &cls_model, &[], &[("--data", &coco)]),
+        "no class labels",
+    );
+    fails_with(
+        bin()
+            .args([
+                "export",
+                "--random-init",
+                "--what",
+                "classifier",
+                "--config",
+            ])
+            .arg(recipe())
+            .arg("--out")
+            .arg(t.join("x.onnx")),
+        "--num-classes",
     );
 
     // Wrong model kind, wrong shard kind, mismatched patch grid.

@@ -19,11 +19,14 @@ def main():
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--batch", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classes", type=int, default=0,
+                    help="with a head: expected output is `logits` (timm forward)")
+    ap.add_argument("--pool", default="token", choices=["token", "avg"])
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(a.seed)
     m = VisionTransformer(img_size=a.img, patch_size=a.patch, embed_dim=a.dim, depth=a.depth,
-                          num_heads=a.heads, num_classes=0, global_pool="token")
+                          num_heads=a.heads, num_classes=a.classes, global_pool=a.pool)
     # Perturb every parameter (LayerNorm 1/0 and zero biases would hide wiring mistakes).
     with torch.no_grad():
         for p in m.parameters():
@@ -34,12 +37,16 @@ def main():
     x = torch.randn(a.batch, 3, a.img, a.img)
     with torch.no_grad():
         y = m.forward_features(x)
+        logits = m(x) if a.classes > 0 else None
     g = a.img // a.patch
-    outs = {
-        "cls": y[:, 0],
-        "patch_tokens": y[:, 1:],
-        "feature_map": y[:, 1:].transpose(1, 2).reshape(a.batch, a.dim, g, g),
-    }
+    if logits is not None:
+        outs = {"logits": logits}
+    else:
+        outs = {
+            "cls": y[:, 0],
+            "patch_tokens": y[:, 1:],
+            "feature_map": y[:, 1:].transpose(1, 2).reshape(a.batch, a.dim, g, g),
+        }
 
     def dump(name, t):
         arr = t.contiguous().numpy().astype("<f4")
@@ -50,7 +57,7 @@ def main():
         "inputs": {"images": dump("images", x)},
         "expected": {k: dump(k, v) for k, v in outs.items()},
         "meta": {"img": a.img, "patch": a.patch, "dim": a.dim, "depth": a.depth,
-                 "heads": a.heads, "batch": a.batch, "timm": __import__("timm").__version__},
+                 "heads": a.heads, "batch": a.batch, "classes": a.classes, "pool": a.pool, "timm": __import__("timm").__version__},
     }
     with open(os.path.join(a.out, "case.json"), "w") as f:
         json.dump(case, f)

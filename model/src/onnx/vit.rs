@@ -8,6 +8,7 @@
 use super::builder::{Attr, Dim, ElemType, GraphBuilder};
 use super::weights::{HostTensor, Weights};
 use super::OnnxError;
+use crate::classifier::GlobalPool;
 
 /// ONNX opsets the exporters write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,7 +306,13 @@ impl Ctx<'_> {
         self.g.op("Expand", &[token, &target], vec![])
     }
 
-    fn encoder_blocks(&mut self, mut x: String, s: &EncoderSpec) -> Result<String, OnnxError> {
+    fn encoder_blocks(&mut self, x: String, s: &EncoderSpec) -> Result<String, OnnxError> {
+        let x = self.blocks_only(x, s)?;
+        self.layer_norm(&x, "norm", s.embed_dim, s.eps)
+    }
+
+    /// The blocks without the final norm.
+    fn blocks_only(&mut self, mut x: String, s: &EncoderSpec) -> Result<String, OnnxError> {
         for i in 0..s.depth {
             x = self.block(
                 &x,
@@ -316,7 +323,21 @@ impl Ctx<'_> {
                 s.eps,
             )?;
         }
-        self.layer_norm(&x, "norm", s.embed_dim, s.eps)
+        Ok(x)
+    }
+
+    /// images -> the full token sequence [N, 1+L, D]: cls token first, positions added.
+    fn embed_full(&mut self, images: &str, s: &EncoderSpec) -> Result<String, OnnxError> {
+        let d = s.embed_dim;
+        let tokens = self.patch_embed(images, s)?;
+        let cls = self.param("cls_token", &[1, 1, d])?;
+        let cls = self.expand_batch(&cls, images, d);
+        let x = self
+            .g
+            .op("Concat", &[&cls, &tokens], vec![("axis", Attr::Int(1))]);
+        let pe = check_pos_embed(self.w, s)?;
+        let pe = self.g.weight("pos_embed", &pe.dims, &pe.data);
+        Ok(self.g.op("Add", &[&x, &pe], vec![]))
     }
 
     /// Drops the cls token: [N, 1+T, D] -> [N, T, D].
@@ -346,6 +367,12 @@ pub mod encoder_io {
     pub const CLS: &str = "cls";
     pub const PATCH_TOKENS: &str = "patch_tokens";
     pub const FEATURE_MAP: &str = "feature_map";
+}
+
+/// Names of the classifier graph's input and output.
+pub mod classifier_io {
+    pub const IMAGES: &str = "images";
+    pub const LOGITS: &str = "logits";
 }
 
 /// Names of the DropPos graph's inputs and outputs.
@@ -381,14 +408,7 @@ pub fn encoder_model(
     let (d, grid) = (s.embed_dim, s.grid());
     let batch = Dim::param("batch");
     let images = cx.images_input(IMAGES, s, &batch);
-    let tokens = cx.patch_embed(&images, s)?;
-    let cls = cx.param("cls_token", &[1, 1, d])?;
-    let cls = cx.expand_batch(&cls, &images, d);
-    let x =
-        cx.g.op("Concat", &[&cls, &tokens], vec![("axis", Attr::Int(1))]);
-    let pe = check_pos_embed(w, s)?;
-    let pe = cx.g.weight("pos_embed", &pe.dims, &pe.data);
-    let x = cx.g.op("Add", &[&x, &pe], vec![]);
+    let x = cx.embed_full(&images, s)?;
     let y = cx.encoder_blocks(x, s)?;
 
     let zero = cx.g.scalar_i64(0);
@@ -522,6 +542,134 @@ pub fn droppos_model(
         opset.version(),
         "DropPos position model exported by droppos-pipeline: images, ids_keep, mask_pos -> \
          position_logits over all patch positions",
+        &meta,
+    ))
+}
+
+/// A classifier's head, read from the weights: `head.weight` [C, D] and `head.bias`; `norm.*`
+/// (a final norm before pooling) and `fc_norm.*` (a norm of the pooled feature) when present.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSpec {
+    pub num_classes: i64,
+    pub pool: GlobalPool,
+    pub final_norm: bool,
+    pub fc_norm: bool,
+}
+
+impl HeadSpec {
+    /// `pool` defaults as timm does: mean pooling when the weights have `fc_norm`, else the
+    /// class token.
+    pub fn infer(
+        w: &Weights,
+        s: &EncoderSpec,
+        pool: Option<GlobalPool>,
+    ) -> Result<Self, OnnxError> {
+        let hw = w.get("head.weight").map_err(|_| {
+            OnnxError::Invalid(
+                "the weights have no classification head (`head.weight`): a pre-training \
+                 checkpoint exports as `encoder` or `droppos`; `classifier` needs fine-tuned \
+                 weights"
+                    .into(),
+            )
+        })?;
+        let [c, d] = hw.dims[..] else {
+            return Err(OnnxError::Invalid(format!(
+                "head.weight should be [classes, D], got {:?}",
+                hw.dims
+            )));
+        };
+        if d != s.embed_dim || c <= 0 {
+            return Err(OnnxError::Shape {
+                name: "head.weight".into(),
+                expected: vec![c.max(1), s.embed_dim],
+                got: hw.dims.clone(),
+            });
+        }
+        let fc_norm = w.contains("fc_norm.weight");
+        Ok(Self {
+            num_classes: c,
+            pool: pool.unwrap_or(if fc_norm {
+                GlobalPool::Avg
+            } else {
+                GlobalPool::Token
+            }),
+            final_norm: w.contains("norm.weight"),
+            fc_norm,
+        })
+    }
+}
+
+/// The classifier: `images` [N, C, S, S] -> `logits` [N, classes]. timm's forward without
+/// dropout: blocks, `norm` (if the weights have one), class token or patch-token mean, `fc_norm`
+/// (if present), `head`.
+pub fn classifier_model(
+    w: &Weights,
+    s: &EncoderSpec,
+    head: &HeadSpec,
+    opset: Opset,
+) -> Result<super::proto::ModelProto, OnnxError> {
+    use classifier_io::*;
+    let mut cx = Ctx {
+        g: GraphBuilder::new("droppos_vit_classifier"),
+        w,
+        opset,
+    };
+    let d = s.embed_dim;
+    let batch = Dim::param("batch");
+    let images = cx.images_input(IMAGES, s, &batch);
+    let x = cx.embed_full(&images, s)?;
+    let mut y = cx.blocks_only(x, s)?;
+    if head.final_norm {
+        y = cx.layer_norm(&y, "norm", d, s.eps)?;
+    }
+    let mut pooled = match head.pool {
+        GlobalPool::Token => {
+            let zero = cx.g.scalar_i64(0);
+            cx.g.op("Gather", &[&y, &zero], vec![("axis", Attr::Int(1))])
+        }
+        GlobalPool::Avg => {
+            let patches = cx.drop_first_token(&y);
+            // ReduceMean's axes moved from an attribute to an input in opset 18.
+            match opset {
+                Opset::V17 => cx.g.op(
+                    "ReduceMean",
+                    &[&patches],
+                    vec![("axes", Attr::Ints(vec![1])), ("keepdims", Attr::Int(0))],
+                ),
+                Opset::V20 => {
+                    let axes = cx.g.const_i64(&[1]);
+                    cx.g.op(
+                        "ReduceMean",
+                        &[&patches, &axes],
+                        vec![("keepdims", Attr::Int(0))],
+                    )
+                }
+            }
+        }
+    };
+    if head.fc_norm {
+        pooled = cx.layer_norm(&pooled, "fc_norm", d, s.eps)?;
+    }
+    let logits = cx.linear(&pooled, "head", d, head.num_classes)?;
+    cx.g.output(
+        &logits,
+        LOGITS,
+        ElemType::F32,
+        &[batch, Dim::Fixed(head.num_classes)],
+    );
+    let mut meta = metadata("classifier", s, opset);
+    meta.push(("droppos.num_classes", head.num_classes.to_string()));
+    meta.push((
+        "droppos.global_pool",
+        match head.pool {
+            GlobalPool::Token => "token",
+            GlobalPool::Avg => "avg",
+        }
+        .to_string(),
+    ));
+    Ok(cx.g.finish(
+        opset.version(),
+        "ViT classifier exported by droppos-pipeline: images -> logits",
         &meta,
     ))
 }

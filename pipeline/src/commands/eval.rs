@@ -28,6 +28,8 @@ pub enum EvalCommand {
     /// A linear probe of an `encoder` export's patch tokens on the shards' patch_labels (COCO,
     /// ADE20K): patch accuracy and mIoU.
     Dense(DenseArgs),
+    /// Top-1 / top-5 of a `classifier` export on labelled shards (resize + centre crop).
+    Classify(ClassifyArgs),
 }
 
 /// Options shared by every evaluation.
@@ -168,6 +170,15 @@ pub struct PositionArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct ClassifyArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Labelled shard directories (e.g. ImageNet val), in the classifier's class order.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct DenseArgs {
     #[command(flatten)]
     pub common: Common,
@@ -216,7 +227,24 @@ pub fn run(args: Args) -> Result<()> {
         EvalCommand::Linear(a) => run_linear(a),
         EvalCommand::Position(a) => run_position(a),
         EvalCommand::Dense(a) => run_dense(a),
+        EvalCommand::Classify(a) => run_classify(a),
     }
+}
+
+fn run_classify(a: ClassifyArgs) -> Result<()> {
+    let start = Instant::now();
+    let mut model = a.common.load(ModelKind::Classifier)?;
+    let r = eval::classify::classify(&mut model, &a.data, &a.common.feed())?;
+    let summary = format!(
+        "classify: top-1 {:.4}  top-5 {:.4}  ({} images, {} of the model's {} classes present, \
+         mean per-class top-1 {:.4})",
+        r.top1, r.top5, r.images, r.classes_present, r.num_classes, r.mean_class_top1
+    );
+    emit(
+        &a.common,
+        &result("classify", &a.common, r, start)?,
+        &summary,
+    )
 }
 
 fn run_knn(a: KnnArgs) -> Result<()> {

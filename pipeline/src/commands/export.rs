@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use droppos_model::onnx::{self, ExternalData, HostTensor, Opset, Weights};
-use droppos_model::DropPosConfig;
+use droppos_model::{DropPosConfig, GlobalPool};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -27,6 +27,16 @@ pub enum What {
     /// images, ids_keep [N,K] (int64), mask_pos [N,K] (1 = position dropped) ->
     /// position_logits [N,K,L].
     Droppos,
+    /// images [N,3,S,S] -> logits [N,classes]; needs weights with a classification head
+    /// (`head.weight`, as timm and MAE / DropPos fine-tuning save them).
+    Classifier,
+}
+
+/// Pooling of a classifier export (default: `avg` when the weights have `fc_norm`, else `token`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolArg {
+    Token,
+    Avg,
 }
 
 /// Where large initializers go.
@@ -66,9 +76,19 @@ pub struct Args {
     /// Position-decoder attention heads (default: the checkpoint's config metadata).
     #[arg(long)]
     pub decoder_num_heads: Option<i64>,
-    /// Input image size (default: what the checkpoint's pos_embed was made for).
+    /// Input image size (default: what the checkpoint's pos_embed was made for). Another size
+    /// resamples pos_embed bicubically (MAE's `interpolate_pos_embed`; encoder and classifier
+    /// only: the DropPos head predicts the trained grid's positions).
     #[arg(long)]
     pub img_size: Option<i64>,
+    /// Classifier pooling: class token or mean of the patch tokens (default: the checkpoint's
+    /// config, else `avg` when it has `fc_norm`, else `token`, as timm decides).
+    #[arg(long, value_enum)]
+    pub global_pool: Option<PoolArg>,
+    /// Classes of a `--random-init` classifier (the fine-tuning protocol's model: mean pooling,
+    /// `fc_norm`, head ~ N(0, 2e-5)): a chance-level baseline for `eval classify`.
+    #[arg(long, requires = "random_init")]
+    pub num_classes: Option<i64>,
     #[arg(long, default_value_t = 17, value_parser = parse_opset)]
     pub opset: i64,
     #[arg(long, value_enum, default_value_t = ExternalArg::Auto)]
@@ -109,6 +129,8 @@ pub struct ArchHints {
     pub img_size: Option<i64>,
     /// `param` (default), `zeros` or `wrong_pos`.
     pub mask_token_type: Option<String>,
+    /// A classifier's pooling (`token` / `avg`).
+    pub global_pool: Option<GlobalPool>,
 }
 
 /// Metadata keys a checkpoint may carry its config under (JSON: a DropPos config with
@@ -127,6 +149,13 @@ pub fn hints_from_config(v: &Value) -> ArchHints {
             .get("mask_token_type")
             .and_then(Value::as_str)
             .map(str::to_string),
+        global_pool: v.get("global_pool").and_then(|p| match p {
+            Value::String(s) => GlobalPool::from_name(s).ok(),
+            // MAE's models_vit: `global_pool=True` means mean pooling.
+            Value::Bool(true) => Some(GlobalPool::Avg),
+            Value::Bool(false) => Some(GlobalPool::Token),
+            _ => None,
+        }),
     }
 }
 
@@ -216,10 +245,21 @@ pub fn build(
     let trained = trained_img_size(w)?;
     let mut w = w.clone();
     if img != trained {
-        bail!("the checkpoint's pos_embed is made for {trained}px images; export at --img-size {trained}");
+        if what == What::Droppos {
+            bail!(
+                "the checkpoint's pos_embed is made for {trained}px images and the DropPos head \
+                 predicts that grid's positions; export `droppos` at --img-size {trained}"
+            );
+        }
+        let pe = resample_pos_embed(w.get("pos_embed")?, spec.grid())?;
+        w.insert("pos_embed", pe);
     }
     Ok(match what {
         What::Encoder => onnx::encoder_model(&w, &spec, opset)?,
+        What::Classifier => {
+            let head = onnx::HeadSpec::infer(&w, &spec, hints.global_pool)?;
+            onnx::classifier_model(&w, &spec, &head, opset)?
+        }
         What::Droppos => {
             match hints.mask_token_type.as_deref() {
                 None | Some("param") => {}
@@ -241,6 +281,34 @@ pub fn build(
             onnx::droppos_model(&w, &spec, &dec, opset)?
         }
     })
+}
+
+/// pos_embed [1, 1+g², D] resampled to a `grid`² patch grid as MAE's `interpolate_pos_embed`
+/// does it (bicubic, align_corners=False, no antialiasing); the cls row is kept.
+pub fn resample_pos_embed(pe: &HostTensor, grid: i64) -> Result<HostTensor> {
+    let [1, t, d] = pe.dims[..] else {
+        bail!("pos_embed should be [1, 1+L, D], got {:?}", pe.dims);
+    };
+    let g = ((t - 1) as f64).sqrt().round() as i64;
+    if g * g != t - 1 || grid <= 0 {
+        bail!(
+            "pos_embed {:?} is not a square grid plus a cls row",
+            pe.dims
+        );
+    }
+    let (cls, rows) = pe.data.split_at(d as usize);
+    let x = tch::Tensor::from_slice(rows)
+        .reshape([1, g, g, d])
+        .permute([0, 3, 1, 2]);
+    let y = x
+        .f_upsample_bicubic2d([grid, grid], false, None, None)
+        .context("resampling pos_embed")?
+        .permute([0, 2, 3, 1])
+        .contiguous()
+        .reshape([-1]);
+    let mut data = cls.to_vec();
+    data.extend(Vec::<f32>::try_from(&y).context("resampled pos_embed")?);
+    Ok(HostTensor::new(vec![1, 1 + grid * grid, d], data)?)
 }
 
 /// The DropPos config a training checkpoint carries in its metadata.
@@ -282,7 +350,32 @@ fn source_weights(args: &Args) -> Result<(Weights, ArchHints)> {
         (None, Some(ckpt)) => config_from_checkpoint(ckpt)?,
         (None, None) => bail!("--random-init needs --config RECIPE.toml or --checkpoint RUN"),
     };
+    if args.what == What::Classifier {
+        let classes = args
+            .num_classes
+            .ok_or_else(|| anyhow!("--random-init --what classifier needs --num-classes"))?;
+        return random_init_classifier(&cfg, classes, args.seed);
+    }
     random_init(&cfg, args.seed)
+}
+
+/// A freshly initialised classifier (the fine-tuning protocol's form) on `cfg`'s encoder.
+pub fn random_init_classifier(
+    cfg: &DropPosConfig,
+    num_classes: i64,
+    seed: i64,
+) -> Result<(Weights, ArchHints)> {
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let ccfg = droppos_model::ClassifierConfig::finetune(cfg.encoder.clone(), num_classes);
+    let model = droppos_model::VitClassifier::new(&vs.root(), &ccfg)?;
+    let named = model.named_parameters();
+    let weights = Weights::from_named_tensors(named.iter().map(|(n, t)| (n.clone(), t)))?;
+    let hints = ArchHints {
+        global_pool: Some(ccfg.global_pool),
+        ..hints_from_config(&serde_json::to_value(cfg)?)
+    };
+    Ok((weights, hints))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -293,6 +386,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.decoder_num_heads.is_some() {
         hints.decoder_num_heads = args.decoder_num_heads;
+    }
+    if let Some(p) = args.global_pool {
+        hints.global_pool = Some(match p {
+            PoolArg::Token => GlobalPool::Token,
+            PoolArg::Avg => GlobalPool::Avg,
+        });
     }
     let img = match args.img_size {
         Some(s) => s,

@@ -2,9 +2,11 @@
 //!
 //! Images come from the shards through the loader's evaluation transform (resize + centre crop,
 //! ImageNet normalisation, manifest order); features come from the `encoder` export, position
-//! predictions from the `droppos` export. The probes themselves are in [`knn`], [`linear`] and
-//! [`dense`]; [`position`] scores the pre-text task.
+//! predictions from the `droppos` export, class predictions from the `classifier` export. The
+//! probes themselves are in [`knn`], [`linear`] and [`dense`]; [`position`] scores the pre-text
+//! task and [`classify`] a fine-tuned classifier.
 
+pub mod classify;
 pub mod dense;
 pub mod knn;
 pub mod linear;
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use droppos_model::onnx::{droppos_io, encoder_io};
+use droppos_model::onnx::{classifier_io, droppos_io, encoder_io};
 use droppos_shards::loader::{Images, Loader, LoaderConfig, PixelFormat, ShardSet};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -52,6 +54,8 @@ pub enum ModelKind {
     Encoder,
     /// `export --what droppos`: images, ids_keep, mask_pos -> position_logits.
     Droppos,
+    /// `export --what classifier`: images -> logits.
+    Classifier,
 }
 
 /// Fails with a clear message when `model` is not the `kind` of export an evaluation needs.
@@ -61,10 +65,13 @@ pub fn check_model_kind(model: &OrtModel, path: &Path, kind: ModelKind) -> Resul
     let (wanted, flag) = match kind {
         ModelKind::Encoder => (encoder_io::CLS, "encoder"),
         ModelKind::Droppos => (droppos_io::LOGITS, "droppos"),
+        ModelKind::Classifier => (classifier_io::LOGITS, "classifier"),
     };
     if !has(wanted) {
         let seems = if has(droppos_io::LOGITS) {
             "a `droppos` export"
+        } else if has(classifier_io::LOGITS) {
+            "a `classifier` export"
         } else if has(encoder_io::CLS) {
             "an `encoder` export"
         } else {
@@ -79,6 +86,7 @@ pub fn check_model_kind(model: &OrtModel, path: &Path, kind: ModelKind) -> Resul
     let inputs = model.input_names();
     let expected: &[&str] = match kind {
         ModelKind::Encoder => &[encoder_io::IMAGES],
+        ModelKind::Classifier => &[classifier_io::IMAGES],
         ModelKind::Droppos => &[
             droppos_io::IMAGES,
             droppos_io::IDS_KEEP,
@@ -203,7 +211,7 @@ pub fn for_each_batch(
         };
         if need == Need::ClassLabels && view.labels.iter().any(|&l| l < 0) {
             bail!(
-                "the shards in {} hold images without a class label; k-NN and linear probes need \
+                "the shards in {} hold images without a class label; k-NN, linear probes and classify need \
                  every image labelled",
                 display_dirs(dirs)
             );
