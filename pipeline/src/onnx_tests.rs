@@ -465,27 +465,90 @@ fn timm_classifier_matches_timm() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let case = timm_case(&py, d, &["--classes", "11", "--pool", pool, "--seed", "3"]);
-        let heads = case["meta"]["heads"].as_i64().unwrap();
-        let path = d.join("classifier.onnx");
-        crate::commands::export::run(export_args(
-            &d.join("vit.safetensors"),
-            crate::commands::export::What::Classifier,
-            &path,
-            heads,
-            17,
-        ))
-        .unwrap();
-        let images = read_f32(&d.join("images.bin"));
-        let ishape: Vec<i64> =
-            serde_json::from_value(case["inputs"]["images"]["shape"].clone()).unwrap();
-        let mut m = OrtModel::load(&path, 1).unwrap();
-        let outs = m
-            .run(&[Input::f32("images", &ishape, &images)], &["logits"])
-            .unwrap();
-        assert_eq!(outs[0].shape, vec![ishape[0], 11]);
-        let diff = max_abs_diff(&outs[0].data, &read_f32(&d.join("logits.bin")));
-        eprintln!("timm classifier parity ({pool}): max |Δ| {diff:e}");
-        assert!(diff <= TOL, "{pool}: max |Δ| {diff} > {TOL}");
-        python_check(&path, &d.join("case.json"));
+        assert_eq!(case["expected"]["logits"]["shape"][1], 11);
+        export_matches_case(d, &case, crate::commands::export::What::Classifier);
     }
+}
+
+/// Exports `vit.safetensors` in `d` as `what` through the command and compares every expected
+/// output of the case with ort's.
+fn export_matches_case(d: &Path, case: &Value, what: crate::commands::export::What) {
+    let heads = case["meta"]["heads"].as_i64().unwrap();
+    let path = d.join("model.onnx");
+    crate::commands::export::run(export_args(
+        &d.join("vit.safetensors"),
+        what,
+        &path,
+        heads,
+        17,
+    ))
+    .unwrap();
+    let images = read_f32(&d.join("images.bin"));
+    let ishape: Vec<i64> =
+        serde_json::from_value(case["inputs"]["images"]["shape"].clone()).unwrap();
+    let names: Vec<&str> = case["expected"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut m = OrtModel::load(&path, 1).unwrap();
+    let outs = m
+        .run(&[Input::f32("images", &ishape, &images)], &names)
+        .unwrap();
+    for (name, o) in names.iter().zip(&outs) {
+        let diff = max_abs_diff(&o.data, &read_f32(&d.join(format!("{name}.bin"))));
+        eprintln!("timm variant {:?} {name}: max |Δ| {diff:e}", case["meta"]);
+        assert!(diff <= TOL, "{name}: max |Δ| {diff} > {TOL}");
+    }
+    python_check(&path, &d.join("case.json"));
+}
+
+/// timm ViT variants our graphs implement (mean pooling with fc_norm and no final norm; no qkv
+/// bias; LayerScale) match timm, and one they do not (register tokens) is refused by name.
+#[test]
+fn timm_variants_match_timm_or_are_refused() {
+    use crate::commands::export::What;
+    let py = match python_with(&["torch", "timm", "safetensors", "numpy"]) {
+        Ok(py) => py,
+        Err(why) => {
+            eprintln!("SKIP timm variants: {why}");
+            return;
+        }
+    };
+    for (args, what) in [
+        (&["--pool", "avg"][..], What::Encoder),
+        (
+            &["--no-qkv-bias", "--init-values", "0.1"][..],
+            What::Encoder,
+        ),
+        (
+            &[
+                "--classes",
+                "5",
+                "--pool",
+                "avg",
+                "--no-qkv-bias",
+                "--init-values",
+                "0.1",
+            ][..],
+            What::Classifier,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let case = timm_case(&py, dir.path(), args);
+        export_matches_case(dir.path(), &case, what);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    timm_case(&py, d, &["--reg-tokens", "1"]);
+    let err = crate::commands::export::run(export_args(
+        &d.join("vit.safetensors"),
+        What::Encoder,
+        &d.join("x.onnx"),
+        3,
+        17,
+    ))
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("reg_token"), "{err:#}");
 }

@@ -22,11 +22,16 @@ def main():
     ap.add_argument("--classes", type=int, default=0,
                     help="with a head: expected output is `logits` (timm forward)")
     ap.add_argument("--pool", default="token", choices=["token", "avg"])
+    ap.add_argument("--no-qkv-bias", action="store_true")
+    ap.add_argument("--init-values", type=float, default=None, help="LayerScale (ls1/ls2.gamma)")
+    ap.add_argument("--reg-tokens", type=int, default=0)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(a.seed)
     m = VisionTransformer(img_size=a.img, patch_size=a.patch, embed_dim=a.dim, depth=a.depth,
-                          num_heads=a.heads, num_classes=a.classes, global_pool=a.pool)
+                          num_heads=a.heads, num_classes=a.classes, global_pool=a.pool,
+                          qkv_bias=not a.no_qkv_bias, init_values=a.init_values,
+                          reg_tokens=a.reg_tokens)
     # Perturb every parameter (LayerNorm 1/0 and zero biases would hide wiring mistakes).
     with torch.no_grad():
         for p in m.parameters():
@@ -44,8 +49,8 @@ def main():
     else:
         outs = {
             "cls": y[:, 0],
-            "patch_tokens": y[:, 1:],
-            "feature_map": y[:, 1:].transpose(1, 2).reshape(a.batch, a.dim, g, g),
+            "patch_tokens": y[:, m.num_prefix_tokens:],
+            "feature_map": y[:, m.num_prefix_tokens:].transpose(1, 2).reshape(a.batch, a.dim, g, g),
         }
 
     def dump(name, t):

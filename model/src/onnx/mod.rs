@@ -12,8 +12,8 @@ mod writer;
 
 pub use builder::{Attr, Dim, ElemType, GraphBuilder, IR_VERSION};
 pub use vit::{
-    classifier_io, classifier_model, droppos_io, droppos_model, encoder_io, encoder_model,
-    DecoderSpec, EncoderSpec, HeadSpec, Opset,
+    check_supported, classifier_io, classifier_model, droppos_io, droppos_model, encoder_io,
+    encoder_model, DecoderSpec, EncoderSpec, HeadSpec, Opset,
 };
 pub use weights::{HostTensor, Weights};
 pub use writer::{write_model, ExternalData, Written, AUTO_EXTERNAL_BYTES};

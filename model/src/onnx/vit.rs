@@ -81,6 +81,7 @@ impl EncoderSpec {
             return Err(OnnxError::MissingWeight("blocks.0.*".into()));
         }
         let mlp_hidden = w.get("blocks.0.mlp.fc1.weight")?.dims[0];
+        check_supported(w)?;
         Ok(Self {
             img_size,
             patch_size: p,
@@ -100,6 +101,63 @@ impl EncoderSpec {
     pub fn num_patches(&self) -> i64 {
         self.grid() * self.grid()
     }
+}
+
+/// Parameters of a block the graphs know (timm `Block`: optional qkv bias and LayerScale).
+const BLOCK_PARAMS: [&str; 14] = [
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "ls1.gamma",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+    "ls2.gamma",
+];
+
+/// Fails on encoder parameters the graphs would otherwise ignore (register tokens, q/k norms, a
+/// pre-norm, attention pooling...): exporting such a model would silently compute something
+/// else than timm does.
+pub fn check_supported(w: &Weights) -> Result<(), OnnxError> {
+    let other_parts = [
+        "decoder_",
+        "mask_pos_token",
+        "mask_token",
+        "head.",
+        "fc_norm.",
+        "norm.",
+    ];
+    let mut unknown: Vec<&str> = w
+        .names()
+        .filter(|n| {
+            if let Some(rest) = n.strip_prefix("blocks.") {
+                let param = rest.split_once('.').map_or("", |(_, p)| p);
+                !BLOCK_PARAMS.contains(&param)
+            } else {
+                !matches!(
+                    *n,
+                    "cls_token" | "pos_embed" | "patch_embed.proj.weight" | "patch_embed.proj.bias"
+                ) && !other_parts.iter().any(|p| n.starts_with(p))
+            }
+        })
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort_unstable();
+    unknown.truncate(8);
+    Err(OnnxError::Invalid(format!(
+        "the weights hold encoder parameters this exporter does not implement: {} (supported: \
+         timm's plain ViT blocks with optional qkv bias and LayerScale, class token, absolute \
+         pos_embed)",
+        unknown.join(", ")
+    )))
 }
 
 /// The DropPos position decoder (no positional embedding; predicts one of L positions).
@@ -170,8 +228,13 @@ impl Ctx<'_> {
         let wname = format!("{prefix}.weight");
         let wt = self.w.get_shaped(&wname, &[d_out, d_in])?.transposed_2d()?;
         let wt = self.g.weight(&format!("{wname}.T"), &wt.dims, &wt.data);
-        let b = self.param(&format!("{prefix}.bias"), &[d_out])?;
         let mm = self.g.op("MatMul", &[x, &wt], vec![]);
+        // timm's `qkv_bias=False` saves no bias.
+        let bname = format!("{prefix}.bias");
+        if !self.w.contains(&bname) && prefix.ends_with(".qkv") {
+            return Ok(mm);
+        }
+        let b = self.param(&bname, &[d_out])?;
         Ok(self.g.op("Add", &[&mm, &b], vec![]))
     }
 
@@ -263,12 +326,24 @@ impl Ctx<'_> {
     ) -> Result<String, OnnxError> {
         let h = self.layer_norm(x, &format!("{prefix}.norm1"), d, eps)?;
         let h = self.attention(&h, &format!("{prefix}.attn"), d, heads)?;
+        let h = self.layer_scale(h, &format!("{prefix}.ls1"), d)?;
         let x = self.g.op("Add", &[x, &h], vec![]);
         let h = self.layer_norm(&x, &format!("{prefix}.norm2"), d, eps)?;
         let h = self.linear(&h, &format!("{prefix}.mlp.fc1"), d, hidden)?;
         let h = self.gelu(&h);
         let h = self.linear(&h, &format!("{prefix}.mlp.fc2"), hidden, d)?;
+        let h = self.layer_scale(h, &format!("{prefix}.ls2"), d)?;
         Ok(self.g.op("Add", &[&x, &h], vec![]))
+    }
+
+    /// timm's LayerScale (`{prefix}.gamma` times the branch) when the weights have one.
+    fn layer_scale(&mut self, h: String, prefix: &str, d: i64) -> Result<String, OnnxError> {
+        let name = format!("{prefix}.gamma");
+        if !self.w.contains(&name) {
+            return Ok(h);
+        }
+        let g = self.param(&name, &[d])?;
+        Ok(self.g.op("Mul", &[&h, &g], vec![]))
     }
 
     /// images [N, C, S, S] -> patch embeddings [N, L, D] (no position yet).
@@ -306,8 +381,13 @@ impl Ctx<'_> {
         self.g.op("Expand", &[token, &target], vec![])
     }
 
+    /// The blocks, then the final `norm` when the weights have one (timm replaces it by an
+    /// identity for mean pooling with `fc_norm`, as MAE fine-tuning does).
     fn encoder_blocks(&mut self, x: String, s: &EncoderSpec) -> Result<String, OnnxError> {
         let x = self.blocks_only(x, s)?;
+        if !self.w.contains("norm.weight") && self.w.contains("fc_norm.weight") {
+            return Ok(x);
+        }
         self.layer_norm(&x, "norm", s.embed_dim, s.eps)
     }
 

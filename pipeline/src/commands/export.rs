@@ -207,6 +207,7 @@ pub fn load_checkpoint(path: &Path) -> Result<(Weights, ArchHints)> {
         let t = raw.get(name)?.clone();
         weights.insert(name.strip_prefix("module.").unwrap_or(name), t);
     }
+    onnx::check_supported(&weights).with_context(ctx)?;
     Ok((weights, hints))
 }
 
