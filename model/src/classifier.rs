@@ -132,7 +132,32 @@ impl VitClassifier {
 
     /// The pooled (and `fc_norm`-ed) feature [N, D] the head reads.
     pub fn forward_pooled(&self, images: &Tensor) -> Result<Tensor> {
-        let mut x = run_blocks(&self.vit.blocks, self.vit.embed_full(images)?);
+        let x = run_blocks(&self.vit.blocks, self.vit.embed_full(images)?);
+        Ok(self.pool(x))
+    }
+
+    /// Training forward with stochastic depth: block i drops each sample's residual branches
+    /// with probability `drop_path · i / (depth - 1)` (timm's linear rule) and rescales the kept
+    /// ones by 1 / keep. Uses libtorch's generator. Returns logits.
+    pub fn forward_train(&self, images: &Tensor, drop_path: f64) -> Result<Tensor> {
+        let depth = self.vit.blocks.len();
+        let mut x = self.vit.embed_full(images)?;
+        for (i, b) in self.vit.blocks.iter().enumerate() {
+            let rate = if depth > 1 {
+                drop_path * i as f64 / (depth - 1) as f64
+            } else {
+                0.0
+            };
+            let h = b.attn.forward(&b.norm1.forward(&x));
+            x = &x + drop_branch(h, rate);
+            let h = b.mlp.forward(&b.norm2.forward(&x));
+            x = &x + drop_branch(h, rate);
+        }
+        Ok(self.head.forward(&self.pool(x)))
+    }
+
+    /// norm (if any) → pooling → fc_norm (if any).
+    fn pool(&self, mut x: Tensor) -> Tensor {
         if self.cfg.final_norm {
             x = self.vit.norm.forward(&x);
         }
@@ -144,10 +169,10 @@ impl VitClassifier {
                     .mean_dim(Some([1i64].as_slice()), false, None)
             }
         };
-        Ok(match &self.fc_norm {
+        match &self.fc_norm {
             Some(ln) => ln.forward(&pooled),
             None => pooled,
-        })
+        }
     }
 
     /// Class logits [N, num_classes].
@@ -169,6 +194,18 @@ impl VitClassifier {
         self.head.push_params("head", &mut out);
         out
     }
+}
+
+/// Stochastic depth of one residual branch [N, ...]: zero per sample with probability `rate`.
+fn drop_branch(h: Tensor, rate: f64) -> Tensor {
+    if rate <= 0.0 {
+        return h;
+    }
+    let keep = 1.0 - rate;
+    let mut shape = vec![h.size()[0]];
+    shape.resize(h.dim(), 1);
+    let mask = Tensor::empty(shape.as_slice(), (h.kind(), h.device())).bernoulli_float_(keep);
+    h * mask / keep
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! - [`classifier`]: the ViT with a classification head (timm / MAE fine-tuning names).
 //! - [`droppos`]: the pre-training model ([`droppos::DropPos::forward_train`]).
 //! - [`masking`], [`smoothing`], [`pos_embed`]: the reference's building blocks.
+//! - [`finetune`]: layer-wise lr decay, Mixup / CutMix, soft-target cross-entropy.
 //! - [`optim`]: per-parameter clipping and AdamW; [`schedule`]: lr / σ schedules.
 //! - [`checkpoint`]: safetensors under the reference's names, atomic writes.
 //!
@@ -32,6 +33,7 @@ pub mod data;
 pub mod distributed;
 pub mod droppos;
 pub mod error;
+pub mod finetune;
 pub mod layers;
 pub mod masking;
 pub mod onnx;

@@ -88,6 +88,8 @@ struct Slot {
     name: String,
     param: Tensor,
     decay: bool,
+    /// Multiplies the learning rate (layer-wise decay in fine-tuning; 1 otherwise).
+    lr_scale: f64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: i64,
@@ -113,6 +115,7 @@ impl AdamW {
                     name,
                     param,
                     decay,
+                    lr_scale: 1.0,
                     exp_avg,
                     exp_avg_sq,
                     step: 0,
@@ -133,6 +136,14 @@ impl AdamW {
     /// Sets the learning rate of both groups (the schedule is applied per iteration).
     pub fn set_lr(&mut self, lr: f64) {
         self.cfg.lr = lr;
+    }
+
+    /// Per-parameter learning-rate multipliers by name (MAE's layer-wise lr decay); the
+    /// pre-training recipes leave every multiplier at 1.
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        for s in &mut self.slots {
+            s.lr_scale = scale(&s.name);
+        }
     }
 
     /// The parameters, in order.
@@ -176,9 +187,10 @@ impl AdamW {
                     continue;
                 }
                 s.step += 1;
+                let lr = c.lr * s.lr_scale;
                 let wd = if s.decay { c.weight_decay } else { 0.0 };
                 if wd != 0.0 {
-                    let _ = s.param.g_mul_scalar_(1.0 - c.lr * wd);
+                    let _ = s.param.g_mul_scalar_(1.0 - lr * wd);
                 }
                 let _ = s.exp_avg.lerp_(&g, 1.0 - c.beta1);
                 // `addcmul_(g, g, value=1-b2)` computes (value·g)·g; `(g·value)·g` rounds the same.
@@ -187,7 +199,7 @@ impl AdamW {
                 let step = s.step as f64;
                 let bias_correction1 = 1.0 - c.beta1.powf(step);
                 let bias_correction2 = 1.0 - c.beta2.powf(step);
-                let step_size = c.lr / bias_correction1;
+                let step_size = lr / bias_correction1;
                 let bc2_sqrt = bias_correction2.powf(0.5);
                 let mut denom = s.exp_avg_sq.sqrt() / bc2_sqrt;
                 let _ = denom.g_add_scalar_(c.eps);

@@ -32,10 +32,11 @@ enum Command {
     Doctor(commands::doctor::Args),
     /// Performance measurements.
     Bench(commands::bench::Args),
-    /// Export a checkpoint to ONNX (encoder or DropPos position model), written without Python.
+    /// Export a checkpoint to ONNX (encoder, DropPos position model or classifier), written
+    /// without Python.
     Export(commands::export::Args),
     /// Evaluate an ONNX export with ONNX Runtime on shards: k-NN, linear probe, position
-    /// accuracy, dense patch probe.
+    /// accuracy, dense patch probe, classification.
     Eval(commands::eval::Args),
     /// Turn ImageNet, COCO or ADE20K into zstd Parquet shards with a manifest.
     Shard(commands::shard::Args),
@@ -45,6 +46,9 @@ enum Command {
     Stats(commands::stats::Args),
     /// Pre-train DropPos from a recipe on shards (CPU or CUDA); checkpoints, metrics, resume.
     Train(commands::train::Args),
+    /// Fine-tune a pre-trained encoder as a classifier on labelled shards (MAE protocol: layer
+    /// decay, Mixup / CutMix, drop path); writes a model `export --what classifier` reads.
+    Finetune(commands::finetune::Args),
     /// Render a training run's loss / acc1 / lr curves to a PNG.
     Plot(commands::plot::Args),
 }
@@ -62,5 +66,6 @@ fn main() -> Result<()> {
         Command::Stats(args) => commands::stats::run(args),
         Command::Plot(args) => commands::plot::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::Finetune(args) => commands::finetune::run(args),
     }
 }

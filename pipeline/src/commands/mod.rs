@@ -7,6 +7,7 @@ pub mod bench_train_step;
 pub mod doctor;
 pub mod eval;
 pub mod export;
+pub mod finetune;
 pub mod plot;
 pub mod shard;
 pub mod stats;

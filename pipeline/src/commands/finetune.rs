@@ -1,0 +1,380 @@
+//! `droppos-pipeline finetune`: end-to-end fine-tuning of a pre-trained encoder as an image
+//! classifier, following the paper's (MAE's) protocol where it is implemented here: mean pooling
+//! with `fc_norm` (no final norm), head N(0, 2e-5), AdamW (betas 0.9 / 0.999) with layer-wise lr
+//! decay, weight decay except on 1-D parameters, drop path, per-iteration warm-up and
+//! half-cosine to `min_lr`, Mixup / CutMix with label smoothing, RandomResizedCrop and flip;
+//! evaluation with resize and centre crop. Not implemented (said in the README): RandAugment,
+//! random erasing, AMP, multi-process training and resuming.
+//!
+//! The result is `OUT/model.safetensors` (timm names, config metadata) that `export --what
+//! classifier` reads without flags, and `OUT/metrics.jsonl`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use droppos_model::data::DeviceBatch;
+use droppos_model::finetune::{self, MixConfig, MixRng};
+use droppos_model::optim::{AdamW, AdamWConfig};
+use droppos_model::schedule::{lr_from_blr, CosineSchedule};
+use droppos_model::{ClassifierConfig, VitClassifier, VitConfig};
+use droppos_shards::loader::{Augment, Loader, LoaderConfig, PixelFormat, RrcParams, ShardSet};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+/// metrics.jsonl: one JSON object per line, flushed as written.
+struct Jsonl(std::io::BufWriter<std::fs::File>);
+
+impl Jsonl {
+    fn create(path: &Path) -> Result<Self> {
+        let f =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(std::io::BufWriter::new(f)))
+    }
+
+    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.0, "{v}")?;
+        self.0.flush()?;
+        Ok(())
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Labelled training shards (ImageNet-style).
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Labelled validation shards, scored (top-1 / top-5) after every epoch.
+    #[arg(long, num_args = 1..)]
+    pub val: Vec<PathBuf>,
+    /// Output folder (model.safetensors, metrics.jsonl); must not hold a model yet.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Pre-trained weights: a `train` run or checkpoint folder, or a safetensors file with timm /
+    /// DropPos names. Encoder parameters are loaded by name; decoders and `norm` are dropped.
+    /// Without it the classifier starts from the random initialisation.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Encoder preset (`vit_base_patch16_224`, ...) when --init carries no config.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Classes (default: the training shards' class list).
+    #[arg(long)]
+    pub num_classes: Option<i64>,
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    /// Images per optimizer step.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Base learning rate: lr = blr × batch / 256.
+    #[arg(long, default_value_t = 1e-3)]
+    pub blr: f64,
+    #[arg(long, default_value_t = 1e-6)]
+    pub min_lr: f64,
+    #[arg(long, default_value_t = 5.0)]
+    pub warmup_epochs: f64,
+    #[arg(long, default_value_t = 0.75)]
+    pub layer_decay: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_path: f64,
+    #[arg(long, default_value_t = 0.8)]
+    pub mixup: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub cutmix: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub smoothing: f64,
+    /// Lower bound of RandomResizedCrop's area fraction (timm's fine-tuning default 0.08).
+    #[arg(long, default_value_t = 0.08)]
+    pub crop_scale_min: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// libtorch intra-op threads (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+    /// Loader decode threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// `cpu`, `cuda` or `auto` (CUDA when available).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Encoder config + the weights to start from (encoder names only).
+fn encoder_source(args: &Args) -> Result<(VitConfig, Vec<(String, Tensor)>)> {
+    let Some(init) = &args.init else {
+        let name = args
+            .model
+            .as_deref()
+            .context("name the architecture with --model (or start from --init)")?;
+        return Ok((VitConfig::from_name(name)?, Vec::new()));
+    };
+    let path = crate::commands::export::resolve_checkpoint(init)?;
+    let (tensors, meta) = droppos_model::checkpoint::load(&path)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let cfg = match (meta.get("droppos_config"), &args.model) {
+        (_, Some(name)) => VitConfig::from_name(name)?,
+        (Some(text), None) => {
+            let dp: droppos_model::DropPosConfig =
+                serde_json::from_str(text).context("checkpoint metadata `droppos_config`")?;
+            dp.encoder
+        }
+        (None, None) => bail!(
+            "{} carries no droppos_config metadata; name the architecture with --model",
+            path.display()
+        ),
+    };
+    // Only the encoder: a DDP `module.` prefix dropped, decoder / mask tokens / norm left out.
+    let tensors = tensors
+        .into_iter()
+        .map(|(n, t)| (n.strip_prefix("module.").unwrap_or(&n).to_string(), t))
+        .filter(|(n, _)| {
+            n == "cls_token"
+                || n == "pos_embed"
+                || n.starts_with("patch_embed.")
+                || n.starts_with("blocks.")
+        })
+        .collect();
+    Ok((cfg, tensors))
+}
+
+fn device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("--device cuda: libtorch sees no CUDA device");
+            }
+            Device::Cuda(0)
+        }
+        "auto" => Device::cuda_if_available(),
+        other => bail!("--device {other}: use cpu, cuda or auto"),
+    })
+}
+
+fn open_set(dirs: &[PathBuf]) -> Result<Arc<ShardSet>> {
+    let set = ShardSet::open(dirs, true)
+        .with_context(|| format!("opening shards {}", crate::eval::display_dirs(dirs)))?;
+    if !set.columns().label {
+        bail!(
+            "the shards in {} have no class labels; fine-tuning needs labelled (ImageNet-style) \
+             shards",
+            crate::eval::display_dirs(dirs)
+        );
+    }
+    Ok(Arc::new(set))
+}
+
+/// Top-1 / top-5 of the classifier on `dirs` (evaluation transform, every image once).
+fn evaluate(
+    model: &VitClassifier,
+    dirs: &[PathBuf],
+    img: usize,
+    batch: usize,
+    workers: usize,
+    device: Device,
+) -> Result<(f64, f64, u64)> {
+    let set = open_set(dirs)?;
+    let mut cfg = LoaderConfig::eval(img, batch);
+    cfg.threads = workers.max(1);
+    let loader = Loader::new(set, cfg).context("configuring the validation loader")?;
+    let (mut n, mut top1, mut top5) = (0u64, 0u64, 0u64);
+    for b in loader.epoch(0, 0)? {
+        let b = b?;
+        let labels = Tensor::from_slice(&b.labels).to_device(device);
+        if b.labels.iter().any(|&l| l < 0) {
+            bail!("validation images without a class label");
+        }
+        let x = DeviceBatch::new(b, device).input();
+        let logits = tch::no_grad(|| model.forward(&x))?;
+        let k = logits.size()[1].min(5);
+        let (_, idx) = logits.topk(k, -1, true, true);
+        let hit = idx.eq_tensor(&labels.unsqueeze(1));
+        top1 += i64::try_from(hit.narrow(1, 0, 1).sum(Kind::Int64))? as u64;
+        top5 += i64::try_from(hit.sum(Kind::Int64))? as u64;
+        n += labels.size()[0] as u64;
+    }
+    let d = n.max(1) as f64;
+    Ok((top1 as f64 / d, top5 as f64 / d, n))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let start = Instant::now();
+    if args.output.join("model.safetensors").exists() {
+        bail!(
+            "{} already holds a fine-tuned model; choose another --output",
+            args.output.display()
+        );
+    }
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
+    let device = device(&args.device)?;
+    let (enc, init) = encoder_source(&args)?;
+    let train_set = open_set(&args.data)?;
+    let classes = match args.num_classes {
+        Some(c) => c,
+        None => train_set
+            .manifests()
+            .iter()
+            .map(|m| m.classes.len())
+            .max()
+            .unwrap_or(0) as i64,
+    };
+    if classes <= 0 {
+        bail!("the training shards list no classes; pass --num-classes");
+    }
+    let ccfg = ClassifierConfig::finetune(enc.clone(), classes);
+    tch::manual_seed(args.seed as i64);
+    let vs = tch::nn::VarStore::new(device);
+    let model = VitClassifier::new(&vs.root(), &ccfg)?;
+    if !init.is_empty() {
+        let encoder_params: Vec<(String, Tensor)> = model
+            .named_parameters()
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("fc_norm.") && !n.starts_with("head."))
+            .collect();
+        droppos_model::checkpoint::load_into(&encoder_params, &init, true, Path::new("--init"))
+            .context("loading the pre-trained encoder into the classifier")?;
+    }
+    let depth = enc.depth as usize;
+    let trainable: Vec<(String, Tensor)> = model
+        .named_parameters()
+        .into_iter()
+        .filter(|(n, _)| n != "pos_embed")
+        .collect();
+    let mut opt = AdamW::new(
+        trainable,
+        AdamWConfig {
+            lr: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: args.weight_decay,
+        },
+    );
+    opt.set_lr_scales(|n| finetune::layer_decay_scale(n, depth, args.layer_decay));
+
+    let img = enc.img_size as usize;
+    let mut lcfg = LoaderConfig::pretrain(img, args.batch_size);
+    lcfg.augment = Augment::Pretrain {
+        rrc: RrcParams {
+            scale: (args.crop_scale_min, 1.0),
+            ..RrcParams::default()
+        },
+        flip: true,
+    };
+    lcfg.pixel_format = PixelFormat::U8;
+    lcfg.seed = args.seed;
+    lcfg.threads = args.workers.max(1);
+    let loader = Loader::new(train_set.clone(), lcfg).context("configuring the loader")?;
+    let iters = (loader.samples_per_epoch() as usize / args.batch_size).max(1);
+    let sched = CosineSchedule {
+        lr: lr_from_blr(args.blr, args.batch_size),
+        min_lr: args.min_lr,
+        warmup_epochs: args.warmup_epochs,
+        epochs: args.epochs as f64,
+    };
+    let mix = MixConfig {
+        mixup_alpha: args.mixup,
+        cutmix_alpha: args.cutmix,
+        switch_prob: 0.5,
+        label_smoothing: args.smoothing,
+    };
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
+    let mut metrics = Jsonl::create(&args.output.join("metrics.jsonl"))?;
+    let pb = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        let pb = ProgressBar::new((iters * args.epochs) as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "finetune [{bar:30}] {pos}/{len} steps {per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        pb
+    };
+    tracing::info!(
+        "fine-tuning {} classes, {} blocks x {} wide, {} images/epoch, batch {}, lr {:.3e} on {:?}",
+        classes,
+        depth,
+        enc.embed_dim,
+        loader.samples_per_epoch(),
+        args.batch_size,
+        sched.lr,
+        device
+    );
+    let mut step = 0u64;
+    let mut last = json!({});
+    for epoch in 0..args.epochs {
+        let mut rng = MixRng::new(args.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+        for (i, b) in loader.epoch(epoch as u64, 0)?.enumerate() {
+            let t = Instant::now();
+            let b = b.context("loading a batch")?;
+            if b.labels.iter().any(|&l| l < 0 || l >= classes) {
+                bail!("a training label is outside 0..{classes}");
+            }
+            let labels = Tensor::from_slice(&b.labels).to_device(device);
+            let n = b.len();
+            let x = DeviceBatch::new(b, device).input();
+            let lr = sched.lr_at_iter(epoch, i, iters);
+            // Drop-path masks come from libtorch's generator: seed it per step.
+            tch::manual_seed((args.seed as i64).wrapping_mul(7919) + step as i64);
+            let (x, y, _) = finetune::mix_batch(&x, &labels, classes, &mix, &mut rng);
+            let logits = model.forward_train(&x, args.drop_path)?;
+            let loss = finetune::soft_cross_entropy(&logits, &y);
+            let lv = loss.double_value(&[]);
+            if !lv.is_finite() {
+                bail!("non-finite loss {lv} at epoch {epoch} step {step}; lower --blr");
+            }
+            opt.zero_grad();
+            loss.backward();
+            opt.set_lr(lr);
+            opt.step();
+            step += 1;
+            let secs = t.elapsed().as_secs_f64();
+            metrics.write(&json!({"step": step, "epoch": epoch, "loss": lv, "lr": lr,
+                                  "images_per_s": n as f64 / secs, "step_time_s": secs}))?;
+            pb.set_message(format!("loss {lv:.4}"));
+            pb.inc(1);
+        }
+        if !args.val.is_empty() {
+            let (t1, t5, n) = evaluate(
+                &model,
+                &args.val,
+                img,
+                args.batch_size,
+                args.workers,
+                device,
+            )?;
+            last = json!({"epoch": epoch, "val_top1": t1, "val_top5": t5, "val_images": n});
+            metrics.write(&last)?;
+            tracing::info!("epoch {epoch}: val top-1 {t1:.4} top-5 {t5:.4} ({n} images)");
+        }
+    }
+    pb.finish_and_clear();
+    let meta = HashMap::from([(
+        "config".to_string(),
+        serde_json::to_string(&json!({
+            "encoder": enc, "num_classes": classes, "global_pool": "avg",
+            "fc_norm": true, "final_norm": false,
+        }))?,
+    )]);
+    let out = args.output.join("model.safetensors");
+    droppos_model::checkpoint::save(&out, &model.named_parameters(), Some(meta))?;
+    let summary = json!({"model": out, "steps": step, "epochs": args.epochs,
+                         "num_classes": classes, "seconds": start.elapsed().as_secs_f64(),
+                         "last_eval": last});
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! `droppos-pipeline finetune` end to end: a tiny DropPos pre-training run, its encoder
+//! fine-tuned as a classifier on the bundled ImageNet sample, exported with `export --what
+//! classifier` (no flags: the config travels in the checkpoint) and scored with `eval classify`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+mod common;
+use common::{bin, data_root, run_ok};
+
+fn recipe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
+}
+
+fn shard(tmp: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let out = tmp.join(name);
+    let d = data_root();
+    let mut c = bin();
+    c.args(["shard", "imagenet", "--quiet", "--classes"])
+        .arg(d.join("imagenet/synset_words.txt"));
+    for a in args {
+        if a.starts_with("--") {
+            c.arg(a);
+        } else {
+            c.arg(d.join(a));
+        }
+    }
+    run_ok(c.arg("--out").arg(&out));
+    out
+}
+
+fn finetune(train: &Path, val: &Path, out: &Path, init: &Path, epochs: &str) -> Command {
+    let mut c = bin();
+    c.args(["finetune", "--quiet", "--threads", "2", "--batch-size", "8"])
+        .args(["--warmup-epochs", "1", "--epochs", epochs])
+        .arg("--data")
+        .arg(train)
+        .arg("--val")
+        .arg(val)
+        .arg("--init")
+        .arg(init)
+        .arg("--output")
+        .arg(out);
+    c
+}
+
+fn tensors(path: &Path) -> Vec<(String, tch::Tensor)> {
+    let (mut t, _) = droppos_model::checkpoint::load(path).unwrap();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+#[test]
+fn finetune_from_pretraining_then_export_and_classify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let train = shard(t, "train", &["--root", "imagenet/train"]);
+    let val = shard(
+        t,
+        "val",
+        &["--root", "imagenet/val", "--list", "imagenet/val.txt"],
+    );
+    // A short pre-training run gives the encoder (and a config in its checkpoint metadata).
+    let pre = t.join("pre");
+    let mut c = bin();
+    c.arg("train")
+        .arg("--config")
+        .arg(recipe())
+        .arg("--data")
+        .arg(&train)
+        .arg("--output")
+        .arg(&pre);
+    for s in [
+        "train.epochs=1",
+        "train.batch_size=16",
+        "runtime.progress=false",
+        "runtime.device=cpu",
+        "data.workers=2",
+    ] {
+        c.arg("--set").arg(s);
+    }
+    run_ok(&mut c);
+
+    // 0 epochs: the saved classifier holds exactly the pre-trained encoder (decoder and `norm`
+    // dropped), plus fc_norm and a head over the shards' 1000 classes.
+    let zero = t.join("ft0");
+    run_ok(&mut finetune(&train, &val, &zero, &pre, "0"));
+    let ft = tensors(&zero.join("model.safetensors"));
+    let latest = std::fs::read_dir(pre.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let pretrained = tensors(&latest.join("model.safetensors"));
+    let names: Vec<&str> = ft.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"head.weight") && names.contains(&"fc_norm.weight"));
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("norm.") || n.starts_with("decoder")));
+    let head = &ft.iter().find(|(n, _)| n == "head.weight").unwrap().1;
+    assert_eq!(head.size()[0], 1000);
+    for (name, w) in &ft {
+        if let Some((_, p)) = pretrained.iter().find(|(n, _)| n == name) {
+            assert!(w.equal(p), "{name} differs from the pre-trained weight");
+        } else {
+            assert!(
+                name.starts_with("head.") || name.starts_with("fc_norm."),
+                "{name}"
+            );
+        }
+    }
+
+    // 2 epochs: finite losses every step, a validation score per epoch, the summary line.
+    let run = t.join("ft");
+    let o = run_ok(&mut finetune(&train, &val, &run, &pre, "2"));
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps = lines.iter().filter(|v| v.get("loss").is_some()).count();
+    assert_eq!(steps as u64, summary["steps"].as_u64().unwrap());
+    assert!(steps >= 2, "{metrics}");
+    assert!(lines
+        .iter()
+        .filter_map(|v| v.get("loss"))
+        .all(|l| l.as_f64().unwrap().is_finite()));
+    assert_eq!(
+        lines.iter().filter(|v| v.get("val_top1").is_some()).count(),
+        2
+    );
+
+    // Export without flags (heads, size and pooling come from the checkpoint) and score.
+    let onnx = t.join("cls.onnx");
+    run_ok(
+        bin()
+            .args(["export", "--what", "classifier", "--checkpoint"])
+            .arg(&run)
+            .arg("--out")
+            .arg(&onnx),
+    );
+    let o = run_ok(
+        bin()
+            .args(["eval", "classify", "--json", "--no-progress", "--model"])
+            .arg(&onnx)
+            .arg("--data")
+            .arg(&val),
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["num_classes"], 1000);
+    assert_eq!(r["images"], 4);
+
+    // An existing model is not overwritten; the architecture must be known.
+    let o = finetune(&train, &val, &run, &pre, "1").output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds"));
+    let o = bin()
+        .args(["finetune", "--quiet", "--data"])
+        .arg(&train)
+        .arg("--output")
+        .arg(t.join("x"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--model"));
+}
