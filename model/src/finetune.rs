@@ -1,6 +1,6 @@
 //! Fine-tuning pieces of the paper's protocol (MAE's, ../SPEC §2): layer-wise learning-rate
-//! decay, Mixup / CutMix with label smoothing (timm's `Mixup` in batch mode) and the soft-target
-//! cross-entropy. The classifier itself is [`crate::classifier::VitClassifier`].
+//! decay, Mixup / CutMix with label smoothing (timm's `Mixup` in batch mode), random erasing and
+//! the soft-target cross-entropy. The classifier itself is [`crate::classifier::VitClassifier`].
 
 use tch::{Kind, Tensor};
 
@@ -158,6 +158,46 @@ pub fn mix_batch(
     (x, y, lam)
 }
 
+/// timm's `RandomErasing` (mode `pixel`, one box): with probability `prob`, each image of the
+/// normalised batch [N, C, H, W] gets one box of area 2-33 % and aspect ratio 0.3-3.3
+/// (log-uniform), up to 10 placement attempts, filled with N(0, 1) noise from libtorch's
+/// generator. Returns the boxes drawn (top, left, h, w) per erased image.
+pub fn random_erase(
+    images: &mut Tensor,
+    prob: f64,
+    rng: &mut MixRng,
+) -> Vec<(usize, i64, i64, i64, i64)> {
+    let s = images.size();
+    let (n, c, ih, iw) = (s[0], s[1], s[2], s[3]);
+    let area = (ih * iw) as f64;
+    let (la, lb) = (0.3f64.ln(), (1.0f64 / 0.3).ln());
+    let mut boxes = Vec::new();
+    for i in 0..n {
+        if rng.uniform() > prob {
+            continue;
+        }
+        for _ in 0..10 {
+            let target = (0.02 + rng.uniform() * (1.0 / 3.0 - 0.02)) * area;
+            let ratio = (la + rng.uniform() * (lb - la)).exp();
+            let h = (target * ratio).sqrt().round() as i64;
+            let w = (target / ratio).sqrt().round() as i64;
+            if w < iw && h < ih && w > 0 && h > 0 {
+                let top = rng.below(ih - h + 1);
+                let left = rng.below(iw - w + 1);
+                let noise = Tensor::randn([c, h, w], (images.kind(), images.device()));
+                images
+                    .get(i)
+                    .narrow(1, top, h)
+                    .narrow(2, left, w)
+                    .copy_(&noise);
+                boxes.push((i as usize, top, left, h, w));
+                break;
+            }
+        }
+    }
+    boxes
+}
+
 /// Cross-entropy against soft targets: mean over the batch of −Σ y · log_softmax(logits).
 pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
     (-(targets * logits.log_softmax(-1, Kind::Float)))
@@ -232,6 +272,32 @@ mod tests {
         let soft = soft_cross_entropy(&logits, &smooth_one_hot(&labels, 7, 0.0));
         let d = f64::try_from((hard - soft).abs()).unwrap();
         assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn random_erasing_boxes_have_the_documented_sizes() {
+        let mut rng = MixRng::new(5);
+        let mut x = Tensor::zeros([400, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let boxes = random_erase(&mut x, 0.25, &mut rng);
+        let frac = boxes.len() as f64 / 400.0;
+        assert!((frac - 0.25).abs() < 0.07, "{frac}");
+        for &(i, top, left, h, w) in &boxes {
+            assert!(top + h <= 32 && left + w <= 32);
+            let a = (h * w) as f64 / 1024.0;
+            assert!((0.01..=0.36).contains(&a), "{a}");
+            // Only the box changed.
+            let img = x.get(i as i64);
+            let nonzero = |t: &Tensor| i64::try_from(t.ne(0.0).sum(Kind::Int64)).unwrap();
+            let inside = nonzero(&img.narrow(1, top, h).narrow(2, left, w));
+            assert_eq!(inside, nonzero(&img));
+            assert!(inside > 0);
+        }
+        let untouched: Vec<i64> = (0..400)
+            .filter(|i| !boxes.iter().any(|b| b.0 as i64 == *i))
+            .collect();
+        for i in untouched.into_iter().take(20) {
+            assert_eq!(f64::try_from(x.get(i).abs().sum(Kind::Float)).unwrap(), 0.0);
+        }
     }
 
     #[test]

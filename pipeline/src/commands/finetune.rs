@@ -2,9 +2,9 @@
 //! classifier, following the paper's (MAE's) protocol where it is implemented here: mean pooling
 //! with `fc_norm` (no final norm), head N(0, 2e-5), AdamW (betas 0.9 / 0.999) with layer-wise lr
 //! decay, weight decay except on 1-D parameters, drop path, per-iteration warm-up and
-//! half-cosine to `min_lr`, Mixup / CutMix with label smoothing, RandomResizedCrop and flip;
-//! evaluation with resize and centre crop. Not implemented (said in the README): RandAugment,
-//! random erasing, AMP, multi-process training and resuming.
+//! half-cosine to `min_lr`, Mixup / CutMix with label smoothing, random erasing,
+//! RandomResizedCrop and flip; evaluation with resize and centre crop. Not implemented (said in
+//! the README): RandAugment, AMP, multi-process training and resuming.
 //!
 //! The result is `OUT/model.safetensors` (timm names, config metadata) that `export --what
 //! classifier` reads without flags, and `OUT/metrics.jsonl`.
@@ -89,6 +89,9 @@ pub struct Args {
     pub cutmix: f64,
     #[arg(long, default_value_t = 0.1)]
     pub smoothing: f64,
+    /// Random-erasing probability per image (timm's `--reprob`, pixel mode, one box).
+    #[arg(long, default_value_t = 0.25)]
+    pub reprob: f64,
     /// Lower bound of RandomResizedCrop's area fraction (timm's fine-tuning default 0.08).
     #[arg(long, default_value_t = 0.08)]
     pub crop_scale_min: f64,
@@ -326,10 +329,14 @@ pub fn run(args: Args) -> Result<()> {
             }
             let labels = Tensor::from_slice(&b.labels).to_device(device);
             let n = b.len();
-            let x = DeviceBatch::new(b, device).input();
+            let mut x = DeviceBatch::new(b, device).input();
             let lr = sched.lr_at_iter(epoch, i, iters);
-            // Drop-path masks come from libtorch's generator: seed it per step.
+            // Erasing noise and drop-path masks come from libtorch's generator: seed it per step.
             tch::manual_seed((args.seed as i64).wrapping_mul(7919) + step as i64);
+            if args.reprob > 0.0 {
+                x = x.copy();
+                finetune::random_erase(&mut x, args.reprob, &mut rng);
+            }
             let (x, y, _) = finetune::mix_batch(&x, &labels, classes, &mix, &mut rng);
             let logits = model.forward_train(&x, args.drop_path)?;
             let loss = finetune::soft_cross_entropy(&logits, &y);
