@@ -47,6 +47,7 @@ fn run_case(case: &Value, dct: bool) -> (Vec<u8>, usize) {
         size,
         dct_scaling: dct,
         patch_size: 16,
+        randaug: None,
     };
     let mut w = Worker::new().unwrap();
     let hdr = w.header(&bytes).unwrap();
@@ -82,7 +83,7 @@ fn run_case(case: &Value, dct: bool) -> (Vec<u8>, usize) {
         mask: None,
         patch_labels: None,
     };
-    w.process_geometry(&cfg, input, &hdr, cb, false, so)
+    w.process_geometry(&cfg, input, &hdr, cb, false, None, so)
         .unwrap();
     // CHW → HWC
     let plane = size * size;
@@ -592,4 +593,47 @@ fn dense_masks_and_patch_labels_follow_the_geometry() {
             "patch labels agree with the mask at every patch centre"
         );
     }
+}
+
+/// RandAugment in the loader: deterministic for a seed and independent of the thread count,
+/// changes the images but not the order or labels, and is refused for the evaluation transform.
+#[test]
+fn randaug_batches_are_deterministic_and_only_change_pixels() {
+    use droppos_shards::loader::RandAugment;
+    let (_t, set) = dataset(23, None);
+    let plain = collect(&Loader::new(set.clone(), small_cfg()).unwrap(), 2, 0);
+    let ra = LoaderConfig {
+        randaug: Some(RandAugment::default()),
+        ..small_cfg()
+    };
+    let a = collect(&Loader::new(set.clone(), ra).unwrap(), 2, 0);
+    let b = collect(
+        &Loader::new(set.clone(), LoaderConfig { threads: 1, ..ra }).unwrap(),
+        2,
+        0,
+    );
+    assert_eq!(a, b);
+    assert_eq!(a.len(), plain.len());
+    let mut changed = 0;
+    for (x, y) in a.iter().zip(&plain) {
+        assert_eq!(x.keys, y.keys);
+        assert_eq!(x.labels, y.labels);
+        let (Images::U8(p), Images::U8(q)) = (&x.images, &y.images) else {
+            panic!("u8 batches")
+        };
+        let per = 3 * 32 * 32;
+        changed += p
+            .chunks(per)
+            .zip(q.chunks(per))
+            .filter(|(i, j)| i != j)
+            .count();
+    }
+    // About one op per image on average: most images differ from the plain crops.
+    assert!(changed >= 8, "{changed} of 20 images changed");
+    let bad = LoaderConfig {
+        randaug: Some(RandAugment::default()),
+        ..LoaderConfig::eval(32, 4)
+    };
+    let err = Loader::new(set, bad).unwrap_err().to_string();
+    assert!(err.contains("RandAugment"), "{err}");
 }

@@ -2,9 +2,9 @@
 //! classifier, following the paper's (MAE's) protocol where it is implemented here: mean pooling
 //! with `fc_norm` (no final norm), head N(0, 2e-5), AdamW (betas 0.9 / 0.999) with layer-wise lr
 //! decay, weight decay except on 1-D parameters, drop path, per-iteration warm-up and
-//! half-cosine to `min_lr`, Mixup / CutMix with label smoothing, random erasing,
-//! RandomResizedCrop and flip; evaluation with resize and centre crop. Not implemented (said in
-//! the README): RandAugment, AMP, multi-process training and resuming.
+//! half-cosine to `min_lr`, Mixup / CutMix with label smoothing, random erasing, RandAugment
+//! (in the loader), RandomResizedCrop and flip; evaluation with resize and centre crop. Not
+//! implemented (said in the README): AMP, multi-process training and resuming.
 //!
 //! The result is `OUT/model.safetensors` (timm names, config metadata) that `export --what
 //! classifier` reads without flags, and `OUT/metrics.jsonl`.
@@ -20,7 +20,9 @@ use droppos_model::finetune::{self, MixConfig, MixRng};
 use droppos_model::optim::{AdamW, AdamWConfig};
 use droppos_model::schedule::{lr_from_blr, CosineSchedule};
 use droppos_model::{ClassifierConfig, VitClassifier, VitConfig};
-use droppos_shards::loader::{Augment, Loader, LoaderConfig, PixelFormat, RrcParams, ShardSet};
+use droppos_shards::loader::{
+    Augment, Loader, LoaderConfig, PixelFormat, RandAugment, RrcParams, ShardSet,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -92,6 +94,12 @@ pub struct Args {
     /// Random-erasing probability per image (timm's `--reprob`, pixel mode, one box).
     #[arg(long, default_value_t = 0.25)]
     pub reprob: f64,
+    /// RandAugment operations per image (timm `rand-m9-mstd0.5-inc1` has 2; 0 turns it off).
+    #[arg(long, default_value_t = 2)]
+    pub randaug_ops: usize,
+    /// RandAugment magnitude (0-10; drawn per op with std 0.5).
+    #[arg(long, default_value_t = 9.0)]
+    pub randaug_magnitude: f64,
     /// Lower bound of RandomResizedCrop's area fraction (timm's fine-tuning default 0.08).
     #[arg(long, default_value_t = 0.08)]
     pub crop_scale_min: f64,
@@ -275,6 +283,11 @@ pub fn run(args: Args) -> Result<()> {
         flip: true,
     };
     lcfg.pixel_format = PixelFormat::U8;
+    lcfg.randaug = (args.randaug_ops > 0).then_some(RandAugment {
+        num_ops: args.randaug_ops,
+        magnitude: args.randaug_magnitude,
+        ..RandAugment::default()
+    });
     lcfg.seed = args.seed;
     lcfg.threads = args.workers.max(1);
     let loader = Loader::new(train_set.clone(), lcfg).context("configuring the loader")?;

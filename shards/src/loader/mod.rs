@@ -26,6 +26,7 @@
 pub mod batch;
 pub mod decode;
 pub mod pipeline;
+pub mod randaug;
 pub mod reader;
 pub use crate::resample;
 pub mod rng;
@@ -36,6 +37,7 @@ use std::sync::Arc;
 
 pub use batch::{Batch, Images, PixelFormat, SkippedSample, IMAGENET_MEAN, IMAGENET_STD};
 pub use pipeline::EpochLoader;
+pub use randaug::RandAugment;
 pub use reader::ShardSet;
 pub use sampler::{Pad, Partition};
 pub use transform::{Augment, RrcParams};
@@ -115,6 +117,8 @@ pub struct LoaderConfig {
     /// DCT-domain downscaling for crops at least twice the output size (see
     /// [`transform::DCT_MIN_RATIO`]).
     pub dct_scaling: bool,
+    /// RandAugment on the pre-training crops (fine-tuning; classification datasets only).
+    pub randaug: Option<RandAugment>,
 }
 
 impl LoaderConfig {
@@ -142,6 +146,7 @@ impl LoaderConfig {
             prefetch: 2,
             on_error: OnError::Skip,
             dct_scaling: true,
+            randaug: None,
         }
     }
 
@@ -166,6 +171,17 @@ impl LoaderConfig {
                 "rank {} out of world size {}",
                 self.rank, self.world
             )));
+        }
+        if self.randaug.is_some()
+            && (set.columns().mask
+                || set.columns().patch_labels
+                || !matches!(self.augment, Augment::Pretrain { .. }))
+        {
+            return Err(LoaderError::Config(
+                "RandAugment applies to augmented classification images only (no masks or \
+                 patch labels, not the evaluation transform)"
+                    .into(),
+            ));
         }
         if set.columns().patch_labels && !self.size.is_multiple_of(set.patch_size().max(1)) {
             return Err(LoaderError::Config(format!(

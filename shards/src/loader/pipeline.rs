@@ -176,6 +176,7 @@ fn make_batches(
         size: s,
         dct_scaling: cfg.dct_scaling,
         patch_size: set.patch_size(),
+        randaug: cfg.randaug,
     };
     let cols = set.columns();
     let grid = (s / set.patch_size().max(1)).pow(2);

@@ -279,6 +279,8 @@ pub struct TransformConfig {
     pub dct_scaling: bool,
     /// Patch size of `patch_labels` (input grid and output grid).
     pub patch_size: usize,
+    /// RandAugment after crop and flip (drawn from the sample's stream after the geometry).
+    pub randaug: Option<super::randaug::RandAugment>,
 }
 
 /// Errors of one sample.
@@ -304,6 +306,7 @@ pub struct Worker {
     resized: Vec<u8>,
     resized2: Vec<u8>,
     mask_out: Vec<u8>,
+    randaug_scratch: Vec<u8>,
 }
 
 impl Worker {
@@ -315,6 +318,7 @@ impl Worker {
             resized: Vec::new(),
             resized2: Vec::new(),
             mask_out: Vec::new(),
+            randaug_scratch: Vec::new(),
         })
     }
 
@@ -348,7 +352,8 @@ impl Worker {
     ) -> Result<(), SampleError> {
         let hdr = self.decoder.header(input.image)?;
         let (cb, flip) = self.draw(cfg, &hdr, rng);
-        self.process_geometry(cfg, input, &hdr, cb, flip, out)
+        let steps = cfg.randaug.map(|r| r.draw(rng));
+        self.process_geometry(cfg, input, &hdr, cb, flip, steps.as_deref(), out)
     }
 
     /// Reads the image header (dimensions).
@@ -358,7 +363,9 @@ impl Worker {
 
     /// Applies a given geometry: for pre-training the crop box `cb` (source pixels) resized to
     /// S×S; for evaluation `cb` is ignored and the resize + centre crop is used. `flip` mirrors
-    /// the output.
+    /// the output; then the RandAugment `steps`, if any, change the image (never the masks:
+    /// the loader refuses RandAugment for dense datasets).
+    #[allow(clippy::too_many_arguments)]
     pub fn process_geometry(
         &mut self,
         cfg: &TransformConfig,
@@ -366,6 +373,7 @@ impl Worker {
         hdr: &Header,
         cb: CropBox,
         flip: bool,
+        steps: Option<&[super::randaug::Step]>,
         out: SampleOut<'_>,
     ) -> Result<(), SampleError> {
         let s = cfg.size;
@@ -448,6 +456,9 @@ impl Worker {
         };
         if flip {
             flip_rows(fin, s, c);
+        }
+        if let Some(steps) = steps {
+            super::randaug::apply(steps, fin, s, c, &mut self.randaug_scratch);
         }
         match out.image {
             ImageSlot::U8(o) => write_u8(fin, c, s, o),
