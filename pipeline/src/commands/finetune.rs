@@ -4,7 +4,8 @@
 //! decay, weight decay except on 1-D parameters, drop path, per-iteration warm-up and
 //! half-cosine to `min_lr`, Mixup / CutMix with label smoothing, random erasing, RandAugment
 //! (in the loader), RandomResizedCrop and flip; evaluation with resize and centre crop. Not
-//! implemented (said in the README): AMP, multi-process training and resuming.
+//! implemented (said in the README): multi-process training and resuming. On CUDA the forward
+//! runs under bf16 autocast with TF32, as `train` does.
 //!
 //! The result is `OUT/model.safetensors` (timm names, config metadata) that `export --what
 //! classifier` reads without flags, and `OUT/metrics.jsonl`.
@@ -25,7 +26,7 @@ use droppos_shards::loader::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// metrics.jsonl: one JSON object per line, flushed as written.
 struct Jsonl(std::io::BufWriter<std::fs::File>);
@@ -111,9 +112,12 @@ pub struct Args {
     /// Loader decode threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// `cpu`, `cuda` or `auto` (CUDA when available).
+    /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// `auto` (bf16 autocast with TF32 on CUDA, fp32 on CPU), `bf16` or `fp32`.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -156,20 +160,6 @@ fn encoder_source(args: &Args) -> Result<(VitConfig, Vec<(String, Tensor)>)> {
     Ok((cfg, tensors))
 }
 
-fn device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            if !tch::Cuda::is_available() {
-                bail!("--device cuda: libtorch sees no CUDA device");
-            }
-            Device::Cuda(0)
-        }
-        "auto" => Device::cuda_if_available(),
-        other => bail!("--device {other}: use cpu, cuda or auto"),
-    })
-}
-
 fn open_set(dirs: &[PathBuf]) -> Result<Arc<ShardSet>> {
     let set = ShardSet::open(dirs, true)
         .with_context(|| format!("opening shards {}", crate::eval::display_dirs(dirs)))?;
@@ -186,12 +176,13 @@ fn open_set(dirs: &[PathBuf]) -> Result<Arc<ShardSet>> {
 /// Top-1 / top-5 of the classifier on `dirs` (evaluation transform, every image once).
 fn evaluate(
     model: &VitClassifier,
+    placement: &crate::train::device::Placement,
     dirs: &[PathBuf],
     img: usize,
     batch: usize,
     workers: usize,
-    device: Device,
 ) -> Result<(f64, f64, u64)> {
+    let device = placement.device;
     let set = open_set(dirs)?;
     let mut cfg = LoaderConfig::eval(img, batch);
     cfg.threads = workers.max(1);
@@ -204,7 +195,7 @@ fn evaluate(
             bail!("validation images without a class label");
         }
         let x = DeviceBatch::new(b, device).input();
-        let logits = tch::no_grad(|| model.forward(&x))?;
+        let logits = tch::no_grad(|| placement.autocast(|| model.forward(&x)))?;
         let k = logits.size()[1].min(5);
         let (_, idx) = logits.topk(k, -1, true, true);
         let hit = idx.eq_tensor(&labels.unsqueeze(1));
@@ -224,10 +215,14 @@ pub fn run(args: Args) -> Result<()> {
             args.output.display()
         );
     }
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads);
-    }
-    let device = device(&args.device)?;
+    let rt = crate::config::RuntimeConfig {
+        device: args.device.clone(),
+        precision: args.precision.clone(),
+        threads: args.threads.max(0) as u64,
+        ..crate::config::RuntimeConfig::default()
+    };
+    let placement = crate::train::device::Placement::resolve(&rt, 0)?;
+    let device = placement.device;
     let (enc, init) = encoder_source(&args)?;
     let train_set = open_set(&args.data)?;
     let classes = match args.num_classes {
@@ -321,14 +316,14 @@ pub fn run(args: Args) -> Result<()> {
         pb
     };
     tracing::info!(
-        "fine-tuning {} classes, {} blocks x {} wide, {} images/epoch, batch {}, lr {:.3e} on {:?}",
+        "fine-tuning {} classes, {} blocks x {} wide, {} images/epoch, batch {}, lr {:.3e} on {}",
         classes,
         depth,
         enc.embed_dim,
         loader.samples_per_epoch(),
         args.batch_size,
         sched.lr,
-        device
+        placement.describe()
     );
     let mut step = 0u64;
     let mut last = json!({});
@@ -351,7 +346,7 @@ pub fn run(args: Args) -> Result<()> {
                 finetune::random_erase(&mut x, args.reprob, &mut rng);
             }
             let (x, y, _) = finetune::mix_batch(&x, &labels, classes, &mix, &mut rng);
-            let logits = model.forward_train(&x, args.drop_path)?;
+            let logits = placement.autocast(|| model.forward_train(&x, args.drop_path))?;
             let loss = finetune::soft_cross_entropy(&logits, &y);
             let lv = loss.double_value(&[]);
             if !lv.is_finite() {
@@ -371,11 +366,11 @@ pub fn run(args: Args) -> Result<()> {
         if !args.val.is_empty() {
             let (t1, t5, n) = evaluate(
                 &model,
+                &placement,
                 &args.val,
                 img,
                 args.batch_size,
                 args.workers,
-                device,
             )?;
             last = json!({"epoch": epoch, "val_top1": t1, "val_top5": t5, "val_images": n});
             metrics.write(&last)?;
