@@ -552,3 +552,26 @@ fn timm_variants_match_timm_or_are_refused() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("reg_token"), "{err:#}");
 }
+
+/// Checkpoints without a config: standard timm widths get their standard head count (the same
+/// graph as with the count given), other widths still need --num-heads.
+#[test]
+fn head_count_defaults_for_standard_widths() {
+    use crate::commands::export::{self, ArchHints, What};
+    let w = synthetic_weights(192, 16, 32, 1, Some((512, 1)));
+    let given = ArchHints {
+        num_heads: Some(3),
+        decoder_num_heads: Some(16),
+        ..Default::default()
+    };
+    for what in [What::Encoder, What::Droppos] {
+        let a = export::build(&w, &ArchHints::default(), what, 32, Opset::V17).unwrap();
+        let b = export::build(&w, &given, what, 32, Opset::V17).unwrap();
+        assert_eq!(a, b, "{what:?}");
+    }
+    let odd = synthetic_weights(48, 8, 16, 1, None);
+    let err = export::build(&odd, &ArchHints::default(), What::Encoder, 16, Opset::V17)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--num-heads") && err.contains("48"), "{err}");
+}

@@ -70,10 +70,12 @@ pub struct Args {
     pub what: What,
     #[arg(long)]
     pub out: PathBuf,
-    /// Encoder attention heads (default: the checkpoint's config metadata).
+    /// Encoder attention heads (default: the checkpoint's config metadata, else the standard
+    /// count of timm's widths: 192 → 3, 384 → 6, 768 → 12, 1024 / 1280 → 16).
     #[arg(long)]
     pub num_heads: Option<i64>,
-    /// Position-decoder attention heads (default: the checkpoint's config metadata).
+    /// Position-decoder attention heads (default: the checkpoint's config metadata, else 16 for
+    /// the standard 512-d decoder).
     #[arg(long)]
     pub decoder_num_heads: Option<i64>,
     /// Input image size (default: what the checkpoint's pos_embed was made for). Another size
@@ -239,9 +241,23 @@ pub fn build(
     img: i64,
     opset: Opset,
 ) -> Result<onnx::proto::ModelProto> {
-    let heads = hints
-        .num_heads
-        .ok_or_else(|| anyhow!("the encoder's head count is unknown: pass --num-heads"))?;
+    let heads = match hints.num_heads {
+        Some(h) => h,
+        None => {
+            let d = w.get("patch_embed.proj.weight")?.dims[0];
+            let h = standard_heads(d).ok_or_else(|| {
+                anyhow!(
+                    "the encoder's head count is unknown (no config in the checkpoint, width {d} \
+                     is not a standard ViT width): pass --num-heads"
+                )
+            })?;
+            tracing::warn!(
+                "no head count in the checkpoint: using {h} heads, the standard for width {d} \
+                 (timm ViT-Ti/S/B/L/H); pass --num-heads if this model differs"
+            );
+            h
+        }
+    };
     let spec = onnx::EncoderSpec::infer(w, img, heads)?;
     let trained = trained_img_size(w)?;
     let mut w = w.clone();
@@ -275,9 +291,14 @@ pub fn build(
                     "mask_token_type {other} has no deterministic ONNX form (only param and zeros)"
                 ),
             }
-            let dh = hints.decoder_num_heads.ok_or_else(|| {
-                anyhow!("the position decoder's head count is unknown: pass --decoder-num-heads")
-            })?;
+            let dh = match hints.decoder_num_heads {
+                Some(h) => h,
+                // The DropPos / MAE decoders (512-d) all use 16 heads.
+                None if w.get("decoder_embed.weight")?.dims[0] == 512 => 16,
+                None => {
+                    bail!("the position decoder's head count is unknown: pass --decoder-num-heads")
+                }
+            };
             let dec = onnx::DecoderSpec::infer(&w, dh)?;
             onnx::droppos_model(&w, &spec, &dec, opset)?
         }
@@ -310,6 +331,18 @@ pub fn resample_pos_embed(pe: &HostTensor, grid: i64) -> Result<HostTensor> {
     let mut data = cls.to_vec();
     data.extend(Vec::<f32>::try_from(&y).context("resampled pos_embed")?);
     Ok(HostTensor::new(vec![1, 1 + grid * grid, d], data)?)
+}
+
+/// Head count of timm's ViT widths (Ti 192, S 384, B 768, L 1024, H 1280), used when a
+/// checkpoint carries no config.
+pub fn standard_heads(width: i64) -> Option<i64> {
+    match width {
+        192 => Some(3),
+        384 => Some(6),
+        768 => Some(12),
+        1024 | 1280 => Some(16),
+        _ => None,
+    }
 }
 
 /// The DropPos config a training checkpoint carries in its metadata.
