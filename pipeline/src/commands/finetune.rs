@@ -177,13 +177,13 @@ fn open_set(dirs: &[PathBuf]) -> Result<Arc<ShardSet>> {
 fn evaluate(
     model: &VitClassifier,
     placement: &crate::train::device::Placement,
-    dirs: &[PathBuf],
+    set: &Arc<ShardSet>,
     img: usize,
     batch: usize,
     workers: usize,
 ) -> Result<(f64, f64, u64)> {
     let device = placement.device;
-    let set = open_set(dirs)?;
+    let set = set.clone();
     let mut cfg = LoaderConfig::eval(img, batch);
     cfg.threads = workers.max(1);
     let loader = Loader::new(set, cfg).context("configuring the validation loader")?;
@@ -191,8 +191,9 @@ fn evaluate(
     for b in loader.epoch(0, 0)? {
         let b = b?;
         let labels = Tensor::from_slice(&b.labels).to_device(device);
-        if b.labels.iter().any(|&l| l < 0) {
-            bail!("validation images without a class label");
+        let classes = model.config().num_classes;
+        if let Some(l) = b.labels.iter().find(|&&l| l < 0 || l >= classes) {
+            bail!("validation label {l} is outside the classifier's 0..{classes}");
         }
         let x = DeviceBatch::new(b, device).input();
         let logits = tch::no_grad(|| placement.autocast(|| model.forward(&x)))?;
@@ -225,6 +226,11 @@ pub fn run(args: Args) -> Result<()> {
     let device = placement.device;
     let (enc, init) = encoder_source(&args)?;
     let train_set = open_set(&args.data)?;
+    let val_set = if args.val.is_empty() {
+        None
+    } else {
+        Some(open_set(&args.val)?)
+    };
     let classes = match args.num_classes {
         Some(c) => c,
         None => train_set
@@ -363,11 +369,11 @@ pub fn run(args: Args) -> Result<()> {
             pb.set_message(format!("loss {lv:.4}"));
             pb.inc(1);
         }
-        if !args.val.is_empty() {
+        if let Some(val_set) = &val_set {
             let (t1, t5, n) = evaluate(
                 &model,
                 &placement,
-                &args.val,
+                val_set,
                 img,
                 args.batch_size,
                 args.workers,
