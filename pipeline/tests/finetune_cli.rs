@@ -128,10 +128,18 @@ fn finetune_from_pretraining_then_export_and_classify() {
         .iter()
         .filter_map(|v| v.get("loss"))
         .all(|l| l.as_f64().unwrap().is_finite()));
+    assert!(lines
+        .iter()
+        .all(|v| (0.0..=1.0).contains(&v["acc1"].as_f64().unwrap())));
+    let evals = std::fs::read_to_string(run.join("eval.jsonl")).unwrap();
     assert_eq!(
-        lines.iter().filter(|v| v.get("val_top1").is_some()).count(),
-        2
+        evals.lines().filter(|l| l.contains("val_top1")).count(),
+        2,
+        "{evals}"
     );
+    // The trainer's metrics format: `plot` draws the run.
+    run_ok(bin().arg("plot").arg(&run));
+    assert!(run.join("curves.png").is_file());
 
     // Export without flags (heads, size and pooling come from the checkpoint) and score.
     let onnx = t.join("cls.onnx");

@@ -8,13 +8,16 @@
 //! runs under bf16 autocast with TF32, as `train` does.
 //!
 //! The result is `OUT/model.safetensors` (timm names, config metadata) that `export --what
-//! classifier` reads without flags, and `OUT/metrics.jsonl`.
+//! classifier` reads without flags, `OUT/metrics.jsonl` (the trainer's per-step format, so
+//! `plot` draws it; acc1 is the training top-1 against the unmixed labels) and `OUT/eval.jsonl`
+//! (validation top-1 / top-5 per epoch).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::train::metrics::{MetricsWriter, StepMetrics};
 use anyhow::{bail, Context, Result};
 use droppos_model::data::DeviceBatch;
 use droppos_model::finetune::{self, MixConfig, MixRng};
@@ -28,7 +31,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::{Kind, Tensor};
 
-/// metrics.jsonl: one JSON object per line, flushed as written.
+/// eval.jsonl: one JSON object per line, flushed as written.
 struct Jsonl(std::io::BufWriter<std::fs::File>);
 
 impl Jsonl {
@@ -54,7 +57,7 @@ pub struct Args {
     /// Labelled validation shards, scored (top-1 / top-5) after every epoch.
     #[arg(long, num_args = 1..)]
     pub val: Vec<PathBuf>,
-    /// Output folder (model.safetensors, metrics.jsonl); must not hold a model yet.
+    /// Output folder (model.safetensors, metrics.jsonl, eval.jsonl); must not hold a model yet.
     #[arg(long)]
     pub output: PathBuf,
     /// Pre-trained weights: a `train` run or checkpoint folder, or a safetensors file with timm /
@@ -307,7 +310,14 @@ pub fn run(args: Args) -> Result<()> {
     };
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("creating {}", args.output.display()))?;
-    let mut metrics = Jsonl::create(&args.output.join("metrics.jsonl"))?;
+    // A fresh run (no resume): an earlier attempt's metrics are replaced.
+    let metrics_file = crate::train::metrics::metrics_path(&args.output);
+    if metrics_file.exists() {
+        std::fs::remove_file(&metrics_file)
+            .with_context(|| format!("removing {}", metrics_file.display()))?;
+    }
+    let mut metrics = MetricsWriter::open(&args.output, 0)?;
+    let mut evals = Jsonl::create(&args.output.join("eval.jsonl"))?;
     let pb = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -364,8 +374,24 @@ pub fn run(args: Args) -> Result<()> {
             opt.step();
             step += 1;
             let secs = t.elapsed().as_secs_f64();
-            metrics.write(&json!({"step": step, "epoch": epoch, "loss": lv, "lr": lr,
-                                  "images_per_s": n as f64 / secs, "step_time_s": secs}))?;
+            // Top-1 against the unmixed labels: a rough training signal under Mixup / CutMix.
+            let acc1 = logits
+                .argmax(-1, false)
+                .eq_tensor(&labels)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[]);
+            metrics.write(&StepMetrics {
+                step,
+                epoch: epoch as f64 + (i + 1) as f64 / iters as f64,
+                loss: lv,
+                acc1,
+                lr,
+                sigma: 0.0,
+                images_per_s: n as f64 / secs,
+                step_time_s: secs,
+                device_mem_mib: crate::train::device::memory_mib(device),
+            })?;
             pb.set_message(format!("loss {lv:.4}"));
             pb.inc(1);
         }
@@ -379,7 +405,7 @@ pub fn run(args: Args) -> Result<()> {
                 args.workers,
             )?;
             last = json!({"epoch": epoch, "val_top1": t1, "val_top5": t5, "val_images": n});
-            metrics.write(&last)?;
+            evals.write(&last)?;
             tracing::info!("epoch {epoch}: val top-1 {t1:.4} top-5 {t5:.4} ({n} images)");
         }
     }

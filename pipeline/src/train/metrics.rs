@@ -18,7 +18,8 @@ pub struct StepMetrics {
     pub epoch: f64,
     /// Mean loss over the step's micro-batches.
     pub loss: f64,
-    /// Mean position accuracy (acc1) over the step's micro-batches, in [0, 1].
+    /// Mean accuracy over the step's micro-batches, in [0, 1]: DropPos position accuracy (acc1)
+    /// in pre-training, training top-1 in fine-tuning.
     pub acc1: f64,
     pub lr: f64,
     pub sigma: f64,

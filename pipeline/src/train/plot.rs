@@ -52,7 +52,7 @@ pub fn render(metrics: &[StepMetrics], chance: Option<f64>, out: &Path) -> Resul
             hline: None,
         },
         Panel {
-            title: "position accuracy (acc1)",
+            title: "accuracy (acc1)",
             points: series(|m| m.acc1),
             smooth: true,
             hline: chance.map(|c| (c, "chance 1/l")),
