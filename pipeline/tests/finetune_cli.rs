@@ -141,6 +141,50 @@ fn finetune_from_pretraining_then_export_and_classify() {
     run_ok(bin().arg("plot").arg(&run));
     assert!(run.join("curves.png").is_file());
 
+    // Split into two invocations (stop after epoch 1, then --resume): the same losses and
+    // the same final weights, bit for bit, as the uninterrupted run.
+    let split = t.join("ft-split");
+    let o = run_ok(
+        finetune(&train, &val, &split, &pre, "2")
+            .arg("--stop-after-epochs")
+            .arg("1"),
+    );
+    let stopped: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stopped["stopped_after_epoch"], 1);
+    assert!(!split.join("model.safetensors").exists());
+    // A fresh run into a folder with checkpoints is refused; --resume continues it.
+    let o = finetune(&train, &val, &split, &pre, "2").output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    let o = finetune(&train, &val, &split, &pre, "3")
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "other settings must be refused");
+    run_ok(finetune(&train, &val, &split, &pre, "2").arg("--resume"));
+    let losses = |dir: &Path| -> Vec<u64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["loss"].as_f64().unwrap().to_bits()
+            })
+            .collect()
+    };
+    assert_eq!(losses(&split), losses(&run));
+    let (a, b) = (
+        tensors(&run.join("model.safetensors")),
+        tensors(&split.join("model.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resume");
+    }
+    let evals = std::fs::read_to_string(split.join("eval.jsonl")).unwrap();
+    assert_eq!(evals.lines().count(), 2, "{evals}");
+
     // Export without flags (heads, size and pooling come from the checkpoint) and score.
     let onnx = t.join("cls.onnx");
     run_ok(

@@ -4,8 +4,8 @@
 //! decay, weight decay except on 1-D parameters, drop path, per-iteration warm-up and
 //! half-cosine to `min_lr`, Mixup / CutMix with label smoothing, random erasing, RandAugment
 //! (in the loader), RandomResizedCrop and flip; evaluation with resize and centre crop. Not
-//! implemented (said in the README): multi-process training and resuming. On CUDA the forward
-//! runs under bf16 autocast with TF32, as `train` does.
+//! implemented (said in the README): multi-process training. On CUDA the forward runs under
+//! bf16 autocast with TF32, as `train` does. Epoch-end checkpoints make `--resume` exact.
 //!
 //! The result is `OUT/model.safetensors` (timm names, config metadata) that `export --what
 //! classifier` reads without flags, `OUT/metrics.jsonl` (the trainer's per-step format, so
@@ -23,6 +23,7 @@ use droppos_model::data::DeviceBatch;
 use droppos_model::finetune::{self, MixConfig, MixRng};
 use droppos_model::optim::{AdamW, AdamWConfig};
 use droppos_model::schedule::{lr_from_blr, CosineSchedule};
+use droppos_model::trainer::{Checkpoint, CheckpointStore, TrainState};
 use droppos_model::{ClassifierConfig, VitClassifier, VitConfig};
 use droppos_shards::loader::{
     Augment, Loader, LoaderConfig, PixelFormat, RandAugment, RrcParams, ShardSet,
@@ -35,9 +36,19 @@ use tch::{Kind, Tensor};
 struct Jsonl(std::io::BufWriter<std::fs::File>);
 
 impl Jsonl {
-    fn create(path: &Path) -> Result<Self> {
-        let f =
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    /// Opens `path` for appending, first keeping only the existing lines `keep` accepts.
+    fn open_keeping(path: &Path, keep: impl Fn(&serde_json::Value) -> bool) -> Result<Self> {
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        let kept: String = old
+            .lines()
+            .filter(|l| serde_json::from_str(l).is_ok_and(|v| keep(&v)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(path, kept).with_context(|| format!("writing {}", path.display()))?;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
         Ok(Self(std::io::BufWriter::new(f)))
     }
 
@@ -123,6 +134,26 @@ pub struct Args {
     pub precision: String,
     #[arg(long)]
     pub quiet: bool,
+    /// Continue from the newest epoch checkpoint in --output (same settings required).
+    #[arg(long)]
+    pub resume: bool,
+    /// End this invocation after this many epochs (a checkpoint is written at every epoch end);
+    /// continue later with --resume, e.g. to fit a cluster's job time limit.
+    #[arg(long)]
+    pub stop_after_epochs: Option<usize>,
+}
+
+/// Everything that shapes the run's result: a resume must use the same.
+fn settings(args: &Args, enc: &VitConfig, classes: i64) -> serde_json::Value {
+    json!({
+        "encoder": enc, "num_classes": classes, "epochs": args.epochs,
+        "batch_size": args.batch_size, "blr": args.blr, "min_lr": args.min_lr,
+        "warmup_epochs": args.warmup_epochs, "layer_decay": args.layer_decay,
+        "weight_decay": args.weight_decay, "drop_path": args.drop_path, "mixup": args.mixup,
+        "cutmix": args.cutmix, "smoothing": args.smoothing, "reprob": args.reprob,
+        "randaug_ops": args.randaug_ops, "randaug_magnitude": args.randaug_magnitude,
+        "crop_scale_min": args.crop_scale_min, "seed": args.seed,
+    })
 }
 
 /// Encoder config + the weights to start from (encoder names only).
@@ -310,18 +341,57 @@ pub fn run(args: Args) -> Result<()> {
     };
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("creating {}", args.output.display()))?;
-    // A fresh run (no resume): an earlier attempt's metrics are replaced.
+    let recipe = settings(&args, &enc, classes);
+    let store = CheckpointStore::new(&args.output);
+    let latest = store.latest()?;
+    let (start_epoch, mut step) = match (args.resume, latest) {
+        (true, None) => bail!(
+            "--resume: {} holds no fine-tuning checkpoint",
+            args.output.display()
+        ),
+        (false, Some(_)) => bail!(
+            "{} holds fine-tuning checkpoints: pass --resume to continue, or choose another \
+             --output",
+            args.output.display()
+        ),
+        (false, None) => (0, 0),
+        (true, Some(dir)) => {
+            let ck = CheckpointStore::load(&dir)?;
+            let saved: serde_json::Value = serde_json::from_str(&ck.config_toml)
+                .with_context(|| format!("settings in {}", dir.display()))?;
+            if saved != recipe {
+                bail!(
+                    "--resume with other settings than the run's ({}): {saved}",
+                    dir.display()
+                );
+            }
+            droppos_model::checkpoint::load_into(&model.named_parameters(), &ck.model, true, &dir)?;
+            opt.load_state_tensors(&ck.optimizer)?;
+            tracing::info!(
+                "resuming after epoch {} (step {})",
+                ck.state.epoch,
+                ck.state.step
+            );
+            (ck.state.epoch as usize, ck.state.step)
+        }
+    };
+    // Metrics and scores of a resumed run continue from its checkpoint; a fresh run starts
+    // new files.
     let metrics_file = crate::train::metrics::metrics_path(&args.output);
-    if metrics_file.exists() {
+    if start_epoch == 0 && metrics_file.exists() {
         std::fs::remove_file(&metrics_file)
             .with_context(|| format!("removing {}", metrics_file.display()))?;
     }
-    let mut metrics = MetricsWriter::open(&args.output, 0)?;
-    let mut evals = Jsonl::create(&args.output.join("eval.jsonl"))?;
+    let mut metrics = MetricsWriter::open(&args.output, step)?;
+    let mut evals = Jsonl::open_keeping(&args.output.join("eval.jsonl"), |v| {
+        v["epoch"]
+            .as_u64()
+            .is_some_and(|e| (e as usize) < start_epoch)
+    })?;
     let pb = if args.quiet {
         ProgressBar::hidden()
     } else {
-        let pb = ProgressBar::new((iters * args.epochs) as u64);
+        let pb = ProgressBar::new((iters * args.epochs.saturating_sub(start_epoch)) as u64);
         pb.set_style(
             ProgressStyle::with_template(
                 "finetune [{bar:30}] {pos}/{len} steps {per_sec} eta {eta} {msg}",
@@ -341,9 +411,18 @@ pub fn run(args: Args) -> Result<()> {
         sched.lr,
         placement.describe()
     );
-    let mut step = 0u64;
     let mut last = json!({});
-    for epoch in 0..args.epochs {
+    let meta = HashMap::from([(
+        "config".to_string(),
+        serde_json::to_string(&json!({
+            "encoder": enc, "num_classes": classes, "global_pool": "avg",
+            "fc_norm": true, "final_norm": false,
+        }))?,
+    )]);
+    let stop_at = args
+        .stop_after_epochs
+        .map_or(args.epochs, |n| (start_epoch + n).min(args.epochs));
+    for epoch in start_epoch..stop_at {
         let mut rng = MixRng::new(args.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
         for (i, b) in loader.epoch(epoch as u64, 0)?.enumerate() {
             let t = Instant::now();
@@ -408,15 +487,30 @@ pub fn run(args: Args) -> Result<()> {
             evals.write(&last)?;
             tracing::info!("epoch {epoch}: val top-1 {t1:.4} top-5 {t5:.4} ({n} images)");
         }
+        let ckpt = Checkpoint {
+            model: model.named_parameters(),
+            optimizer: opt.state_tensors(),
+            state: TrainState {
+                step,
+                epoch: epoch as u64 + 1,
+                samples_in_epoch: 0,
+                world_size: 1,
+                rank: 0,
+                reason: "epoch_end".into(),
+                last_loss: None,
+            },
+            config_toml: recipe.to_string(),
+            model_metadata: meta.clone(),
+        };
+        store.save(&ckpt, 2)?;
     }
     pb.finish_and_clear();
-    let meta = HashMap::from([(
-        "config".to_string(),
-        serde_json::to_string(&json!({
-            "encoder": enc, "num_classes": classes, "global_pool": "avg",
-            "fc_norm": true, "final_norm": false,
-        }))?,
-    )]);
+    if stop_at < args.epochs {
+        let summary = json!({"stopped_after_epoch": stop_at, "steps": step,
+                             "resume_with": "--resume", "last_eval": last});
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
     let out = args.output.join("model.safetensors");
     droppos_model::checkpoint::save(&out, &model.named_parameters(), Some(meta))?;
     let summary = json!({"model": out, "steps": step, "epochs": args.epochs,
