@@ -242,6 +242,159 @@ fn evaluate(
     Ok((top1 as f64 / d, top5 as f64 / d, n))
 }
 
+/// The classifier (fine-tuning form) with the pre-trained encoder loaded, and its AdamW with
+/// layer-wise lr decay. The VarStore owns the variables.
+fn build_model(
+    args: &Args,
+    enc: &VitConfig,
+    init: &[(String, Tensor)],
+    classes: i64,
+    device: tch::Device,
+) -> Result<(tch::nn::VarStore, VitClassifier, AdamW)> {
+    let ccfg = ClassifierConfig::finetune(enc.clone(), classes);
+    tch::manual_seed(args.seed as i64);
+    let vs = tch::nn::VarStore::new(device);
+    let model = VitClassifier::new(&vs.root(), &ccfg)?;
+    if !init.is_empty() {
+        let encoder_params: Vec<(String, Tensor)> = model
+            .named_parameters()
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("fc_norm.") && !n.starts_with("head."))
+            .collect();
+        droppos_model::checkpoint::load_into(&encoder_params, init, true, Path::new("--init"))
+            .context("loading the pre-trained encoder into the classifier")?;
+    }
+    let depth = enc.depth as usize;
+    let trainable: Vec<(String, Tensor)> = model
+        .named_parameters()
+        .into_iter()
+        .filter(|(n, _)| n != "pos_embed")
+        .collect();
+    let mut opt = AdamW::new(
+        trainable,
+        AdamWConfig {
+            lr: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: args.weight_decay,
+        },
+    );
+    opt.set_lr_scales(|n| finetune::layer_decay_scale(n, depth, args.layer_decay));
+    Ok((vs, model, opt))
+}
+
+/// The training loader: RandomResizedCrop + flip (+ RandAugment), u8 batches.
+fn train_loader(args: &Args, set: Arc<ShardSet>, img: usize) -> Result<Loader> {
+    let mut lcfg = LoaderConfig::pretrain(img, args.batch_size);
+    lcfg.augment = Augment::Pretrain {
+        rrc: RrcParams {
+            scale: (args.crop_scale_min, 1.0),
+            ..RrcParams::default()
+        },
+        flip: true,
+    };
+    lcfg.pixel_format = PixelFormat::U8;
+    lcfg.randaug = (args.randaug_ops > 0).then_some(RandAugment {
+        num_ops: args.randaug_ops,
+        magnitude: args.randaug_magnitude,
+        ..RandAugment::default()
+    });
+    lcfg.seed = args.seed;
+    lcfg.threads = args.workers.max(1);
+    Loader::new(set, lcfg).context("configuring the loader")
+}
+
+/// Where the run starts: (0, 0) for a fresh run, or the newest checkpoint's (epoch, step) after
+/// loading its weights and optimizer state (`--resume`, same settings only).
+fn resume_point(
+    args: &Args,
+    store: &CheckpointStore,
+    recipe: &serde_json::Value,
+    model: &VitClassifier,
+    opt: &mut AdamW,
+) -> Result<(usize, u64)> {
+    match (args.resume, store.latest()?) {
+        (true, None) => bail!(
+            "--resume: {} holds no fine-tuning checkpoint",
+            args.output.display()
+        ),
+        (false, Some(_)) => bail!(
+            "{} holds fine-tuning checkpoints: pass --resume to continue, or choose another \
+             --output",
+            args.output.display()
+        ),
+        (false, None) => Ok((0, 0)),
+        (true, Some(dir)) => {
+            let ck = CheckpointStore::load(&dir)?;
+            let saved: serde_json::Value = serde_json::from_str(&ck.config_toml)
+                .with_context(|| format!("settings in {}", dir.display()))?;
+            if &saved != recipe {
+                bail!(
+                    "--resume with other settings than the run's ({}): {saved}",
+                    dir.display()
+                );
+            }
+            droppos_model::checkpoint::load_into(&model.named_parameters(), &ck.model, true, &dir)?;
+            opt.load_state_tensors(&ck.optimizer)?;
+            tracing::info!(
+                "resuming after epoch {} (step {})",
+                ck.state.epoch,
+                ck.state.step
+            );
+            Ok((ck.state.epoch as usize, ck.state.step))
+        }
+    }
+}
+
+/// One optimizer step on a loader batch: random erasing, Mixup / CutMix, forward with drop
+/// path, soft cross-entropy, AdamW at `lr`. Returns (loss, top-1 against the unmixed labels).
+#[allow(clippy::too_many_arguments)]
+fn step_on(
+    args: &Args,
+    model: &VitClassifier,
+    opt: &mut AdamW,
+    placement: &crate::train::device::Placement,
+    mix: &MixConfig,
+    batch: droppos_shards::loader::Batch,
+    lr: f64,
+    step: u64,
+    rng: &mut MixRng,
+) -> Result<(f64, f64)> {
+    let classes = model.config().num_classes;
+    if let Some(l) = batch.labels.iter().find(|&&l| l < 0 || l >= classes) {
+        bail!("training label {l} is outside the classifier's 0..{classes}");
+    }
+    let device = placement.device;
+    let labels = Tensor::from_slice(&batch.labels).to_device(device);
+    let mut x = DeviceBatch::new(batch, device).input();
+    // Erasing noise and drop-path masks come from libtorch's generator: seed it per step.
+    tch::manual_seed((args.seed as i64).wrapping_mul(7919) + step as i64);
+    if args.reprob > 0.0 {
+        x = x.copy();
+        finetune::random_erase(&mut x, args.reprob, rng);
+    }
+    let (x, y, _) = finetune::mix_batch(&x, &labels, classes, mix, rng);
+    let logits = placement.autocast(|| model.forward_train(&x, args.drop_path))?;
+    let loss = finetune::soft_cross_entropy(&logits, &y);
+    let lv = loss.double_value(&[]);
+    if !lv.is_finite() {
+        bail!("non-finite loss {lv} at step {}; lower --blr", step + 1);
+    }
+    opt.zero_grad();
+    loss.backward();
+    opt.set_lr(lr);
+    opt.step();
+    // A rough training signal under Mixup / CutMix.
+    let acc1 = logits
+        .argmax(-1, false)
+        .eq_tensor(&labels)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    Ok((lv, acc1))
+}
+
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     if args.output.join("model.safetensors").exists() {
@@ -277,55 +430,11 @@ pub fn run(args: Args) -> Result<()> {
     if classes <= 0 {
         bail!("the training shards list no classes; pass --num-classes");
     }
-    let ccfg = ClassifierConfig::finetune(enc.clone(), classes);
-    tch::manual_seed(args.seed as i64);
-    let vs = tch::nn::VarStore::new(device);
-    let model = VitClassifier::new(&vs.root(), &ccfg)?;
-    if !init.is_empty() {
-        let encoder_params: Vec<(String, Tensor)> = model
-            .named_parameters()
-            .into_iter()
-            .filter(|(n, _)| !n.starts_with("fc_norm.") && !n.starts_with("head."))
-            .collect();
-        droppos_model::checkpoint::load_into(&encoder_params, &init, true, Path::new("--init"))
-            .context("loading the pre-trained encoder into the classifier")?;
-    }
+    let (_vs, model, mut opt) = build_model(&args, &enc, &init, classes, device)?;
     let depth = enc.depth as usize;
-    let trainable: Vec<(String, Tensor)> = model
-        .named_parameters()
-        .into_iter()
-        .filter(|(n, _)| n != "pos_embed")
-        .collect();
-    let mut opt = AdamW::new(
-        trainable,
-        AdamWConfig {
-            lr: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: args.weight_decay,
-        },
-    );
-    opt.set_lr_scales(|n| finetune::layer_decay_scale(n, depth, args.layer_decay));
 
     let img = enc.img_size as usize;
-    let mut lcfg = LoaderConfig::pretrain(img, args.batch_size);
-    lcfg.augment = Augment::Pretrain {
-        rrc: RrcParams {
-            scale: (args.crop_scale_min, 1.0),
-            ..RrcParams::default()
-        },
-        flip: true,
-    };
-    lcfg.pixel_format = PixelFormat::U8;
-    lcfg.randaug = (args.randaug_ops > 0).then_some(RandAugment {
-        num_ops: args.randaug_ops,
-        magnitude: args.randaug_magnitude,
-        ..RandAugment::default()
-    });
-    lcfg.seed = args.seed;
-    lcfg.threads = args.workers.max(1);
-    let loader = Loader::new(train_set.clone(), lcfg).context("configuring the loader")?;
+    let loader = train_loader(&args, train_set.clone(), img)?;
     let iters = (loader.samples_per_epoch() as usize / args.batch_size).max(1);
     let sched = CosineSchedule {
         lr: lr_from_blr(args.blr, args.batch_size),
@@ -343,38 +452,7 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("creating {}", args.output.display()))?;
     let recipe = settings(&args, &enc, classes);
     let store = CheckpointStore::new(&args.output);
-    let latest = store.latest()?;
-    let (start_epoch, mut step) = match (args.resume, latest) {
-        (true, None) => bail!(
-            "--resume: {} holds no fine-tuning checkpoint",
-            args.output.display()
-        ),
-        (false, Some(_)) => bail!(
-            "{} holds fine-tuning checkpoints: pass --resume to continue, or choose another \
-             --output",
-            args.output.display()
-        ),
-        (false, None) => (0, 0),
-        (true, Some(dir)) => {
-            let ck = CheckpointStore::load(&dir)?;
-            let saved: serde_json::Value = serde_json::from_str(&ck.config_toml)
-                .with_context(|| format!("settings in {}", dir.display()))?;
-            if saved != recipe {
-                bail!(
-                    "--resume with other settings than the run's ({}): {saved}",
-                    dir.display()
-                );
-            }
-            droppos_model::checkpoint::load_into(&model.named_parameters(), &ck.model, true, &dir)?;
-            opt.load_state_tensors(&ck.optimizer)?;
-            tracing::info!(
-                "resuming after epoch {} (step {})",
-                ck.state.epoch,
-                ck.state.step
-            );
-            (ck.state.epoch as usize, ck.state.step)
-        }
-    };
+    let (start_epoch, mut step) = resume_point(&args, &store, &recipe, &model, &mut opt)?;
     // Metrics and scores of a resumed run continue from its checkpoint; a fresh run starts
     // new files.
     let metrics_file = crate::train::metrics::metrics_path(&args.output);
@@ -427,39 +505,13 @@ pub fn run(args: Args) -> Result<()> {
         for (i, b) in loader.epoch(epoch as u64, 0)?.enumerate() {
             let t = Instant::now();
             let b = b.context("loading a batch")?;
-            if b.labels.iter().any(|&l| l < 0 || l >= classes) {
-                bail!("a training label is outside 0..{classes}");
-            }
-            let labels = Tensor::from_slice(&b.labels).to_device(device);
             let n = b.len();
-            let mut x = DeviceBatch::new(b, device).input();
             let lr = sched.lr_at_iter(epoch, i, iters);
-            // Erasing noise and drop-path masks come from libtorch's generator: seed it per step.
-            tch::manual_seed((args.seed as i64).wrapping_mul(7919) + step as i64);
-            if args.reprob > 0.0 {
-                x = x.copy();
-                finetune::random_erase(&mut x, args.reprob, &mut rng);
-            }
-            let (x, y, _) = finetune::mix_batch(&x, &labels, classes, &mix, &mut rng);
-            let logits = placement.autocast(|| model.forward_train(&x, args.drop_path))?;
-            let loss = finetune::soft_cross_entropy(&logits, &y);
-            let lv = loss.double_value(&[]);
-            if !lv.is_finite() {
-                bail!("non-finite loss {lv} at epoch {epoch} step {step}; lower --blr");
-            }
-            opt.zero_grad();
-            loss.backward();
-            opt.set_lr(lr);
-            opt.step();
+            let (lv, acc1) = step_on(
+                &args, &model, &mut opt, &placement, &mix, b, lr, step, &mut rng,
+            )?;
             step += 1;
             let secs = t.elapsed().as_secs_f64();
-            // Top-1 against the unmixed labels: a rough training signal under Mixup / CutMix.
-            let acc1 = logits
-                .argmax(-1, false)
-                .eq_tensor(&labels)
-                .to_kind(Kind::Float)
-                .mean(Kind::Float)
-                .double_value(&[]);
             metrics.write(&StepMetrics {
                 step,
                 epoch: epoch as f64 + (i + 1) as f64 / iters as f64,
