@@ -28,6 +28,14 @@ pub enum GlobalPool {
 }
 
 impl GlobalPool {
+    /// timm's name (`token` / `avg`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GlobalPool::Token => "token",
+            GlobalPool::Avg => "avg",
+        }
+    }
+
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "token" => Ok(GlobalPool::Token),
@@ -148,10 +156,7 @@ impl VitClassifier {
             } else {
                 0.0
             };
-            let h = b.attn.forward(&b.norm1.forward(&x));
-            x = &x + drop_branch(h, rate);
-            let h = b.mlp.forward(&b.norm2.forward(&x));
-            x = &x + drop_branch(h, rate);
+            x = b.forward_drop_path(&x, rate);
         }
         Ok(self.head.forward(&self.pool(x)))
     }
@@ -194,18 +199,6 @@ impl VitClassifier {
         self.head.push_params("head", &mut out);
         out
     }
-}
-
-/// Stochastic depth of one residual branch [N, ...]: zero per sample with probability `rate`.
-fn drop_branch(h: Tensor, rate: f64) -> Tensor {
-    if rate <= 0.0 {
-        return h;
-    }
-    let keep = 1.0 - rate;
-    let mut shape = vec![h.size()[0]];
-    shape.resize(h.dim(), 1);
-    let mask = Tensor::empty(shape.as_slice(), (h.kind(), h.device())).bernoulli_float_(keep);
-    h * mask / keep
 }
 
 #[cfg(test)]

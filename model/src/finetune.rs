@@ -2,6 +2,7 @@
 //! decay, Mixup / CutMix with label smoothing (timm's `Mixup` in batch mode), random erasing and
 //! the soft-target cross-entropy. The classifier itself is [`crate::classifier::VitClassifier`].
 
+use droppos_shards::loader::rng::Rng;
 use tch::{Kind, Tensor};
 
 /// MAE's layer id: `cls_token`, `pos_embed`, `patch_embed.*` → 0; `blocks.i.*` → i + 1;
@@ -44,32 +45,19 @@ impl Default for MixConfig {
     }
 }
 
-/// A small seeded generator (SplitMix64) for the per-batch mixing draws.
+/// The seeded generator of the per-batch mixing and erasing draws: the loader's generator
+/// plus the Beta draws Mixup / CutMix need.
 #[derive(Debug, Clone)]
-pub struct MixRng(u64);
+pub struct MixRng(Rng);
 
 impl MixRng {
     pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        Self(Rng::from_key(seed))
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform();
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        self.0.next_f64()
     }
 
     /// Gamma(shape, 1) (Marsaglia-Tsang; boosted for shape < 1).
@@ -81,7 +69,7 @@ impl MixRng {
         let d = shape - 1.0 / 3.0;
         let c = 1.0 / (9.0 * d).sqrt();
         loop {
-            let x = self.normal();
+            let x = self.0.normal();
             let v = (1.0 + c * x).powi(3);
             if v <= 0.0 {
                 continue;
@@ -101,7 +89,7 @@ impl MixRng {
     }
 
     fn below(&mut self, n: i64) -> i64 {
-        ((self.uniform() * n as f64) as i64).min(n - 1)
+        self.0.below(n as u64) as i64
     }
 }
 

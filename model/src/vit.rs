@@ -168,8 +168,14 @@ impl Block {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + self.attn.forward(&self.norm1.forward(x));
-        &x + self.mlp.forward(&self.norm2.forward(&x))
+        self.forward_drop_path(x, 0.0)
+    }
+
+    /// The forward with stochastic depth: each residual branch is zeroed per sample with
+    /// probability `rate` (kept ones scaled by 1 / (1 - rate)); rate 0 is the plain forward.
+    pub fn forward_drop_path(&self, x: &Tensor, rate: f64) -> Tensor {
+        let x = x + drop_path(self.attn.forward(&self.norm1.forward(x)), rate);
+        &x + drop_path(self.mlp.forward(&self.norm2.forward(&x)), rate)
     }
 
     pub fn push_params(&self, prefix: &str, out: &mut NamedTensors) {
@@ -178,6 +184,18 @@ impl Block {
         self.norm2.push_params(&join(prefix, "norm2"), out);
         self.mlp.push_params(&join(prefix, "mlp"), out);
     }
+}
+
+/// Stochastic depth of one residual branch [N, ...] (libtorch's generator); identity at rate 0.
+fn drop_path(h: Tensor, rate: f64) -> Tensor {
+    if rate <= 0.0 {
+        return h;
+    }
+    let keep = 1.0 - rate;
+    let mut shape = vec![h.size()[0]];
+    shape.resize(h.dim(), 1);
+    let mask = Tensor::empty(shape.as_slice(), (h.kind(), h.device())).bernoulli_float_(keep);
+    h * mask / keep
 }
 
 /// A stack of blocks (`{prefix}.{i}`).

@@ -739,14 +739,7 @@ pub fn classifier_model(
     );
     let mut meta = metadata("classifier", s, opset);
     meta.push(("droppos.num_classes", head.num_classes.to_string()));
-    meta.push((
-        "droppos.global_pool",
-        match head.pool {
-            GlobalPool::Token => "token",
-            GlobalPool::Avg => "avg",
-        }
-        .to_string(),
-    ));
+    meta.push(("droppos.global_pool", head.pool.as_str().to_string()));
     Ok(cx.g.finish(
         opset.version(),
         "ViT classifier exported by droppos-pipeline: images -> logits",

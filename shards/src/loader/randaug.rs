@@ -82,13 +82,6 @@ pub struct Step {
     pub negate: bool,
 }
 
-/// Standard normal from two uniforms (Box-Muller).
-fn gauss(rng: &mut Rng) -> f64 {
-    let u1 = 1.0 - rng.next_f64();
-    let u2 = rng.next_f64();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-}
-
 impl RandAugment {
     /// The operations one image gets (skipped ones left out).
     pub fn draw(&self, rng: &mut Rng) -> Vec<Step> {
@@ -100,7 +93,7 @@ impl RandAugment {
             }
             let mut m = self.magnitude;
             if self.magnitude_std > 0.0 {
-                m += self.magnitude_std * gauss(rng);
+                m += self.magnitude_std * rng.normal();
             }
             steps.push(Step {
                 op,
