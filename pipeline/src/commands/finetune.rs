@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::eval::classify::{ClassifyResult, TopKCounter};
+use crate::eval::{for_each_batch_in, FeedConfig, Need};
 use crate::train::metrics::{MetricsWriter, StepMetrics};
 use anyhow::{bail, Context, Result};
 use droppos_model::data::DeviceBatch;
@@ -207,39 +209,44 @@ fn open_set(dirs: &[PathBuf]) -> Result<Arc<ShardSet>> {
     Ok(Arc::new(set))
 }
 
-/// Top-1 / top-5 of the classifier on `dirs` (evaluation transform, every image once).
+/// Top-1 / top-5 of the classifier on the validation shards: the evaluation transform and the
+/// top-k counting of `eval classify`, run with tch.
 fn evaluate(
     model: &VitClassifier,
     placement: &crate::train::device::Placement,
     set: &Arc<ShardSet>,
+    dirs: &[PathBuf],
     img: usize,
     batch: usize,
     workers: usize,
-) -> Result<(f64, f64, u64)> {
-    let device = placement.device;
-    let set = set.clone();
-    let mut cfg = LoaderConfig::eval(img, batch);
-    cfg.threads = workers.max(1);
-    let loader = Loader::new(set, cfg).context("configuring the validation loader")?;
-    let (mut n, mut top1, mut top5) = (0u64, 0u64, 0u64);
-    for b in loader.epoch(0, 0)? {
-        let b = b?;
-        let labels = Tensor::from_slice(&b.labels).to_device(device);
-        let classes = model.config().num_classes;
-        if let Some(l) = b.labels.iter().find(|&&l| l < 0 || l >= classes) {
-            bail!("validation label {l} is outside the classifier's 0..{classes}");
-        }
-        let x = DeviceBatch::new(b, device).input();
-        let logits = tch::no_grad(|| placement.autocast(|| model.forward(&x)))?;
-        let k = logits.size()[1].min(5);
-        let (_, idx) = logits.topk(k, -1, true, true);
-        let hit = idx.eq_tensor(&labels.unsqueeze(1));
-        top1 += i64::try_from(hit.narrow(1, 0, 1).sum(Kind::Int64))? as u64;
-        top5 += i64::try_from(hit.sum(Kind::Int64))? as u64;
-        n += labels.size()[0] as u64;
-    }
-    let d = n.max(1) as f64;
-    Ok((top1 as f64 / d, top5 as f64 / d, n))
+) -> Result<ClassifyResult> {
+    let feed = FeedConfig {
+        batch_size: batch,
+        loader_threads: workers.max(1),
+        limit: None,
+        progress: false,
+    };
+    let mut counter = TopKCounter::new(model.config().num_classes as usize);
+    let s = img as i64;
+    for_each_batch_in(
+        set,
+        dirs,
+        img,
+        &feed,
+        Need::ClassLabels,
+        "validation",
+        |x, b| {
+            let n = b.labels.len() as i64;
+            let x = Tensor::from_slice(x)
+                .view([n, 3, s, s])
+                .to_device(placement.device);
+            let logits = tch::no_grad(|| placement.autocast(|| model.forward(&x)))?
+                .to_kind(Kind::Float)
+                .to_device(tch::Device::Cpu);
+            counter.add(&Vec::<f32>::try_from(logits.view(-1))?, b.labels)
+        },
+    )?;
+    Ok(counter.result())
 }
 
 /// The classifier (fine-tuning form) with the pre-trained encoder loaded, and its AdamW with
@@ -490,13 +497,7 @@ pub fn run(args: Args) -> Result<()> {
         placement.describe()
     );
     let mut last = json!({});
-    let meta = HashMap::from([(
-        "config".to_string(),
-        serde_json::to_string(&json!({
-            "encoder": enc, "num_classes": classes, "global_pool": "avg",
-            "fc_norm": true, "final_norm": false,
-        }))?,
-    )]);
+    let meta = HashMap::from([("config".to_string(), serde_json::to_string(model.config())?)]);
     let stop_at = args
         .stop_after_epochs
         .map_or(args.epochs, |n| (start_epoch + n).min(args.epochs));
@@ -527,17 +528,24 @@ pub fn run(args: Args) -> Result<()> {
             pb.inc(1);
         }
         if let Some(val_set) = &val_set {
-            let (t1, t5, n) = evaluate(
+            let r = evaluate(
                 &model,
                 &placement,
                 val_set,
+                &args.val,
                 img,
                 args.batch_size,
                 args.workers,
             )?;
-            last = json!({"epoch": epoch, "val_top1": t1, "val_top5": t5, "val_images": n});
+            last = json!({"epoch": epoch, "val_top1": r.top1, "val_top5": r.top5,
+                          "val_images": r.images});
             evals.write(&last)?;
-            tracing::info!("epoch {epoch}: val top-1 {t1:.4} top-5 {t5:.4} ({n} images)");
+            tracing::info!(
+                "epoch {epoch}: val top-1 {:.4} top-5 {:.4} ({} images)",
+                r.top1,
+                r.top5,
+                r.images
+            );
         }
         let ckpt = Checkpoint {
             model: model.named_parameters(),

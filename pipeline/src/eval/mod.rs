@@ -171,13 +171,27 @@ pub fn for_each_batch(
     feed: &FeedConfig,
     need: Need,
     what: &str,
-    mut f: impl FnMut(&[f32], BatchView<'_>) -> Result<()>,
+    f: impl FnMut(&[f32], BatchView<'_>) -> Result<()>,
 ) -> Result<u64> {
     let set = Arc::new(
         ShardSet::open(dirs, false)
             .with_context(|| format!("opening shards {}", display_dirs(dirs)))?,
     );
-    check_columns(&set, dirs, need)?;
+    for_each_batch_in(&set, dirs, img_size, feed, need, what, f)
+}
+
+/// [`for_each_batch`] over a shard set already open (`dirs` names it in messages), for callers
+/// that evaluate the same shards repeatedly.
+pub fn for_each_batch_in(
+    set: &Arc<ShardSet>,
+    dirs: &[PathBuf],
+    img_size: usize,
+    feed: &FeedConfig,
+    need: Need,
+    what: &str,
+    mut f: impl FnMut(&[f32], BatchView<'_>) -> Result<()>,
+) -> Result<u64> {
+    check_columns(set, dirs, need)?;
     let mut cfg = LoaderConfig::eval(img_size, feed.batch_size);
     cfg.pixel_format = PixelFormat::F32Normalized;
     cfg.threads = feed.loader_threads.max(1);
