@@ -10,21 +10,10 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{bin, data_root, run_ok};
+use common::{bin, data_root, run_ok, shard, shard_imagenet_sample};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
-}
-
-fn shard(tmp: &Path, name: &str, args: &[&str], paths: &[(&str, PathBuf)]) -> PathBuf {
-    let out = tmp.join(name);
-    let mut c = bin();
-    c.arg("shard").args(args).arg("--quiet");
-    for (flag, p) in paths {
-        c.arg(flag).arg(p);
-    }
-    run_ok(c.arg("--out").arg(&out));
-    out
 }
 
 fn export(tmp: &Path, what: &str, seed: u32) -> PathBuf {
@@ -103,23 +92,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let d = data_root();
-    let classes = ("--classes", d.join("imagenet/synset_words.txt"));
-    let train = shard(
-        t,
-        "inet-train",
-        &["imagenet"],
-        &[("--root", d.join("imagenet/train")), classes.clone()],
-    );
-    let val = shard(
-        t,
-        "inet-val",
-        &["imagenet"],
-        &[
-            ("--root", d.join("imagenet/val")),
-            ("--list", d.join("imagenet/val.txt")),
-            classes,
-        ],
-    );
+    let (train, val) = shard_imagenet_sample(t);
     let coco = shard(
         t,
         "coco",

@@ -8,27 +8,10 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{bin, data_root, run_ok};
+use common::{bin, run_ok, shard_imagenet_sample};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
-}
-
-fn shard(tmp: &Path, name: &str, args: &[&str]) -> PathBuf {
-    let out = tmp.join(name);
-    let d = data_root();
-    let mut c = bin();
-    c.args(["shard", "imagenet", "--quiet", "--classes"])
-        .arg(d.join("imagenet/synset_words.txt"));
-    for a in args {
-        if a.starts_with("--") {
-            c.arg(a);
-        } else {
-            c.arg(d.join(a));
-        }
-    }
-    run_ok(c.arg("--out").arg(&out));
-    out
 }
 
 fn finetune(train: &Path, val: &Path, out: &Path, init: &Path, epochs: &str) -> Command {
@@ -56,12 +39,7 @@ fn tensors(path: &Path) -> Vec<(String, tch::Tensor)> {
 fn finetune_from_pretraining_then_export_and_classify() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let train = shard(t, "train", &["--root", "imagenet/train"]);
-    let val = shard(
-        t,
-        "val",
-        &["--root", "imagenet/val", "--list", "imagenet/val.txt"],
-    );
+    let (train, val) = shard_imagenet_sample(t);
     // A short pre-training run gives the encoder (and a config in its checkpoint metadata).
     let pre = t.join("pre");
     let mut c = bin();

@@ -32,3 +32,39 @@ pub fn run_ok(c: &mut Command) -> Output {
     );
     out
 }
+
+/// `droppos-pipeline shard <args> --quiet [flag path]... --out tmp/name`; returns the output.
+pub fn shard(tmp: &Path, name: &str, args: &[&str], paths: &[(&str, PathBuf)]) -> PathBuf {
+    let out = tmp.join(name);
+    let mut c = bin();
+    c.arg("shard").args(args).arg("--quiet");
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    run_ok(c.arg("--out").arg(&out));
+    out
+}
+
+/// The sample ImageNet train and val folders as shards under `tmp` (`inet-train`, `inet-val`),
+/// labelled by the synset_words.txt class list (val via val.txt).
+pub fn shard_imagenet_sample(tmp: &Path) -> (PathBuf, PathBuf) {
+    let d = data_root();
+    let classes = ("--classes", d.join("imagenet/synset_words.txt"));
+    let train = shard(
+        tmp,
+        "inet-train",
+        &["imagenet"],
+        &[("--root", d.join("imagenet/train")), classes.clone()],
+    );
+    let val = shard(
+        tmp,
+        "inet-val",
+        &["imagenet"],
+        &[
+            ("--root", d.join("imagenet/val")),
+            ("--list", d.join("imagenet/val.txt")),
+            classes,
+        ],
+    );
+    (train, val)
+}
