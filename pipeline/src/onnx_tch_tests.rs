@@ -86,6 +86,7 @@ fn ort_cls(path: &std::path::Path, images: &Tensor) -> Vec<f32> {
 
 #[test]
 fn encoder_export_matches_tch_forward() {
+    let _rng = crate::torch_rng_lock();
     let (_vs, model, cfg) = tiny_model(1);
     let w = weights(&model);
     let images = Tensor::randn([3, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
@@ -126,6 +127,7 @@ fn encoder_export_matches_tch_forward() {
 
 #[test]
 fn droppos_export_matches_tch_forward() {
+    let _rng = crate::torch_rng_lock();
     let (_vs, model, cfg) = tiny_model(2);
     let w = weights(&model);
     let n = 4;
@@ -180,6 +182,7 @@ fn droppos_export_matches_tch_forward() {
 /// image sizes (the encoder's pos_embed is resampled instead, tested below).
 #[test]
 fn batch_axis_is_dynamic_and_the_trained_size_is_enforced() {
+    let _rng = crate::torch_rng_lock();
     let (_vs, model, cfg) = tiny_model(3);
     let w = weights(&model);
     let dir = tempfile::tempdir().unwrap();
@@ -206,6 +209,7 @@ fn batch_axis_is_dynamic_and_the_trained_size_is_enforced() {
 /// tests running in parallel threads here, so exact values are not compared in-process.)
 #[test]
 fn random_init_is_complete() {
+    let _rng = crate::torch_rng_lock();
     let cfg = tiny_config();
     let (a, ha) = export::random_init(&cfg, 5).unwrap();
     assert_eq!(ha, hints(&cfg));
@@ -238,6 +242,7 @@ fn random_init_is_complete() {
 /// `droppos_config` metadata, fresh weights (not the checkpoint's).
 #[test]
 fn random_init_export_from_checkpoint_metadata() {
+    let _rng = crate::torch_rng_lock();
     let cfg = tiny_config();
     let dir = tempfile::tempdir().unwrap();
     let (_vs, trained, _) = tiny_model(9);
@@ -321,6 +326,7 @@ fn run_classifier(
 
 #[test]
 fn classifier_export_matches_tch_forward_for_both_pools() {
+    let _rng = crate::torch_rng_lock();
     use droppos_model::onnx::classifier_io;
     use droppos_model::{ClassifierConfig, GlobalPool};
     let enc = tiny_config().encoder;
@@ -380,6 +386,7 @@ fn classifier_export_matches_tch_forward_for_both_pools() {
 
 #[test]
 fn classifier_needs_a_head_and_droppos_keeps_its_grid() {
+    let _rng = crate::torch_rng_lock();
     let (_vs, model, cfg) = tiny_model(5);
     let w = weights(&model);
     let err = export::build(&w, &hints(&cfg), What::Classifier, 32, Opset::V17)
@@ -396,6 +403,7 @@ fn classifier_needs_a_head_and_droppos_keeps_its_grid() {
 /// `interpolate_pos_embed`, checked against a tch model built at the new size with that table.
 #[test]
 fn encoder_export_at_another_size_resamples_pos_embed() {
+    let _rng = crate::torch_rng_lock();
     let (_vs, model, cfg) = tiny_model(6);
     let w = weights(&model);
     let m = export::build(&w, &hints(&cfg), What::Encoder, 48, Opset::V17).unwrap();

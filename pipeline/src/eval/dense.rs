@@ -105,6 +105,7 @@ mod tests {
 
     #[test]
     fn accuracy_and_miou() {
+        let _rng = crate::torch_rng_lock();
         let mut m = Confusion::new(3);
         // truth 0: 3 right, 1 as class 1; truth 1: 2 right; class 2 never appears.
         for _ in 0..3 {
@@ -123,6 +124,7 @@ mod tests {
 
     #[test]
     fn miou_hand_computed_with_false_positives() {
+        let _rng = crate::torch_rng_lock();
         // 2 classes. truth 0 -> pred 0 x2, pred 1 x1; truth 1 -> pred 0 x3, pred 1 x4.
         // IoU0 = 2 / (3 + 5 - 2) = 1/3; IoU1 = 4 / (7 + 5 - 4) = 1/2; mIoU = 5/12.
         let mut m = Confusion::new(2);
@@ -146,6 +148,7 @@ mod tests {
 
     #[test]
     fn sampling_keeps_labels_and_caps() {
+        let _rng = crate::torch_rng_lock();
         let labels = [0, -1, 2, 0, 5, 0];
         let keep = |l: i32| l >= 0 && l != 5;
         assert_eq!(sample_indices(&labels, keep, 10, 0), vec![0, 2, 3, 5]);

@@ -276,6 +276,7 @@ class DropPosRef(nn.Module):
 
     #[test]
     fn our_checkpoint_loads_into_timm_and_the_reference_layout() {
+        let _rng = crate::torch_rng_lock();
         let Some(py) = python() else {
             eprintln!("skipped: no python found");
             return;
@@ -321,6 +322,7 @@ assert all(k.startswith(("decoder_", "mask_pos_token")) for k in unexpected), un
 
     #[test]
     fn a_pytorch_state_dict_loads_here() {
+        let _rng = crate::torch_rng_lock();
         let Some(py) = python() else {
             eprintln!("skipped: no python found");
             return;
@@ -397,6 +399,7 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
 
     #[test]
     fn droppos_resume_equals_uninterrupted_run() {
+        let _rng = crate::torch_rng_lock();
         use crate::train::collective::Collective;
         use crate::train::device::Placement;
         use crate::train::metrics::{metrics_path, read_metrics};

@@ -209,6 +209,7 @@ fn losses(dir: &Path) -> Vec<(u64, u64)> {
 
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
+    let _rng = crate::torch_rng_lock();
     let full = tempfile::tempdir().unwrap();
     let r = recipe(&[]);
     // 20 samples / (4 × 2) = 2 steps per epoch (4 samples dropped), 3 epochs.
@@ -267,6 +268,7 @@ fn resumed_run_equals_uninterrupted_run() {
 
 #[test]
 fn a_signal_saves_and_resume_continues_exactly() {
+    let _rng = crate::torch_rng_lock();
     let full = tempfile::tempdir().unwrap();
     let r = recipe(&["checkpoint.every_steps=0", "checkpoint.every_epoch=false"]);
     fresh_run(full.path(), &r, false);
@@ -293,6 +295,7 @@ fn a_signal_saves_and_resume_continues_exactly() {
 
 #[test]
 fn a_non_finite_loss_stops_with_the_last_good_state() {
+    let _rng = crate::torch_rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let r = recipe(&["checkpoint.every_steps=0"]);
     let mut task = ToyTask::new();
@@ -326,6 +329,7 @@ fn a_non_finite_loss_stops_with_the_last_good_state() {
 
 #[test]
 fn resume_refuses_a_different_recipe() {
+    let _rng = crate::torch_rng_lock();
     let dir = tempfile::tempdir().unwrap();
     fresh_run(dir.path(), &recipe(&["train.max_steps=1"]), false);
     let err = format!(
@@ -344,6 +348,7 @@ fn resume_refuses_a_different_recipe() {
 
 #[test]
 fn metrics_lines_carry_every_field() {
+    let _rng = crate::torch_rng_lock();
     let dir = tempfile::tempdir().unwrap();
     fresh_run(dir.path(), &recipe(&[]), false);
     let m = read_metrics(&metrics_path(dir.path())).unwrap();
@@ -365,6 +370,7 @@ fn metrics_lines_carry_every_field() {
 
 #[test]
 fn schedules_follow_the_reference() {
+    let _rng = crate::torch_rng_lock();
     let r = recipe(&[
         "train.epochs=10",
         "optim.warmup_epochs=2",
