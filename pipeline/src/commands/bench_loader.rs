@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use droppos_shards::loader::resample::Precision;
 use droppos_shards::loader::{Loader, LoaderConfig, PixelFormat, ShardSet};
 use serde::Serialize;
 
@@ -41,6 +42,9 @@ pub struct Args {
     /// Turn off DCT-domain downscaling of large crops.
     #[arg(long)]
     no_dct: bool,
+    /// Pillow's own resampling arithmetic (its exact bytes) instead of the 16-bit fast one.
+    #[arg(long)]
+    pillow_exact: bool,
     /// Skip the sha256 check of the shards (it reads each shard once more).
     #[arg(long)]
     no_verify: bool,
@@ -80,6 +84,9 @@ pub fn run(a: Args) -> Result<()> {
     cfg.drop_last = false;
     cfg.seed = a.seed;
     cfg.dct_scaling = !a.no_dct;
+    if a.pillow_exact {
+        cfg.resample = Precision::Exact;
+    }
     cfg.pixel_format = match a.format {
         Format::U8 => PixelFormat::U8,
         Format::F32 => PixelFormat::F32Normalized,

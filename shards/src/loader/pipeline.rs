@@ -177,6 +177,7 @@ fn make_batches(
         dct_scaling: cfg.dct_scaling,
         patch_size: set.patch_size(),
         randaug: cfg.randaug,
+        resample: cfg.resample,
     };
     let cols = set.columns();
     let grid = (s / set.patch_size().max(1)).pow(2);

@@ -217,7 +217,9 @@ mod tests {
 
 use super::batch::{write_f32, write_u8};
 use super::decode::{DecodeError, Decoded, Decoder, Header};
-use super::resample::{resize_bicubic, resize_bicubic_box, resize_nearest, Scratch, View};
+use super::resample::{
+    mirror_rows, resize_box, resize_nearest, Filter, Precision, ResizeOpts, Scratch, View,
+};
 
 /// Which augmentation to apply.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -281,6 +283,8 @@ pub struct TransformConfig {
     pub patch_size: usize,
     /// RandAugment after crop and flip (drawn from the sample's stream after the geometry).
     pub randaug: Option<super::randaug::RandAugment>,
+    /// Resampling arithmetic: Pillow-SIMD's 16-bit one (fast, the default) or Pillow's own.
+    pub resample: Precision,
 }
 
 /// Errors of one sample.
@@ -428,10 +432,26 @@ impl Worker {
         let c = d.channels;
         let view = View::new(&d.pixels, d.width, d.height, c);
         self.resized.resize(rw * rh * c, 0);
+        // The flip is folded into the resize (mirrored output columns) except after an eval
+        // centre crop, which need not be symmetric.
+        let opts = ResizeOpts {
+            filter: Filter::Bicubic,
+            precision: cfg.resample,
+            mirror: flip && eval_crop.is_none(),
+        };
         if d.denom == 1 {
-            // Exact Pillow semantics: crop, then resize the crop.
+            // Pillow semantics: crop, then resize the crop.
             let sub = view.crop(cb.j - d.x0, cb.i - d.y0, cb.w, cb.h);
-            resize_bicubic(sub, rw, rh, &mut self.resized, &mut self.scratch);
+            let full = [0.0, 0.0, cb.w as f32, cb.h as f32];
+            resize_box(
+                sub,
+                full,
+                rw,
+                rh,
+                opts,
+                &mut self.resized,
+                &mut self.scratch,
+            );
         } else {
             let f = d.denom as f64;
             let bx = [
@@ -440,7 +460,7 @@ impl Worker {
                 ((cb.j + cb.w) as f64 / f - d.x0 as f64) as f32,
                 ((cb.i + cb.h) as f64 / f - d.y0 as f64) as f32,
             ];
-            resize_bicubic_box(view, bx, rw, rh, &mut self.resized, &mut self.scratch);
+            resize_box(view, bx, rw, rh, opts, &mut self.resized, &mut self.scratch);
         }
         // The final S×S pixels (interleaved, c channels).
         let fin: &mut Vec<u8> = if let Some(ec) = eval_crop {
@@ -450,13 +470,13 @@ impl Worker {
                 let src = &v.data[y * v.stride..y * v.stride + s * c];
                 self.resized2[y * s * c..(y + 1) * s * c].copy_from_slice(src);
             }
+            if flip {
+                mirror_rows(&mut self.resized2, s, c);
+            }
             &mut self.resized2
         } else {
             &mut self.resized
         };
-        if flip {
-            flip_rows(fin, s, c);
-        }
         if let Some(steps) = steps {
             super::randaug::apply(steps, fin, s, c, &mut self.randaug_scratch);
         }
@@ -510,7 +530,7 @@ impl Worker {
                 mo.copy_from_slice(&self.mask_out);
             }
             if flip {
-                flip_rows(mo, s, 1);
+                mirror_rows(mo, s, 1);
             }
         }
         if let Some(po) = out.patch_labels {
@@ -541,17 +561,5 @@ impl Worker {
             }
         }
         Ok(())
-    }
-}
-
-/// Mirrors each row of an interleaved `s × s × c` image.
-fn flip_rows(img: &mut [u8], s: usize, c: usize) {
-    for row in img.chunks_exact_mut(s * c) {
-        for x in 0..s / 2 {
-            let (a, b) = (x * c, (s - 1 - x) * c);
-            for k in 0..c {
-                row.swap(a + k, b + k);
-            }
-        }
     }
 }
