@@ -10,8 +10,8 @@
 //! Each accumulator starts at 1 << 21 (round half up) and is clipped to [0, 255].
 //! [`Precision::Fast`] is the same algorithm with Pillow-SIMD's 16-bit coefficients, which lets
 //! AVX2 multiply-add two taps per 32-bit lane; it differs from Pillow by rounding only (at most a
-//! few grey levels at a pixel, hundredths on average). The loader uses it; the shard writer keeps
-//! the exact one. Both are integer arithmetic written here rather than taken from a SIMD crate,
+//! few grey levels at a pixel, hundredths on average). The loader and the shard writer's
+//! re-encoding use it; the exact one is there on request. Both are integer arithmetic written here rather than taken from a SIMD crate,
 //! so each gives the same bytes on every CPU (vectorised or not): shards and batches must be
 //! reproducible.
 
@@ -294,7 +294,8 @@ pub fn resize_bicubic(src: View<'_>, out_w: usize, out_h: usize, out: &mut [u8],
 }
 
 /// Resizes `src` (`w`×`h`, `channels` interleaved bytes per pixel) to `ow`×`oh` with `filter`
-/// (Pillow's `img.resize((ow, oh), filter)`), into a new buffer.
+/// (Pillow's `img.resize((ow, oh), filter)`) in `precision`'s arithmetic, into a new buffer.
+#[allow(clippy::too_many_arguments)]
 pub fn resize(
     src: &[u8],
     w: usize,
@@ -303,14 +304,20 @@ pub fn resize(
     ow: usize,
     oh: usize,
     filter: Filter,
+    precision: Precision,
 ) -> Vec<u8> {
     let mut out = vec![0u8; ow * oh * channels];
+    let opts = ResizeOpts {
+        filter,
+        precision,
+        mirror: false,
+    };
     resize_box(
         View::new(src, w, h, channels),
         [0.0, 0.0, w as f32, h as f32],
         ow,
         oh,
-        ResizeOpts::exact(filter),
+        opts,
         &mut out,
         &mut Scratch::default(),
     );
@@ -926,9 +933,11 @@ mod tests {
     fn constant_image_stays_constant() {
         let src = vec![77u8; 50 * 30 * 3];
         for f in [Filter::Bilinear, Filter::Bicubic] {
-            let out = resize(&src, 50, 30, 3, 17, 11, f);
-            assert_eq!(out.len(), 17 * 11 * 3);
-            assert!(out.iter().all(|&v| v == 77), "{f:?}");
+            for p in [Precision::Exact, Precision::Fast] {
+                let out = resize(&src, 50, 30, 3, 17, 11, f, p);
+                assert_eq!(out.len(), 17 * 11 * 3);
+                assert!(out.iter().all(|&v| v == 77), "{f:?} {p:?}");
+            }
         }
     }
 
@@ -936,9 +945,11 @@ mod tests {
     fn gradient_is_monotone_and_sizes() {
         let w = 64;
         let src: Vec<u8> = (0..w * 8).map(|i| ((i % w) * 4) as u8).collect();
-        let out = resize(&src, w, 8, 1, 16, 4, Filter::Bicubic);
-        let row = &out[..16];
-        assert!(row.windows(2).all(|p| p[0] <= p[1]), "{row:?}");
+        for p in [Precision::Exact, Precision::Fast] {
+            let out = resize(&src, w, 8, 1, 16, 4, Filter::Bicubic, p);
+            let row = &out[..16];
+            assert!(row.windows(2).all(|p| p[0] <= p[1]), "{row:?}");
+        }
         assert_eq!(short_side_size(500, 375, 256), (341, 256));
         assert_eq!(short_side_size(375, 500, 256), (256, 341));
         assert_eq!(short_side_size(200, 100, 256), (200, 100));

@@ -323,3 +323,32 @@ fn rerunning_a_finished_command_reuses_everything_and_changes_nothing() {
     let files: Vec<String> = snapshot(out.path()).into_iter().map(|f| f.0).collect();
     assert_eq!(files, vec!["manifest.json", "shard-000000.parquet"]);
 }
+
+#[test]
+fn media_bytes_are_stored_as_they_are_unless_asked_and_the_rest_is_zstd() {
+    use parquet::basic::Compression;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let listing = imagenet_train();
+    let codecs = |out: &Path| -> Vec<(String, Compression)> {
+        let file = std::fs::File::open(out.join("shard-000000.parquet")).unwrap();
+        let r = SerializedFileReader::new(file).unwrap();
+        let rg = r.metadata().row_group(0);
+        rg.columns()
+            .iter()
+            .map(|c| (c.column_path().string(), c.compression()))
+            .collect()
+    };
+    for compress_media in [false, true] {
+        let out = tempfile::tempdir().unwrap();
+        let m = write(&listing, out.path(), |o| o.compress_media = compress_media).manifest;
+        let want = if compress_media { "zstd" } else { "none" };
+        assert_eq!(m.options["media_compression"], want);
+        let cols = codecs(out.path());
+        assert!(cols.iter().any(|(n, _)| n == "image"), "{cols:?}");
+        for (name, codec) in cols {
+            let zstd = matches!(codec, Compression::ZSTD(_));
+            assert_eq!(zstd, name != "image" || compress_media, "{name}: {codec:?}");
+        }
+        verify_dataset(out.path(), true).unwrap();
+    }
+}

@@ -111,6 +111,10 @@ struct Common {
     /// zstd level of the Parquet pages.
     #[arg(long, default_value_t = 3)]
     zstd_level: i32,
+    /// Also zstd-compress the encoded image and mask bytes (JPEG/PNG already: by default they
+    /// are stored as they are, every other column is zstd).
+    #[arg(long)]
+    compress_media: bool,
     /// Seed of the row shuffle across shards.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -156,6 +160,7 @@ impl Common {
             shard_rows: self.shard_rows,
             row_group_rows: self.row_group_rows,
             zstd_level: self.zstd_level,
+            compress_media: self.compress_media,
             seed: self.seed,
             shuffle: !self.no_shuffle,
             patch_size: self.patch_size,
