@@ -152,17 +152,19 @@ impl Coeffs16 {
         let mut k = vec![0i16; out_size * ksize];
         let mut bounds = wts.bounds;
         for (xx, (xmin, n)) in bounds.iter_mut().enumerate() {
-            let q: Vec<i16> = (0..*n)
-                .map(|x| quantise(wts.w[xx * wts.ksize + x], bits) as i16)
-                .collect();
+            let row = &mut k[xx * ksize..xx * ksize + *n];
+            for (q, &w) in row.iter_mut().zip(&wts.w[xx * wts.ksize..]) {
+                *q = quantise(w, bits) as i16;
+            }
             // Taps that quantise to 0 add nothing: dropping them at the ends (often the fifth
             // tap of an upscale) saves a whole 4-tap step without changing a sum.
-            let lead = q.iter().take_while(|&&v| v == 0).count();
-            let trail = q[lead..].iter().rev().take_while(|&&v| v == 0).count();
-            let kept = &q[lead..q.len() - trail];
-            k[xx * ksize..xx * ksize + kept.len()].copy_from_slice(kept);
+            let lead = row.iter().take_while(|&&v| v == 0).count();
+            let trail = row[lead..].iter().rev().take_while(|&&v| v == 0).count();
+            let kept = *n - lead - trail;
+            row.copy_within(lead..lead + kept, 0);
+            row[kept..].fill(0);
             *xmin += lead;
-            *n = kept.len();
+            *n = kept;
         }
         Coeffs16 {
             bounds,
@@ -405,7 +407,7 @@ fn resize_box_impl<const AVX2: bool>(
     let mut temp = std::mem::take(&mut s.temp);
     let (tview, shift) = if need_h {
         let rows = ybox_last - ybox_first;
-        temp.clear();
+        // Every byte is written below: keep old contents rather than zero-fill each image.
         temp.resize(out_w * rows * c, 0);
         if fast {
             let ch = Coeffs16::new(src.width, bx[0], bx[2], out_w, opts.filter);
