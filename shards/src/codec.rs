@@ -508,6 +508,9 @@ pub struct ImagePolicy {
     pub quality: u8,
     pub validation: Validation,
     pub filter: Filter,
+    /// Rewrite stored JPEGs losslessly with restart markers so the loader can entropy-decode
+    /// only the part a crop needs (see [`crate::jpeg_restart`]).
+    pub jpeg_restarts: bool,
 }
 
 impl Default for ImagePolicy {
@@ -518,6 +521,22 @@ impl Default for ImagePolicy {
             quality: 90,
             validation: Validation::Structure,
             filter: Filter::Bicubic,
+            jpeg_restarts: false,
+        }
+    }
+}
+
+/// [`ImagePolicy::jpeg_restarts`]: the same coefficients with restart markers, or the input when
+/// the transcoder refuses it (it is an optimisation: the image stays what it was).
+fn with_restarts(bytes: Vec<u8>, policy: &ImagePolicy) -> Vec<u8> {
+    if !policy.jpeg_restarts {
+        return bytes;
+    }
+    match crate::jpeg_restart::add_restarts(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!(error = %e, "stored without restart markers");
+            bytes
         }
     }
 }
@@ -572,7 +591,7 @@ pub fn prepare_image(
                 data,
             };
         }
-        let out = encode_jpeg(&px, policy.quality)?;
+        let out = with_restarts(encode_jpeg(&px, policy.quality)?, policy);
         // Plain JPEGs are resized by request (recorded in the manifest's options); only inputs
         // whose format had to change are listed one by one.
         let plain_jpeg = info.format == ImageFormat::Jpeg && info.is_storable_as_is();
@@ -606,6 +625,11 @@ pub fn prepare_image(
             }
         }
         let channels = if info.components == 1 { 1 } else { 3 };
+        let bytes = if info.format == ImageFormat::Jpeg {
+            with_restarts(bytes, policy)
+        } else {
+            bytes
+        };
         return Ok(PreparedImage {
             bytes,
             width: ow,

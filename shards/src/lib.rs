@@ -12,6 +12,7 @@ pub mod codec;
 pub mod datasets;
 pub mod error;
 pub mod format;
+pub mod jpeg_restart;
 pub mod loader;
 pub mod manifest;
 pub mod patch_layout;

@@ -148,6 +148,7 @@ impl WriteOptions {
             serde_json::to_value(self.image.validation).unwrap_or_default(),
         );
         put("max_pixels", self.image.max_pixels.into());
+        put("jpeg_restarts", self.image.jpeg_restarts.into());
         put("exif_orientation", "kept as stored (not applied)".into());
         for (k, v) in &listing.options {
             m.insert(k.clone(), v.clone());

@@ -290,23 +290,30 @@ fn write_manifest(dir: &Path, dataset: &str, rows: usize, shards: Vec<Value>) {
     .unwrap();
 }
 
-fn dataset(n: usize, corrupt: Option<usize>) -> (tempfile::TempDir, Arc<ShardSet>) {
+/// `n` rows cycling through the fixture images, row i keyed "iiii/<name>" with label i and the
+/// image bytes `image(i, bytes)`.
+fn fixture_rows(n: usize, image: impl Fn(usize, &[u8]) -> Vec<u8>) -> Vec<Row> {
     let imgs = fixture_images();
-    let rows: Vec<Row> = (0..n)
+    (0..n)
         .map(|i| {
             let (name, bytes) = &imgs[i % imgs.len()];
-            let image = if Some(i) == corrupt {
-                b"\xFF\xD8\xFFnot really a jpeg".to_vec()
-            } else {
-                bytes.clone()
-            };
             Row {
                 key: format!("{i:04}/{name}"),
-                image,
+                image: image(i, bytes),
                 label: i as i32,
             }
         })
-        .collect();
+        .collect()
+}
+
+fn dataset(n: usize, corrupt: Option<usize>) -> (tempfile::TempDir, Arc<ShardSet>) {
+    let rows = fixture_rows(n, |i, bytes| {
+        if Some(i) == corrupt {
+            b"\xFF\xD8\xFFnot really a jpeg".to_vec()
+        } else {
+            bytes.to_vec()
+        }
+    });
     let tmp = tempfile::tempdir().unwrap();
     write_dataset(tmp.path(), &rows, 11, 4);
     let set = Arc::new(ShardSet::open(&[tmp.path().to_path_buf()], true).unwrap());
@@ -643,4 +650,45 @@ fn randaug_batches_are_deterministic_and_only_change_pixels() {
     };
     let err = Loader::new(set, bad).unwrap_err().to_string();
     assert!(err.contains("RandAugment"), "{err}");
+}
+
+#[test]
+fn restart_marked_shards_give_the_same_batches() {
+    // The same images with restart markers added losslessly: the loader then entropy-decodes
+    // only the MCUs around each crop, and every batch must still be the same bytes.
+    let plain_rows = fixture_rows(30, |_, b| b.to_vec());
+    let marked_rows = fixture_rows(30, |_, b| {
+        droppos_shards::jpeg_restart::add_restarts(b).unwrap_or(b.to_vec())
+    });
+    let marked = marked_rows
+        .iter()
+        .filter(|r| droppos_shards::jpeg_restart::Layout::parse(&r.image).is_some())
+        .count();
+    assert!(
+        marked >= 20,
+        "only {marked} images got usable restart markers"
+    );
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_dataset(a.path(), &plain_rows, 11, 4);
+    write_dataset(b.path(), &marked_rows, 11, 4);
+    let open = |p: &Path| Arc::new(ShardSet::open(&[p.to_path_buf()], true).unwrap());
+    let (sa, sb) = (open(a.path()), open(b.path()));
+    // 32 px: large crops use DCT scaling; 224 px: mostly full-resolution crops; and eval.
+    for cfg in [
+        LoaderConfig::pretrain(32, 4),
+        LoaderConfig::pretrain(224, 4),
+        LoaderConfig::eval(64, 4),
+    ] {
+        let cfg = LoaderConfig {
+            threads: 2,
+            window_blocks: 2,
+            ..cfg
+        };
+        for epoch in 0..2 {
+            let x = collect(&Loader::new(sa.clone(), cfg).unwrap(), epoch, 0);
+            let y = collect(&Loader::new(sb.clone(), cfg).unwrap(), epoch, 0);
+            assert!(!x.is_empty());
+            assert!(x == y, "{:?} epoch {epoch}", cfg.augment);
+        }
+    }
 }

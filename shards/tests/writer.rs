@@ -352,3 +352,35 @@ fn media_bytes_are_stored_as_they_are_unless_asked_and_the_rest_is_zstd() {
         verify_dataset(out.path(), true).unwrap();
     }
 }
+
+#[test]
+fn jpeg_restarts_keep_every_pixel_and_make_jpegs_cuttable() {
+    use droppos_shards::codec::{decode, DEFAULT_MAX_PIXELS};
+    use droppos_shards::jpeg_restart::Layout;
+    let listing = imagenet_train();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write(&listing, a.path(), |_| {});
+    let m = write(&listing, b.path(), |o| o.image.jpeg_restarts = true).manifest;
+    assert_eq!(m.options["jpeg_restarts"], true);
+    let (_, plain) = read_all(a.path());
+    let (_, marked) = read_all(b.path());
+    assert_eq!(plain.len(), marked.len());
+    let mut cuttable = 0;
+    for (p, r) in plain.iter().zip(&marked) {
+        assert_eq!((&p.key, p.width, p.height), (&r.key, r.width, r.height));
+        let same = decode(&p.image, DEFAULT_MAX_PIXELS).unwrap()
+            == decode(&r.image, DEFAULT_MAX_PIXELS).unwrap();
+        assert!(same, "{}: pixels changed", p.key);
+        if p.image.starts_with(&[0xFF, 0xD8]) {
+            cuttable += usize::from(Layout::parse(&r.image).is_some());
+        } else {
+            assert_eq!(p.image, r.image, "{}: non-JPEG bytes kept", p.key);
+        }
+    }
+    assert!(
+        cuttable * 10 >= marked.len() * 8,
+        "{cuttable}/{}",
+        marked.len()
+    );
+    verify_dataset(b.path(), true).unwrap();
+}

@@ -145,6 +145,10 @@ struct Common {
     /// How thoroughly to check images stored unchanged.
     #[arg(long, value_enum, default_value_t = ValidateArg::Structure)]
     validate: ValidateArg,
+    /// Rewrite stored JPEGs losslessly (same DCT coefficients, optimised Huffman tables) with a
+    /// restart marker every few MCUs, so the loader entropy-decodes only what each crop needs.
+    #[arg(long)]
+    jpeg_restarts: bool,
     /// Refuse images whose header claims more pixels (decompression bombs).
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
     max_pixels: u64,
@@ -168,6 +172,7 @@ impl Common {
                 max_pixels: self.max_pixels,
                 resize_short_side: self.resize_short_side,
                 quality: self.quality,
+                jpeg_restarts: self.jpeg_restarts,
                 validation: match self.validate {
                     ValidateArg::Structure => Validation::Structure,
                     ValidateArg::Decode => Validation::Decode,

@@ -72,6 +72,8 @@ pub struct Decoded {
 pub struct Decoder {
     handle: raw::tjhandle,
     cmyk: Vec<u8>,
+    /// The cut-out JPEG of a restart-marked image (see [`crate::jpeg_restart`]).
+    window: Vec<u8>,
 }
 
 // The handle is only used through &mut self.
@@ -98,6 +100,7 @@ impl Decoder {
         Ok(Decoder {
             handle,
             cmyk: Vec::new(),
+            window: Vec::new(),
         })
     }
 
@@ -218,6 +221,70 @@ impl Decoder {
         } else {
             1
         };
+        let sw = hdr.width.div_ceil(denom);
+        let sh = hdr.height.div_ceil(denom);
+        let (x, y, w, h) = rect;
+        let mcu_w = mcu_width(subsamp);
+        let smcu = (mcu_w / denom).max(1);
+        // One iMCU of margin on every side: chroma upsampling at the edge of a cropped decode
+        // lacks its neighbours, so those pixels may differ from a full decode; the margin keeps
+        // every pixel the resampler reads identical to Pillow's full decode.
+        let margin = (mcu_w.max(16) / denom).max(1);
+        let x0 = ((x / denom).saturating_sub(margin)) / smcu * smcu;
+        let y0 = (y / denom).saturating_sub(margin);
+        let x1 = ((x + w).div_ceil(denom) + margin).min(sw);
+        let y1 = ((y + h).div_ceil(denom) + margin).min(sh);
+        let region = (x0, y0, x1 - x0, y1 - y0);
+        if region != (0, 0, sw, sh) {
+            // With restart markers, entropy-decode only the MCUs around the region: a JPEG cut
+            // to them, one MCU wider than the region on every side (its cut edges lack the
+            // chroma neighbours, like a cropped decode's), decodes to the same region pixels.
+            if let Some(lay) = crate::jpeg_restart::Layout::parse(bytes) {
+                // At full resolution the resampler reads only the crop itself, so the window
+                // need only hold it one MCU away from the cut edges, and it is decoded whole.
+                // Scaled decodes are read around the box too: there the window holds the region
+                // a cropped decode would give, at the same place.
+                let src = if denom == 1 {
+                    rect
+                } else {
+                    (x0 * denom, y0 * denom, (x1 - x0) * denom, (y1 - y0) * denom)
+                };
+                if let Some((cols, rows)) = lay.window_for(src, lay.mcu_w.max(lay.mcu_h)) {
+                    let mut cut = std::mem::take(&mut self.window);
+                    let (xo, yo, ww, wh) = lay.window(bytes, cols, rows, &mut cut);
+                    let sub = Header {
+                        width: ww,
+                        height: wh,
+                        kind: hdr.kind,
+                    };
+                    let inner = if denom == 1 {
+                        (0, 0, ww, wh)
+                    } else {
+                        (x0 - xo / denom, y0 - yo / denom, region.2, region.3)
+                    };
+                    let r = self.decode_jpeg_at(&cut, &sub, colorspace, inner, denom, out);
+                    self.window = cut;
+                    r?;
+                    out.x0 += xo / denom;
+                    out.y0 += yo / denom;
+                    return Ok(());
+                }
+            }
+        }
+        self.decode_jpeg_at(bytes, hdr, colorspace, region, denom, out)
+    }
+
+    /// Decodes the scaled region (x0, y0, w, h) of `bytes` at 1/`denom` (the whole image when
+    /// the region is all of it, or when libjpeg-turbo refuses the cropping region).
+    fn decode_jpeg_at(
+        &mut self,
+        bytes: &[u8],
+        hdr: &Header,
+        colorspace: i32,
+        region: (usize, usize, usize, usize),
+        denom: usize,
+        out: &mut Decoded,
+    ) -> Result<(), DecodeError> {
         // SAFETY (all calls below): valid handle, buffers sized from the header read here.
         let rc = unsafe {
             raw::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as raw::size_t)
@@ -234,21 +301,10 @@ impl Decoder {
         }
         let sw = hdr.width.div_ceil(denom);
         let sh = hdr.height.div_ceil(denom);
-        let (x, y, w, h) = rect;
-        let mcu_w = mcu_width(subsamp);
-        let smcu = (mcu_w / denom).max(1);
-        // One iMCU of margin on every side: chroma upsampling at the edge of a cropped decode
-        // lacks its neighbours, so those pixels may differ from a full decode; the margin keeps
-        // every pixel the resampler reads identical to Pillow's full decode.
-        let margin = (mcu_w.max(16) / denom).max(1);
-        let x0 = ((x / denom).saturating_sub(margin)) / smcu * smcu;
-        let y0 = (y / denom).saturating_sub(margin);
-        let x1 = ((x + w).div_ceil(denom) + margin).min(sw);
-        let y1 = ((y + h).div_ceil(denom) + margin).min(sh);
-        let (x0, y0, rw, rh) = if x0 == 0 && y0 == 0 && x1 == sw && y1 == sh {
+        let (x0, y0, rw, rh) = if region == (0, 0, sw, sh) {
             (0, 0, sw, sh)
         } else {
-            (x0, y0, x1 - x0, y1 - y0)
+            region
         };
         let region = if (x0, y0, rw, rh) == (0, 0, sw, sh) {
             raw::tjregion {
