@@ -86,15 +86,93 @@ impl Batch {
     }
 }
 
-/// Writes an interleaved `S×S×c` (c = 1 or 3) u8 image into one NCHW slot.
+/// Pixels per step of the RGB deinterleave.
+const GROUP: usize = 16;
+
+/// Splits 16 interleaved RGB pixels (48 bytes) into their three channels.
+#[inline(always)]
+fn deinterleave16(src: &[u8], out: &mut [[u8; GROUP]; 3]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("ssse3") {
+        // SAFETY: SSSE3 is available (checked just above); `src` holds 48 bytes.
+        unsafe { deinterleave16_ssse3(src, out) };
+        return;
+    }
+    for (i, px) in src[..3 * GROUP].chunks_exact(3).enumerate() {
+        out[0][i] = px[0];
+        out[1][i] = px[1];
+        out[2][i] = px[2];
+    }
+}
+
+/// Three 16-byte loads, three byte shuffles per channel (each picks that channel's bytes of
+/// one load into their places, zero elsewhere), OR-ed together.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn deinterleave16_ssse3(src: &[u8], out: &mut [[u8; GROUP]; 3]) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= 3 * GROUP);
+    const Z: i8 = -1;
+    #[rustfmt::skip]
+    const MASKS: [[[i8; 16]; 3]; 3] = [
+        [
+            [0, 3, 6, 9, 12, 15, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z],
+            [Z, Z, Z, Z, Z, Z, 2, 5, 8, 11, 14, Z, Z, Z, Z, Z],
+            [Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, 1, 4, 7, 10, 13],
+        ],
+        [
+            [1, 4, 7, 10, 13, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z],
+            [Z, Z, Z, Z, Z, 0, 3, 6, 9, 12, 15, Z, Z, Z, Z, Z],
+            [Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, 2, 5, 8, 11, 14],
+        ],
+        [
+            [2, 5, 8, 11, 14, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z],
+            [Z, Z, Z, Z, Z, 1, 4, 7, 10, 13, Z, Z, Z, Z, Z, Z],
+            [Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, 0, 3, 6, 9, 12, 15],
+        ],
+    ];
+    let p = src.as_ptr() as *const __m128i;
+    let v = [
+        _mm_loadu_si128(p),
+        _mm_loadu_si128(p.add(1)),
+        _mm_loadu_si128(p.add(2)),
+    ];
+    for (ch, masks) in MASKS.iter().enumerate() {
+        let mut acc = _mm_setzero_si128();
+        for (x, m) in v.iter().zip(masks) {
+            let m = _mm_loadu_si128(m.as_ptr() as *const __m128i);
+            acc = _mm_or_si128(acc, _mm_shuffle_epi8(*x, m));
+        }
+        _mm_storeu_si128(out[ch].as_mut_ptr() as *mut __m128i, acc);
+    }
+}
+
+/// Writes an interleaved `S×S×c` (c = 1 or 3) u8 image into one NCHW slot (gray is repeated).
 pub fn write_u8(src: &[u8], c: usize, size: usize, dst: &mut [u8]) {
     let plane = size * size;
-    for ch in 0..3 {
-        let sc = if c == 1 { 0 } else { ch };
-        let d = &mut dst[ch * plane..(ch + 1) * plane];
-        for (o, px) in d.iter_mut().zip(src.chunks_exact(c)) {
-            *o = px[sc];
+    let (p0, rest) = dst[..3 * plane].split_at_mut(plane);
+    let (p1, p2) = rest.split_at_mut(plane);
+    if c == 1 {
+        for p in [p0, p1, p2] {
+            p.copy_from_slice(&src[..plane]);
         }
+        return;
+    }
+    // 16 pixels at a time through the byte shuffles, the rest one by one.
+    let whole = plane / GROUP * GROUP;
+    let mut ch = [[0u8; GROUP]; 3];
+    let groups = src[..3 * whole].chunks_exact(3 * GROUP);
+    let outs = p0.chunks_exact_mut(GROUP).zip(p1.chunks_exact_mut(GROUP));
+    for ((px, (o0, o1)), o2) in groups.zip(outs).zip(p2.chunks_exact_mut(GROUP)) {
+        deinterleave16(px, &mut ch);
+        o0.copy_from_slice(&ch[0]);
+        o1.copy_from_slice(&ch[1]);
+        o2.copy_from_slice(&ch[2]);
+    }
+    for (i, px) in src[3 * whole..3 * plane].chunks_exact(3).enumerate() {
+        p0[whole + i] = px[0];
+        p1[whole + i] = px[1];
+        p2[whole + i] = px[2];
     }
 }
 
@@ -111,6 +189,55 @@ pub fn write_f32(src: &[u8], c: usize, size: usize, dst: &mut [f32]) {
         let d = &mut dst[ch * plane..(ch + 1) * plane];
         for (o, px) in d.iter_mut().zip(src.chunks_exact(c)) {
             *o = lut[px[sc] as usize];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planar_writes_match_the_plain_loops() {
+        let mut x = 99u32;
+        for size in [1usize, 3, 4, 13, 32] {
+            for c in [1usize, 3] {
+                let src: Vec<u8> = (0..size * size * c)
+                    .map(|_| {
+                        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                        (x >> 16) as u8
+                    })
+                    .collect();
+                let plane = size * size;
+                let mut want_u8 = vec![0u8; 3 * plane];
+                let mut want_f32 = vec![0f32; 3 * plane];
+                for ch in 0..3 {
+                    for p in 0..plane {
+                        let v = src[p * c + if c == 1 { 0 } else { ch }];
+                        want_u8[ch * plane + p] = v;
+                        want_f32[ch * plane + p] =
+                            (v as f32 / 255.0 - IMAGENET_MEAN[ch]) / IMAGENET_STD[ch];
+                    }
+                }
+                let mut got_u8 = vec![0u8; 3 * plane];
+                let mut got_f32 = vec![0f32; 3 * plane];
+                write_u8(&src, c, size, &mut got_u8);
+                write_f32(&src, c, size, &mut got_f32);
+                assert_eq!(got_u8, want_u8, "u8 size {size} c {c}");
+                assert!(
+                    got_f32
+                        .iter()
+                        .zip(&want_f32)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "f32 size {size} c {c}"
+                );
+            }
+        }
+        let src: Vec<u8> = (0..48).map(|v| v as u8).collect();
+        let mut a = [[0u8; GROUP]; 3];
+        deinterleave16(&src, &mut a);
+        for (k, ch) in a.iter().enumerate() {
+            assert!(ch.iter().enumerate().all(|(i, &v)| v as usize == 3 * i + k));
         }
     }
 }
