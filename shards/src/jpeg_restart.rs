@@ -429,6 +429,51 @@ mod tests {
     }
 
     #[test]
+    fn damaged_restart_marked_jpegs_never_panic_the_loader_decoder() {
+        use crate::loader::decode::{Decoded, Decoder};
+        let src = std::fs::read(&fixture_jpegs()[0]).unwrap();
+        let good = add_restarts(&src).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let mut out = Decoded::default();
+        let mut x = 11u64;
+        let mut next = |n: usize| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as usize % n.max(1)
+        };
+        for round in 0..300 {
+            let mut bad = good.clone();
+            for _ in 0..1 + round % 4 {
+                let i = next(bad.len());
+                bad[i] = match next(3) {
+                    0 => 0xFF,
+                    1 => 0xD0 + next(10) as u8,
+                    _ => next(256) as u8,
+                };
+            }
+            if round % 7 == 0 {
+                bad.truncate(next(bad.len()));
+            }
+            let _ = Layout::parse(&bad);
+            let Ok(hdr) = dec.header(&bad) else { continue };
+            let (w, h) = (hdr.width, hdr.height);
+            if w == 0 || h == 0 || w * h > 1 << 24 {
+                continue;
+            }
+            let (cw, ch) = (1 + next(w), 1 + next(h));
+            let rect = (next(w - cw + 1), next(h - ch + 1), cw, ch);
+            for denom in [1, 2, 8] {
+                let _ = dec.decode_region(&bad, &hdr, rect, denom, &mut out);
+            }
+        }
+        // The decoder still works afterwards.
+        let hdr = dec.header(&good).unwrap();
+        dec.decode_region(&good, &hdr, (8, 8, 40, 30), 1, &mut out)
+            .unwrap();
+    }
+
+    #[test]
     fn files_without_usable_restarts_have_no_layout() {
         assert!(Layout::parse(b"not a jpeg").is_none());
         assert!(Layout::parse(&[0xFF, 0xD8, 0xFF]).is_none());

@@ -239,7 +239,9 @@ impl Decoder {
             // With restart markers, entropy-decode only the MCUs around the region: a JPEG cut
             // to them, one MCU wider than the region on every side (its cut edges lack the
             // chroma neighbours, like a cropped decode's), decodes to the same region pixels.
-            if let Some(lay) = crate::jpeg_restart::Layout::parse(bytes) {
+            let lay = crate::jpeg_restart::Layout::parse(bytes);
+            // The cut relies on the frame size TurboJPEG read being the one parsed here.
+            if let Some(lay) = lay.filter(|l| (l.width, l.height) == (hdr.width, hdr.height)) {
                 // At full resolution the resampler reads only the crop itself, so the window
                 // need only hold it one MCU away from the cut edges, and it is decoded whole.
                 // Scaled decodes are read around the box too: there the window holds the region
@@ -257,11 +259,15 @@ impl Decoder {
                         height: wh,
                         kind: hdr.kind,
                     };
+                    // Window and region come from the same frame size, so the region lies
+                    // inside the window (the shared margin logic above keeps it so).
                     let inner = if denom == 1 {
                         (0, 0, ww, wh)
                     } else {
                         (x0 - xo / denom, y0 - yo / denom, region.2, region.3)
                     };
+                    debug_assert!(inner.0 + inner.2 <= ww.div_ceil(denom));
+                    debug_assert!(inner.1 + inner.3 <= wh.div_ceil(denom));
                     let r = self.decode_jpeg_at(&cut, &sub, colorspace, inner, denom, out);
                     self.window = cut;
                     r?;
