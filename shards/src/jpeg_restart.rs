@@ -352,6 +352,17 @@ mod tests {
         v
     }
 
+    /// A seeded generator of integers in 0..n.
+    fn draws(seed: u64) -> impl FnMut(usize) -> usize {
+        let mut x = seed;
+        move |n| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as usize % n.max(1)
+        }
+    }
+
     fn walk(dir: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir).unwrap() {
@@ -369,13 +380,7 @@ mod tests {
     fn restarts_are_lossless_and_windows_decode_to_the_same_pixels() {
         let files = fixture_jpegs();
         assert!(files.len() >= 8, "{files:?}");
-        let mut seed = 7u64;
-        let mut next = |n: usize| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as usize % n.max(1)
-        };
+        let mut next = draws(7);
         let mut checked = 0;
         for f in files {
             let src = std::fs::read(&f).unwrap();
@@ -435,13 +440,7 @@ mod tests {
         let good = add_restarts(&src).unwrap();
         let mut dec = Decoder::new().unwrap();
         let mut out = Decoded::default();
-        let mut x = 11u64;
-        let mut next = |n: usize| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 33) as usize % n.max(1)
-        };
+        let mut next = draws(11);
         for round in 0..300 {
             let mut bad = good.clone();
             for _ in 0..1 + round % 4 {
