@@ -52,7 +52,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Median seconds of `iters` calls of `f` after one warm-up call.
+/// Median seconds of `iters` calls of `f` after one warm-up call (ort alone, `--no-tch`).
 fn time_it(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let mut times = Vec::with_capacity(iters);
@@ -100,7 +100,10 @@ pub fn run(a: Args) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let input = [Input::f32(encoder_io::IMAGES, &shape, &data)];
     let ort_cls = ort.run(&input, &[encoder_io::CLS])?.remove(0);
-    let ort_s = time_it(a.iters, || ort.run(&input, &[encoder_io::CLS]).map(drop))?;
+    let mut ort_s = f64::NAN;
+    if a.no_tch {
+        ort_s = time_it(a.iters, || ort.run(&input, &[encoder_io::CLS]).map(drop))?;
+    }
     let mut report = json!({
         "bench": "onnx", "model": a.model, "img_size": img, "batch": n, "threads": a.threads,
         "iters": a.iters, "opset": a.opset, "export_seconds": export_s,
@@ -118,7 +121,28 @@ pub fn run(a: Args) -> Result<()> {
             .zip(&tch_cls)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        let tch_s = time_it(a.iters, || fwd().map(drop).context("tch forward"))?;
+        // Alternate the engines batch by batch, so that the VM's drift hits both alike; a pause
+        // before each batch lets the other engine's spinning worker threads park.
+        let (mut ort_t, mut tch_t, mut ratios) = (vec![], vec![], vec![]);
+        let pause = || std::thread::sleep(std::time::Duration::from_millis(50));
+        for _ in 0..a.iters.max(1) {
+            pause();
+            let t = Instant::now();
+            ort.run(&input, &[encoder_io::CLS])?;
+            let o = t.elapsed().as_secs_f64();
+            pause();
+            let t = Instant::now();
+            let _ = fwd().context("tch forward")?;
+            let c = t.elapsed().as_secs_f64();
+            ort_t.push(o);
+            tch_t.push(c);
+            ratios.push(c / o);
+        }
+        ort_s = median(ort_t);
+        let tch_s = median(tch_t);
+        report["ort_batch_seconds"] = json!(ort_s);
+        report["ort_images_per_s"] = json!(n as f64 / ort_s);
+        report["paired_speedup_median"] = json!(median(ratios));
         report["tch_attention"] = json!(cfg.attention);
         report["tch_batch_seconds"] = json!(tch_s);
         report["tch_images_per_s"] = json!(n as f64 / tch_s);
