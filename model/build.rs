@@ -1,7 +1,7 @@
 include!("build_support.rs");
 
 fn main() {
-    link_libtorch();
+    link_libtorch_into(None);
     build_dist_shim();
 }
 

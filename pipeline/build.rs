@@ -1,5 +1,6 @@
 include!("../model/build_support.rs");
 
 fn main() {
-    link_libtorch();
+    // Only the torch binary needs libtorch_cuda; the launcher must not load libtorch at all.
+    link_libtorch_into(Some("droppos-pipeline-torch"));
 }

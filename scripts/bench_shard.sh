@@ -54,8 +54,8 @@ cat "$WORK"/input/*/* > /dev/null  # warm the page cache
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ours() {  # mode -> "wall_seconds in_process_images_per_s"
-    # Wall time includes process start (the binary links libtorch, which the dynamic loader maps
-    # at start: ~0.6 s here); the in-process figure is the command's own summary, timed like the
+    # Wall time includes process start (the `shard` command runs in the launcher binary, which
+    # does not link libtorch); the in-process figure is the command's own summary, timed like the
     # baseline's (which excludes interpreter start and imports).
     local extra=()
     [ "$1" = resize ] && extra=(--resize-short-side 256 --quality 90)
@@ -73,7 +73,7 @@ baseline() {  # mode -> "in_process_seconds wall_seconds"
         sed -E 's/.*"seconds": *([0-9.eE+-]+).*/\1/')
     t1=$(date +%s.%N)
     # The wall figure includes interpreter start and `import datasets`: compare it with our
-    # process wall (which includes libtorch's start-up), the in-process figure with ours.
+    # process wall, the in-process figure with ours.
     echo "$s $(echo "$t1 - $t0" | bc -l)"
 }
 echo "| mode | ours, process wall (img/s) | ours, in-process (img/s) | HF datasets, process wall (img/s) | HF datasets, in-process (img/s) | ratio wall | ratio in-process |"

@@ -26,7 +26,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "droppos-pipeline", version, about, long_about = None)]
+#[command(name = "droppos-pipeline", bin_name = "droppos-pipeline", version, about, long_about = None)]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `debug`, `droppos_shards=trace`.
     #[arg(long, global = true, env = "DROPPOS_LOG", default_value = "info")]

@@ -1,0 +1,153 @@
+//! `droppos-pipeline`: the command users run. The data commands (`shard`, `verify`, `stats`,
+//! `bench loader`) run in this binary, which does not link libtorch: libtorch's static
+//! initialisation alone takes ~0.6 s, more than sharding a few thousand images. Every other
+//! command (and the top-level help) runs in `droppos-pipeline-torch`, installed next to this
+//! binary, which this one `exec`s with the same arguments (same process, environment and
+//! signals, so `torchrun` / Slurm launches are unchanged).
+
+#[path = "commands/bench_loader.rs"]
+mod bench_loader;
+mod logging;
+#[path = "commands/shard.rs"]
+mod shard;
+#[path = "commands/stats.rs"]
+mod stats;
+#[path = "commands/verify.rs"]
+mod verify;
+
+use std::ffi::OsString;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// The binary with the libtorch commands, next to this one.
+const TORCH_BIN: &str = "droppos-pipeline-torch";
+
+#[derive(Parser, Debug)]
+#[command(name = "droppos-pipeline", bin_name = "droppos-pipeline", version, about, long_about = None)]
+struct Cli {
+    #[arg(long, global = true, env = "DROPPOS_LOG", default_value = "info")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Shard(shard::Args),
+    Verify(verify::Args),
+    Stats(stats::Args),
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    Loader(bench_loader::Args),
+}
+
+/// Whether `args` name a command this binary runs: the first two positional arguments after
+/// the global `--log` option.
+fn runs_here(args: &[OsString]) -> bool {
+    let mut positional = Vec::new();
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--log" {
+            it.next();
+        } else if s.starts_with('-') {
+            // `--log=X` is fine; any other option before the command (`--help`, `--version`)
+            // goes to the full binary.
+            if !s.starts_with("--log=") && positional.is_empty() {
+                return false;
+            }
+        } else {
+            positional.push(s.into_owned());
+            if positional.len() == 2 {
+                break;
+            }
+        }
+    }
+    match positional.first().map(String::as_str) {
+        Some("shard" | "verify" | "stats") => true,
+        Some("bench") => positional.get(1).map(String::as_str) == Some("loader"),
+        _ => false,
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if !runs_here(&args) {
+        return exec_torch(&args);
+    }
+    let cli = Cli::parse_from(&args);
+    logging::init(&cli.log);
+    match cli.command {
+        Command::Shard(a) => shard::run(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Stats(a) => stats::run(a),
+        Command::Bench(Bench::Loader(a)) => bench_loader::run(a),
+    }
+}
+
+fn exec_torch(args: &[OsString]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let me = std::env::current_exe().context("locating this executable")?;
+    let torch = me.with_file_name(TORCH_BIN);
+    if !torch.is_file() {
+        anyhow::bail!(
+            "{} not found next to {}: the training, fine-tuning, export, evaluation and \
+             doctor commands live there (`cargo build --release` builds both binaries; install \
+             them side by side)",
+            TORCH_BIN,
+            me.display()
+        );
+    }
+    let err = std::process::Command::new(&torch).args(&args[1..]).exec();
+    Err(err).with_context(|| format!("starting {}", torch.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn here(s: &str) -> bool {
+        let v: Vec<OsString> = std::iter::once("droppos-pipeline")
+            .chain(s.split_whitespace())
+            .map(OsString::from)
+            .collect();
+        runs_here(&v)
+    }
+
+    #[test]
+    fn data_commands_run_here_and_the_rest_in_the_torch_binary() {
+        for s in [
+            "shard imagenet --root a --out b",
+            "--log warn shard coco --images x",
+            "--log=debug verify out",
+            "stats out --json",
+            "bench loader --data d",
+            "--log warn bench loader --data d",
+            "shard --help",
+        ] {
+            assert!(here(s), "{s}");
+        }
+        for s in [
+            "",
+            "--help",
+            "--version",
+            "train --config c",
+            "bench train-step",
+            "bench onnx",
+            "bench",
+            "--log warn export --what encoder",
+            "eval knn",
+            "doctor",
+            "plot run",
+            "finetune --init x",
+        ] {
+            assert!(!here(s), "{s}");
+        }
+    }
+}
