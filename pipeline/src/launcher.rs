@@ -26,8 +26,8 @@ const TORCH_BIN: &str = "droppos-pipeline-torch";
 #[derive(Parser, Debug)]
 #[command(name = "droppos-pipeline", bin_name = "droppos-pipeline", version, about, long_about = None)]
 struct Cli {
-    #[arg(long, global = true, env = "DROPPOS_LOG", default_value = "info")]
-    log: String,
+    #[command(flatten)]
+    log: logging::LogArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -35,15 +35,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    #[command(about = shard::ABOUT)]
     Shard(shard::Args),
+    #[command(about = verify::ABOUT)]
     Verify(verify::Args),
+    #[command(about = stats::ABOUT)]
     Stats(stats::Args),
+    /// Performance measurements (here: the loader; the others run in the torch binary).
     #[command(subcommand)]
     Bench(Bench),
 }
 
 #[derive(Subcommand, Debug)]
 enum Bench {
+    #[command(about = bench_loader::ABOUT)]
     Loader(bench_loader::Args),
 }
 
@@ -82,7 +87,7 @@ fn main() -> Result<()> {
         return exec_torch(&args);
     }
     let cli = Cli::parse_from(&args);
-    logging::init(&cli.log);
+    logging::init(&cli.log.log);
     match cli.command {
         Command::Shard(a) => shard::run(a),
         Command::Verify(a) => verify::run(a),

@@ -28,9 +28,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "droppos-pipeline", bin_name = "droppos-pipeline", version, about, long_about = None)]
 struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `debug`, `droppos_shards=trace`.
-    #[arg(long, global = true, env = "DROPPOS_LOG", default_value = "info")]
-    log: String,
+    #[command(flatten)]
+    log: logging::LogArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -48,11 +47,11 @@ enum Command {
     /// Evaluate an ONNX export with ONNX Runtime on shards: k-NN, linear probe, position
     /// accuracy, dense patch probe, classification.
     Eval(commands::eval::Args),
-    /// Turn ImageNet, COCO or ADE20K into zstd Parquet shards with a manifest.
+    #[command(about = commands::shard::ABOUT)]
     Shard(commands::shard::Args),
-    /// Check shards against their manifest (sha256, row counts; --decode decodes everything).
+    #[command(about = commands::verify::ABOUT)]
     Verify(commands::verify::Args),
-    /// Rows per class, image-size and bytes-per-image distributions, skipped summary.
+    #[command(about = commands::stats::ABOUT)]
     Stats(commands::stats::Args),
     /// Pre-train DropPos from a recipe on shards (CPU or CUDA); checkpoints, metrics, resume.
     Train(commands::train::Args),
@@ -65,7 +64,7 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    logging::init(&cli.log);
+    logging::init(&cli.log.log);
     match cli.command {
         Command::Doctor(args) => commands::doctor::run(args),
         Command::Bench(args) => commands::bench::run(args),

@@ -13,7 +13,7 @@ pub struct Args {
 pub enum BenchCommand {
     /// Median wall time of one DropPos pre-training step (forward, backward, clip, AdamW).
     TrainStep(super::bench_train_step::Args),
-    /// Images/s of the streaming loader over a shard folder (full pre-training augmentation).
+    #[command(about = super::bench_loader::ABOUT)]
     Loader(super::bench_loader::Args),
     /// Encoder inference: ONNX Runtime on our export vs our tch forward of the same weights.
     Onnx(super::bench_onnx::Args),

@@ -10,6 +10,10 @@ use droppos_shards::loader::resample::Precision;
 use droppos_shards::loader::{Loader, LoaderConfig, PixelFormat, ShardSet};
 use serde::Serialize;
 
+/// What the command does (its one-line help in both binaries).
+pub const ABOUT: &str =
+    "Images/s of the streaming loader over a shard folder (full pre-training augmentation)";
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// u8 RGB (normalisation happens on the device).

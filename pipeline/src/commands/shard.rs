@@ -12,6 +12,9 @@ use droppos_shards::resample::Filter;
 use droppos_shards::writer::{self, OnError, Progress, WriteOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// What the command does (its one-line help in both binaries).
+pub const ABOUT: &str = "Turn ImageNet, COCO or ADE20K into zstd Parquet shards with a manifest";
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(subcommand)]

@@ -10,6 +10,10 @@ use droppos_shards::Manifest;
 use polars::prelude::*;
 use serde_json::{json, Value};
 
+/// What the command does (its one-line help in both binaries).
+pub const ABOUT: &str =
+    "Rows per class, image-size and bytes-per-image distributions, skipped summary";
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Dataset folder (holding manifest.json).

@@ -5,6 +5,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use droppos_shards::verify::verify_dataset;
 
+/// What the command does (its one-line help in both binaries).
+pub const ABOUT: &str =
+    "Check shards against their manifest (sha256, row counts; --decode decodes everything)";
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Dataset folder (holding manifest.json).
