@@ -499,6 +499,11 @@ pub enum Validation {
     Decode,
 }
 
+/// Resampling arithmetic of `--resize-short-side`: the image is re-encoded at JPEG quality
+/// anyway, so the 16-bit arithmetic's rounding (within a grey level of Pillow) is invisible there
+/// and halves the resize time.
+pub const RESIZE_PRECISION: resample::Precision = resample::Precision::Fast;
+
 /// Settings of [`prepare_image`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ImagePolicy {
@@ -580,9 +585,7 @@ pub fn prepare_image(
                 tw as usize,
                 th as usize,
                 policy.filter,
-                // Re-encoded at JPEG quality anyway: the 16-bit arithmetic's rounding (within a
-                // grey level of Pillow) is invisible there and halves the resize time.
-                resample::Precision::Fast,
+                RESIZE_PRECISION,
             );
             px = Pixels {
                 width: tw,

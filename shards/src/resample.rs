@@ -186,6 +186,16 @@ pub enum Precision {
     Fast,
 }
 
+impl Precision {
+    /// The name recorded in shard manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast16",
+        }
+    }
+}
+
 /// Options of [`resize_box`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResizeOpts {
@@ -277,22 +287,6 @@ impl<'a> View<'a> {
 pub struct Scratch {
     temp: Vec<u8>,
     acc: Vec<i32>,
-}
-
-/// Resizes the whole view to `out_w × out_h` with Pillow's bicubic filter, writing interleaved
-/// pixels (same channel count) into `out` (`out_w * out_h * channels` bytes). Equivalent to
-/// `img.crop(view).resize((out_w, out_h), Image.BICUBIC)`.
-pub fn resize_bicubic(src: View<'_>, out_w: usize, out_h: usize, out: &mut [u8], s: &mut Scratch) {
-    let full = [0.0, 0.0, src.width as f32, src.height as f32];
-    resize_box(
-        src,
-        full,
-        out_w,
-        out_h,
-        ResizeOpts::exact(Filter::Bicubic),
-        out,
-        s,
-    )
 }
 
 /// Resizes `src` (`w`×`h`, `channels` interleaved bytes per pixel) to `ow`×`oh` with `filter`
@@ -893,7 +887,8 @@ mod tests {
         let src: Vec<u8> = (0..(8 * 6)).map(|v| v as u8).collect();
         let mut out = vec![0u8; 48];
         let v = View::new(&src, 8, 6, 1);
-        resize_bicubic(v, 8, 6, &mut out, &mut Scratch::default());
+        let (bx, exact) = ([0.0, 0.0, 8.0, 6.0], ResizeOpts::exact(Filter::Bicubic));
+        resize_box(v, bx, 8, 6, exact, &mut out, &mut Scratch::default());
         assert_eq!(out, src);
     }
 
@@ -961,9 +956,9 @@ mod tests {
         // A view narrower than its rows (a crop): loads may not read past the row's end.
         let v = View::new(&src, w, h, 3).crop(5, 3, 60, 50);
         let (mut a, mut b) = (vec![0u8; 37 * 29 * 3], vec![0u8; 37 * 29 * 3]);
-        resize_bicubic(v, 37, 29, &mut a, &mut Scratch::default());
         let exact = ResizeOpts::exact(Filter::Bicubic);
         let full = [0.0, 0.0, 60.0, 50.0];
+        resize_box(v, full, 37, 29, exact, &mut a, &mut Scratch::default());
         resize_box_impl::<false>(v, full, 37, 29, exact, &mut b, &mut Scratch::default());
         assert!(a == b);
         let fast = ResizeOpts {

@@ -141,8 +141,10 @@ impl WriteOptions {
             }
             .into(),
         );
-        // The re-encoding's resampling arithmetic (see `resample::Precision`).
-        put("resize_arithmetic", "fast16".into());
+        put(
+            "resize_arithmetic",
+            crate::codec::RESIZE_PRECISION.name().into(),
+        );
         put(
             "validation",
             serde_json::to_value(self.image.validation).unwrap_or_default(),

@@ -120,7 +120,7 @@ pub struct LoaderConfig {
     /// RandAugment on the pre-training crops (fine-tuning; classification datasets only).
     pub randaug: Option<RandAugment>,
     /// Resampling arithmetic: [`resample::Precision::Fast`] (default; within rounding of
-    /// Pillow) or [`resample::Precision::Exact`] (Pillow's bytes, about 1.3x slower loading).
+    /// Pillow) or [`resample::Precision::Exact`] (Pillow's bytes, ~1.1x slower loading: BENCHMARKS.md).
     pub resample: resample::Precision,
 }
 

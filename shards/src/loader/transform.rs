@@ -439,20 +439,12 @@ impl Worker {
             precision: cfg.resample,
             mirror: flip && eval_crop.is_none(),
         };
-        if d.denom == 1 {
+        let (src, bx) = if d.denom == 1 {
             // Pillow semantics: crop, then resize the crop.
             let sub = view.crop(cb.j - d.x0, cb.i - d.y0, cb.w, cb.h);
-            let full = [0.0, 0.0, cb.w as f32, cb.h as f32];
-            resize_box(
-                sub,
-                full,
-                rw,
-                rh,
-                opts,
-                &mut self.resized,
-                &mut self.scratch,
-            );
+            (sub, [0.0, 0.0, cb.w as f32, cb.h as f32])
         } else {
+            // The crop box in the scaled grid; the resampler reads around it within the region.
             let f = d.denom as f64;
             let bx = [
                 (cb.j as f64 / f - d.x0 as f64) as f32,
@@ -460,8 +452,9 @@ impl Worker {
                 ((cb.j + cb.w) as f64 / f - d.x0 as f64) as f32,
                 ((cb.i + cb.h) as f64 / f - d.y0 as f64) as f32,
             ];
-            resize_box(view, bx, rw, rh, opts, &mut self.resized, &mut self.scratch);
-        }
+            (view, bx)
+        };
+        resize_box(src, bx, rw, rh, opts, &mut self.resized, &mut self.scratch);
         // The final S×S pixels (interleaved, c channels).
         let fin: &mut Vec<u8> = if let Some(ec) = eval_crop {
             self.resized2.resize(s * s * c, 0);
