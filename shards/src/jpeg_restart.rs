@@ -98,7 +98,7 @@ impl Layout {
                 0xDD => interval = be16(seg, 0)?,
                 0xDA => {
                     let Frame {
-                        dims_at: sof_dims,
+                        dims_at,
                         height,
                         width,
                         sampling: samp,
@@ -136,7 +136,7 @@ impl Layout {
                         mcux,
                         mcuy,
                         interval,
-                        sof_dims,
+                        sof_dims: dims_at,
                         scan_start,
                         segments,
                     });
@@ -171,8 +171,9 @@ impl Layout {
 
     /// A JPEG of the MCU columns `cols` and rows `rows` (columns on restart-interval
     /// boundaries, as [`Layout::window_for`] gives them) into `out`; returns the source pixel
-    /// offset (x, y) of its top-left corner and its width and height. Its pixels equal the source's at least one MCU away from the
-    /// cut edges (chroma upsampling looks one sample across).
+    /// offset (x, y) of its top-left corner and its width and height. Its pixels equal the
+    /// source's at least one MCU away from the cut edges (chroma upsampling looks one sample
+    /// across).
     pub fn window(
         &self,
         bytes: &[u8],
@@ -273,17 +274,11 @@ pub fn add_restarts(bytes: &[u8]) -> Result<Vec<u8>, RestartError> {
     }
     let get = |p: raw::TJPARAM| unsafe { raw::tj3Get(h.0, p as i32) };
     let width = get(raw::TJPARAM_TJPARAM_JPEGWIDTH).max(1) as usize;
-    let subsamp = get(raw::TJPARAM_TJPARAM_SUBSAMP);
-    // MCU width: 16 for 4:2:0 / 4:2:2, 32 for 4:1:1, else (4:4:4, 4:4:0, 4:4:1, gray) 8.
-    let mcu_w = match subsamp {
-        raw::TJSAMP_TJSAMP_420 | raw::TJSAMP_TJSAMP_422 => 16,
-        raw::TJSAMP_TJSAMP_411 => 32,
-        _ => 8,
-    };
+    let mcu_w = crate::loader::decode::mcu_width(get(raw::TJPARAM_TJPARAM_SUBSAMP));
     let mcux = width.div_ceil(mcu_w);
     let interval = (1..=MAX_INTERVAL.min(mcux))
         .rev()
-        .find(|r| mcux % r == 0)
+        .find(|&r| mcux.is_multiple_of(r))
         .unwrap_or(1);
     let settings = [
         (raw::TJPARAM_TJPARAM_RESTARTBLOCKS, interval as i32),

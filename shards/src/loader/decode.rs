@@ -396,7 +396,8 @@ impl Decoder {
 
 type CInt = std::os::raw::c_int;
 
-fn mcu_width(subsamp: i32) -> usize {
+/// MCU width in pixels of a TurboJPEG subsampling code.
+pub(crate) fn mcu_width(subsamp: i32) -> usize {
     // tjMCUWidth: 444 8, 422 16, 420 16, gray 8, 440 8, 411 32, 441 8.
     match subsamp {
         1 | 2 => 16,
