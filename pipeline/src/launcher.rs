@@ -7,6 +7,7 @@
 
 #[path = "commands/bench_loader.rs"]
 mod bench_loader;
+mod cli;
 mod logging;
 #[path = "commands/shard.rs"]
 mod shard;
@@ -18,20 +19,10 @@ mod verify;
 use std::ffi::OsString;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 
 /// The binary with the libtorch commands, next to this one.
 const TORCH_BIN: &str = "droppos-pipeline-torch";
-
-#[derive(Parser, Debug)]
-#[command(name = "droppos-pipeline", bin_name = "droppos-pipeline", version, about, long_about = None)]
-struct Cli {
-    #[command(flatten)]
-    log: logging::LogArgs,
-
-    #[command(subcommand)]
-    command: Command,
-}
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -86,9 +77,7 @@ fn main() -> Result<()> {
     if !runs_here(&args) {
         return exec_torch(&args);
     }
-    let cli = Cli::parse_from(&args);
-    logging::init(&cli.log.log);
-    match cli.command {
+    match cli::Cli::<Command>::command_from(&args) {
         Command::Shard(a) => shard::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Stats(a) => stats::run(a),

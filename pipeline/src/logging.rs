@@ -3,14 +3,6 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// The global `--log` option of both binaries.
-#[derive(clap::Args, Debug)]
-pub struct LogArgs {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `debug`, `droppos_shards=trace`.
-    #[arg(long, global = true, env = "DROPPOS_LOG", default_value = "info")]
-    pub log: String,
-}
-
 pub fn init(filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // Ignore the error of a second initialisation (tests may call this more than once).

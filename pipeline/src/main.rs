@@ -1,5 +1,6 @@
 //! `droppos-pipeline`: shard datasets, pre-train DropPos, export ONNX, evaluate with ONNX Runtime.
 
+mod cli;
 mod commands;
 mod config;
 mod eval;
@@ -23,17 +24,7 @@ pub(crate) fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
 mod onnx_tests;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
-
-#[derive(Parser, Debug)]
-#[command(name = "droppos-pipeline", bin_name = "droppos-pipeline", version, about, long_about = None)]
-struct Cli {
-    #[command(flatten)]
-    log: logging::LogArgs,
-
-    #[command(subcommand)]
-    command: Command,
-}
+use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -63,9 +54,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
-    logging::init(&cli.log.log);
-    match cli.command {
+    match cli::Cli::<Command>::command_from(std::env::args_os()) {
         Command::Doctor(args) => commands::doctor::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Export(args) => commands::export::run(args),

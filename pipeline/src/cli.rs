@@ -1,0 +1,27 @@
+//! The top level both binaries parse: the global `--log` option and their set of commands.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "droppos-pipeline", bin_name = "droppos-pipeline", version, about, long_about = None)]
+pub struct Cli<C: Subcommand> {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `debug`, `droppos_shards=trace`.
+    #[arg(long, global = true, env = "DROPPOS_LOG", default_value = "info")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: C,
+}
+
+impl<C: Subcommand> Cli<C> {
+    /// Parses `args` (program name first), starts logging and returns the command.
+    pub fn command_from<I, T>(args: I) -> C
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Self::parse_from(args);
+        crate::logging::init(&cli.log);
+        cli.command
+    }
+}
