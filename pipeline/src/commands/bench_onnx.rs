@@ -52,18 +52,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Median seconds of `iters` calls of `f` after one warm-up call (ort alone, `--no-tch`).
-fn time_it(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters.max(1) {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(times))
-}
-
 pub fn run(a: Args) -> Result<()> {
     let mut cfg = VitConfig::from_name(&a.model)?;
     cfg.attention = match a.attention {
@@ -99,11 +87,41 @@ pub fn run(a: Args) -> Result<()> {
     let mut ort = OrtModel::load(&path, a.threads)?;
     let load_s = t0.elapsed().as_secs_f64();
     let input = [Input::f32(encoder_io::IMAGES, &shape, &data)];
+    // The first run of each engine is its warm-up (and gives the outputs compared below).
     let ort_cls = ort.run(&input, &[encoder_io::CLS])?.remove(0);
-    let mut ort_s = f64::NAN;
-    if a.no_tch {
-        ort_s = time_it(a.iters, || ort.run(&input, &[encoder_io::CLS]).map(drop))?;
+    let fwd = || tch::no_grad(|| vit.forward_features(&images));
+    let diff = if a.no_tch {
+        None
+    } else {
+        let tch_cls = Vec::<f32>::try_from(fwd()?.0.contiguous().view(-1))?;
+        let d = ort_cls
+            .data
+            .iter()
+            .zip(&tch_cls)
+            .map(|(x, y)| (x - y).abs());
+        Some(d.fold(0f32, f32::max))
+    };
+    // With tch, the engines alternate batch by batch, so that the VM's drift hits both alike; a
+    // pause before each batch lets the other engine's spinning worker threads park.
+    let pause = || {
+        if !a.no_tch {
+            std::thread::sleep(std::time::Duration::from_millis(50))
+        }
+    };
+    let (mut ort_t, mut tch_t) = (vec![], vec![]);
+    for _ in 0..a.iters.max(1) {
+        pause();
+        let t = Instant::now();
+        ort.run(&input, &[encoder_io::CLS])?;
+        ort_t.push(t.elapsed().as_secs_f64());
+        if !a.no_tch {
+            pause();
+            let t = Instant::now();
+            let _ = fwd().context("tch forward")?;
+            tch_t.push(t.elapsed().as_secs_f64());
+        }
     }
+    let ort_s = median(ort_t.clone());
     let mut report = json!({
         "bench": "onnx", "model": a.model, "img_size": img, "batch": n, "threads": a.threads,
         "iters": a.iters, "opset": a.opset, "export_seconds": export_s,
@@ -111,37 +129,9 @@ pub fn run(a: Args) -> Result<()> {
         "ort_load_seconds": load_s, "ort_batch_seconds": ort_s,
         "ort_images_per_s": n as f64 / ort_s,
     });
-    if !a.no_tch {
-        let fwd = || tch::no_grad(|| vit.forward_features(&images));
-        let (cls, _) = fwd()?;
-        let tch_cls = Vec::<f32>::try_from(cls.contiguous().view(-1))?;
-        let diff = ort_cls
-            .data
-            .iter()
-            .zip(&tch_cls)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        // Alternate the engines batch by batch, so that the VM's drift hits both alike; a pause
-        // before each batch lets the other engine's spinning worker threads park.
-        let (mut ort_t, mut tch_t, mut ratios) = (vec![], vec![], vec![]);
-        let pause = || std::thread::sleep(std::time::Duration::from_millis(50));
-        for _ in 0..a.iters.max(1) {
-            pause();
-            let t = Instant::now();
-            ort.run(&input, &[encoder_io::CLS])?;
-            let o = t.elapsed().as_secs_f64();
-            pause();
-            let t = Instant::now();
-            let _ = fwd().context("tch forward")?;
-            let c = t.elapsed().as_secs_f64();
-            ort_t.push(o);
-            tch_t.push(c);
-            ratios.push(c / o);
-        }
-        ort_s = median(ort_t);
+    if let Some(diff) = diff {
+        let ratios = tch_t.iter().zip(&ort_t).map(|(c, o)| c / o).collect();
         let tch_s = median(tch_t);
-        report["ort_batch_seconds"] = json!(ort_s);
-        report["ort_images_per_s"] = json!(n as f64 / ort_s);
         report["paired_speedup_median"] = json!(median(ratios));
         report["tch_attention"] = json!(cfg.attention);
         report["tch_batch_seconds"] = json!(tch_s);
