@@ -10,18 +10,18 @@ mod train;
 
 #[cfg(test)]
 mod onnx_tch_tests;
+#[cfg(test)]
+mod onnx_tests;
 
 /// libtorch has one global random generator per process, and the unit tests of this binary run
 /// on parallel threads: a test that seeds it and checks a reproducible result (a resumed run
 /// equal to an uninterrupted one) would see other tests' draws interleaved. Every test that
-/// draws from it (model initialisation included) holds this lock.
+/// draws from it (model initialisation included) holds this lock; the others run freely.
 #[cfg(test)]
 pub(crate) fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
-#[cfg(test)]
-mod onnx_tests;
 
 use anyhow::Result;
 use clap::Subcommand;

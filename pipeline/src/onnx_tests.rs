@@ -173,7 +173,6 @@ fn timm_case(py: &str, d: &Path, args: &[&str]) -> Value {
 /// external data) must match timm's `forward_features` in ort from Rust and in Python.
 #[test]
 fn timm_vit_encoder_matches_timm() {
-    let _rng = crate::torch_rng_lock();
     let py = match python_with(&["torch", "timm", "safetensors", "numpy"]) {
         Ok(py) => py,
         Err(why) => {
@@ -298,7 +297,6 @@ pub fn synthetic_weights(
 /// Graph-level checks that need no Python: the model proto's header fields.
 #[test]
 fn model_header_fields() {
-    let _rng = crate::torch_rng_lock();
     use prost::Message;
     let img = 8;
     let w = synthetic_weights(8, 4, img, 1, None);
@@ -341,7 +339,6 @@ fn model_header_fields() {
 /// onnx.checker's full check. (Numerical parity with our tch forward is in onnx_tch_tests.)
 #[test]
 fn droppos_graph_interface_and_python_runtime() {
-    let _rng = crate::torch_rng_lock();
     use droppos_model::onnx::droppos_io;
     let (img, p) = (16i64, 4i64);
     let l = (img / p) * (img / p);
@@ -403,7 +400,6 @@ fn droppos_graph_interface_and_python_runtime() {
 /// command line; errors name what is missing.
 #[test]
 fn export_command_reads_checkpoints() {
-    let _rng = crate::torch_rng_lock();
     use crate::commands::export::{self, ArchHints, What};
     let dir = tempfile::tempdir().unwrap();
     let w = synthetic_weights(12, 4, 16, 1, Some((8, 1)));
@@ -458,7 +454,6 @@ fn export_command_reads_checkpoints() {
 /// from the weights as timm decides it.
 #[test]
 fn timm_classifier_matches_timm() {
-    let _rng = crate::torch_rng_lock();
     let py = match python_with(&["torch", "timm", "safetensors", "numpy"]) {
         Ok(py) => py,
         Err(why) => {
@@ -513,7 +508,6 @@ fn export_matches_case(d: &Path, case: &Value, what: crate::commands::export::Wh
 /// bias; LayerScale) match timm, and one they do not (register tokens) is refused by name.
 #[test]
 fn timm_variants_match_timm_or_are_refused() {
-    let _rng = crate::torch_rng_lock();
     use crate::commands::export::What;
     let py = match python_with(&["torch", "timm", "safetensors", "numpy"]) {
         Ok(py) => py,
@@ -563,7 +557,6 @@ fn timm_variants_match_timm_or_are_refused() {
 /// graph as with the count given), other widths still need --num-heads.
 #[test]
 fn head_count_defaults_for_standard_widths() {
-    let _rng = crate::torch_rng_lock();
     use crate::commands::export::{self, ArchHints, What};
     let w = synthetic_weights(192, 16, 32, 1, Some((512, 1)));
     let given = ArchHints {

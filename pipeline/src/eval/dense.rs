@@ -105,7 +105,6 @@ mod tests {
 
     #[test]
     fn accuracy_and_miou() {
-        let _rng = crate::torch_rng_lock();
         let mut m = Confusion::new(3);
         // truth 0: 3 right, 1 as class 1; truth 1: 2 right; class 2 never appears.
         for _ in 0..3 {
@@ -124,7 +123,6 @@ mod tests {
 
     #[test]
     fn miou_hand_computed_with_false_positives() {
-        let _rng = crate::torch_rng_lock();
         // 2 classes. truth 0 -> pred 0 x2, pred 1 x1; truth 1 -> pred 0 x3, pred 1 x4.
         // IoU0 = 2 / (3 + 5 - 2) = 1/3; IoU1 = 4 / (7 + 5 - 4) = 1/2; mIoU = 5/12.
         let mut m = Confusion::new(2);

@@ -218,14 +218,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_labels() {
-        let _rng = crate::torch_rng_lock();
         assert!(LinearProbe::train(&[0.0, 1.0], &[3], 2, 2, &ProbeConfig::default()).is_err());
         assert!(LinearProbe::train(&[0.0, 1.0, 2.0], &[0], 2, 2, &ProbeConfig::default()).is_err());
     }
 
     #[test]
     fn topk_counts() {
-        let _rng = crate::torch_rng_lock();
         let ranked = vec![vec![1, 2, 3], vec![0, 1, 2], vec![2, 0, 1]];
         assert_eq!(topk_accuracy(&ranked, &[1, 1, 5]), (1.0 / 3.0, 2.0 / 3.0));
     }

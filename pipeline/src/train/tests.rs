@@ -370,7 +370,6 @@ fn metrics_lines_carry_every_field() {
 
 #[test]
 fn schedules_follow_the_reference() {
-    let _rng = crate::torch_rng_lock();
     let r = recipe(&[
         "train.epochs=10",
         "optim.warmup_epochs=2",
