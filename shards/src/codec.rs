@@ -376,8 +376,22 @@ fn classify(format: &'static str, msg: String) -> ImageRejection {
     }
 }
 
-/// Decodes a JPEG with libjpeg-turbo, optionally with DCT-domain downscaling so that the shorter
-/// side stays `>= min_short` (much cheaper than decoding at full size and resampling).
+/// The DCT-domain downscale to decode at before resizing the shorter side `short` to `target`:
+/// the smallest of 1/8, 1/4 and 1/2 that keeps at least 8x the target across, else none. Scaled
+/// IDCTs are a crude low-pass: decoding at 6/8 right above the target measured ~5 dB below a full
+/// decode + bicubic, 1/2 with a 4x margin up to 2.6 dB below; with 8x the bicubic pass does the
+/// antialiasing (within 1 dB, tested) and very large photos still skip most of the IDCT work.
+fn dct_scaling(short: usize, target: u32) -> turbojpeg::ScalingFactor {
+    use turbojpeg::ScalingFactor;
+    [1, 2, 4]
+        .into_iter()
+        .map(|n| ScalingFactor::new(n, 8))
+        .find(|f| f.scale(short) >= 8 * target as usize)
+        .unwrap_or(ScalingFactor::ONE)
+}
+
+/// Decodes a JPEG with libjpeg-turbo, optionally with DCT-domain downscaling (see
+/// [`dct_scaling`]) when it will be resized to a shorter side of `min_short`.
 fn decode_jpeg_turbo(
     bytes: &[u8],
     info: &HeaderInfo,
@@ -393,18 +407,9 @@ fn decode_jpeg_turbo(
     } else {
         (PixelFormat::RGB, 3u8)
     };
-    let mut factor = ScalingFactor::ONE;
-    if let Some(target) = min_short {
-        let short = header.width.min(header.height);
-        // Smallest n/8 with ceil(short * n / 8) >= target.
-        for n in 1..8usize {
-            let f = ScalingFactor::new(n, 8);
-            if f.scale(short) >= target as usize {
-                factor = f;
-                break;
-            }
-        }
-    }
+    let factor = min_short.map_or(ScalingFactor::ONE, |t| {
+        dct_scaling(header.width.min(header.height), t)
+    });
     d.set_scaling_factor(factor)
         .map_err(|e| corrupt("jpeg", e.to_string()))?;
     let scaled = header.scaled(factor);
@@ -428,6 +433,105 @@ fn decode_jpeg_turbo(
         channels,
         data,
     })
+}
+
+/// Resize-mode re-encoding of a 4:2:0 JPEG without leaving YCbCr: decode to planes (no chroma
+/// upsampling, no colour conversion), resize the luma and the two chroma planes to the output's
+/// plane sizes, and compress from the planes (no colour conversion, no chroma downsampling).
+/// Resampling is linear, so this equals resizing the RGB pixels up to rounding, at about half
+/// the resampling work. Returns `None` for other subsamplings (the RGB path handles them).
+fn resize_jpeg_ycbcr(
+    bytes: &[u8],
+    (tw, th): (u32, u32),
+    policy: &ImagePolicy,
+) -> Result<Option<Vec<u8>>, ImageRejection> {
+    use resample::{ResizeOpts, Scratch, View};
+    use turbojpeg::{Compressor, Decompressor, Subsamp, YuvImage, YuvPlanesImage};
+    let err = |e: turbojpeg::Error| corrupt("jpeg", e.to_string());
+    let mut d = Decompressor::new().map_err(err)?;
+    let header = d.read_header(bytes).map_err(err)?;
+    if header.subsamp != Subsamp::Sub2x2 || header.colorspace != turbojpeg::Colorspace::YCbCr {
+        return Ok(None);
+    }
+    let factor = dct_scaling(header.width.min(header.height), tw.min(th));
+    d.set_scaling_factor(factor).map_err(err)?;
+    let scaled = header.scaled(factor);
+    let (sw, sh) = (scaled.width, scaled.height);
+    let sub = Subsamp::Sub2x2;
+    let src = YuvImage {
+        pixels: (),
+        width: sw,
+        align: 1,
+        height: sh,
+        subsamp: sub,
+    };
+    let dst = YuvImage {
+        pixels: (),
+        width: tw as usize,
+        align: 1,
+        height: th as usize,
+        subsamp: sub,
+    };
+    let ((yw, yh), (cw, ch)) = (src.y_size(), src.uv_size());
+    let mut planes = vec![0u8; yw * yh + 2 * cw * ch];
+    d.decompress_to_yuv(
+        bytes,
+        YuvImage {
+            pixels: &mut planes[..],
+            width: sw,
+            align: 1,
+            height: sh,
+            subsamp: sub,
+        },
+    )
+    .map_err(|e| classify("jpeg", e.to_string()))?;
+    let ((oyw, oyh), (ocw, och)) = (dst.y_size(), dst.uv_size());
+    // Output plane sample j covers output pixels [f*j, f*(j+1)) (f: the plane's subsampling),
+    // i.e. source pixels [f*j*s, f*(j+1)*s) with s = source / output size: the same
+    // source-to-output scale in every plane. Padded samples past the image edge map past the
+    // source plane, whose edge samples the resampler then repeats.
+    let (sx, sy) = (sw as f32 / tw as f32, sh as f32 / th as f32);
+    let opts = ResizeOpts {
+        filter: policy.filter,
+        precision: RESIZE_PRECISION,
+        mirror: false,
+    };
+    let mut scratch = Scratch::default();
+    let mut plane = |data: &[u8], (w, h): (usize, usize), (ow, oh): (usize, usize)| {
+        let mut out = vec![0u8; ow * oh];
+        let bx = [0.0, 0.0, ow as f32 * sx, oh as f32 * sy];
+        resample::resize_box(
+            View::new(data, w, h, 1),
+            bx,
+            ow,
+            oh,
+            opts,
+            &mut out,
+            &mut scratch,
+        );
+        out
+    };
+    let (y, rest) = planes.split_at(yw * yh);
+    let (u, v) = rest.split_at(cw * ch);
+    let oy = plane(y, (yw, yh), (oyw, oyh));
+    let ou = plane(u, (cw, ch), (ocw, och));
+    let ov = plane(v, (cw, ch), (ocw, och));
+    let mut c = Compressor::new().map_err(err)?;
+    c.set_quality(policy.quality as i32).map_err(err)?;
+    let out = c
+        .compress_yuv_planes_to_vec(&YuvPlanesImage {
+            y_plane: &oy[..],
+            y_stride: oyw,
+            u_plane: &ou[..],
+            u_stride: ocw,
+            v_plane: &ov[..],
+            v_stride: ocw,
+            width: tw as usize,
+            height: th as usize,
+            subsamp: sub,
+        })
+        .map_err(|e| corrupt("jpeg", format!("encode: {e}")))?;
+    Ok(Some(out))
 }
 
 /// Decodes any supported image to 8-bit gray or RGB pixels (full size). Used by conversions and
@@ -498,6 +602,10 @@ pub enum Validation {
     /// Decode every image completely.
     Decode,
 }
+
+/// How `--resize-short-side` gets from the source to the stored JPEG (recorded in the manifest).
+pub const RESIZE_PIPELINE: &str = "4:2:0 JPEGs resized as Y/Cb/Cr planes, other inputs as RGB or \
+    gray; DCT-scaled decoding only while 8x the target remains; encoded 4:2:0 (gray stays gray)";
 
 /// Resampling arithmetic of `--resize-short-side`: the image is re-encoded at JPEG quality
 /// anyway, so the 16-bit arithmetic's rounding (within a grey level of Pillow) is invisible there
@@ -574,6 +682,21 @@ pub fn prepare_image(
         .map(|s| resample::short_side_size(ow, oh, s))
         .filter(|&t| t != (ow, oh));
     if let Some((tw, th)) = target {
+        let plain_jpeg = info.format == ImageFormat::Jpeg && info.is_storable_as_is();
+        if plain_jpeg && info.components == 3 {
+            check_jpeg_structure(&bytes)?;
+            if let Some(out) = resize_jpeg_ycbcr(&bytes, (tw, th), policy)? {
+                return Ok(PreparedImage {
+                    bytes: with_restarts(out, policy),
+                    width: tw,
+                    height: th,
+                    orig_width: ow,
+                    orig_height: oh,
+                    channels: 3,
+                    conversion: None,
+                });
+            }
+        }
         let short_target = tw.min(th);
         let mut px = decode_with(&bytes, &info, Some(short_target))?;
         if (px.width, px.height) != (tw, th) {
@@ -597,7 +720,6 @@ pub fn prepare_image(
         let out = with_restarts(encode_jpeg(&px, policy.quality)?, policy);
         // Plain JPEGs are resized by request (recorded in the manifest's options); only inputs
         // whose format had to change are listed one by one.
-        let plain_jpeg = info.format == ImageFormat::Jpeg && info.is_storable_as_is();
         let conversion = (!plain_jpeg).then(|| {
             (
                 info.describe(),
@@ -808,5 +930,128 @@ mod tests {
         let p = prepare_image(tiny_jpeg(40, 20, 3), &policy).unwrap();
         assert_eq!((p.width, p.height), (20, 10));
         assert!(p.conversion.is_none());
+    }
+
+    fn psnr(a: &[u8], b: &[u8]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let se: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum();
+        10.0 * (255.0f64.powi(2) * a.len() as f64 / se.max(1e-9)).log10()
+    }
+
+    /// 4:2:0 JPEGs at awkward sizes from the real fixtures: odd dimensions (padded planes), a
+    /// large one (DCT-scaled decode) and the originals.
+    fn ycbcr_cases() -> Vec<Vec<u8>> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let mut out = Vec::new();
+        for dir in ["data/imagenet/train", "loader/images"] {
+            let Ok(rd) = std::fs::read_dir(root.join(dir)) else {
+                continue;
+            };
+            let mut files: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+            files.sort();
+            let files = files.into_iter().flat_map(|p| {
+                if p.is_dir() {
+                    std::fs::read_dir(&p)
+                        .unwrap()
+                        .flatten()
+                        .map(|e| e.path())
+                        .collect()
+                } else {
+                    vec![p]
+                }
+            });
+            for f in files {
+                let b = std::fs::read(&f).unwrap();
+                let Ok(info) = read_header(&b, DEFAULT_MAX_PIXELS) else {
+                    continue;
+                };
+                if info.format != ImageFormat::Jpeg || info.components != 3 {
+                    continue;
+                }
+                let px = decode(&b, DEFAULT_MAX_PIXELS).unwrap();
+                for (w, h) in [(333, 251), (1101, 803), (97, 61)] {
+                    let data = resample::resize(
+                        &px.data,
+                        px.width as usize,
+                        px.height as usize,
+                        3,
+                        w,
+                        h,
+                        Filter::Bicubic,
+                        resample::Precision::Exact,
+                    );
+                    let p = Pixels {
+                        width: w as u32,
+                        height: h as u32,
+                        channels: 3,
+                        data,
+                    };
+                    out.push(encode_jpeg(&p, 95).unwrap());
+                }
+                out.push(b);
+            }
+        }
+        assert!(out.len() >= 8, "fixtures missing");
+        out
+    }
+
+    #[test]
+    fn ycbcr_resize_matches_a_full_rgb_resize() {
+        // Reference: full RGB decode + Pillow's exact bicubic, no re-encoding. The planar path
+        // must be as close to it as resizing the RGB pixels and encoding them (both pay the same
+        // q90 loss); the old 6/8-scaled decode measured ~5 dB below it.
+        for (i, src) in ycbcr_cases().into_iter().enumerate() {
+            let info = read_header(&src, DEFAULT_MAX_PIXELS).unwrap();
+            for short in [256, 100, 33] {
+                let (tw, th) = resample::short_side_size(info.width, info.height, short);
+                if (tw, th) == (info.width, info.height) {
+                    continue;
+                }
+                let full = decode(&src, DEFAULT_MAX_PIXELS).unwrap();
+                let reference = resample::resize(
+                    &full.data,
+                    full.width as usize,
+                    full.height as usize,
+                    3,
+                    tw as usize,
+                    th as usize,
+                    Filter::Bicubic,
+                    resample::Precision::Exact,
+                );
+                let rgb_path = encode_jpeg(
+                    &Pixels {
+                        width: tw,
+                        height: th,
+                        channels: 3,
+                        data: reference.clone(),
+                    },
+                    90,
+                )
+                .unwrap();
+                let policy = ImagePolicy {
+                    resize_short_side: Some(short),
+                    ..Default::default()
+                };
+                let p = prepare_image(src.clone(), &policy).unwrap();
+                assert_eq!((p.width, p.height, p.channels), (tw, th, 3));
+                assert!(p.conversion.is_none());
+                let planar = decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
+                assert_eq!((planar.width, planar.height, planar.channels), (tw, th, 3));
+                let rgb = decode(&rgb_path, DEFAULT_MAX_PIXELS).unwrap();
+                let (q_planar, q_rgb) =
+                    (psnr(&planar.data, &reference), psnr(&rgb.data, &reference));
+                // A DCT-scaled decode (only with an 8x margin) may cost up to 1 dB.
+                let scaled = dct_scaling(info.width.min(info.height) as usize, short).num() < 8;
+                let slack = if scaled { 1.0 } else { 0.5 };
+                assert!(
+                    q_planar > q_rgb - slack,
+                    "case {i} -> {tw}x{th}: {q_planar:.2} vs {q_rgb:.2} dB"
+                );
+            }
+        }
     }
 }

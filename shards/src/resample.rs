@@ -175,6 +175,42 @@ impl Coeffs16 {
     }
 }
 
+type Coeffs16Key = (usize, u32, u32, usize, Filter);
+
+thread_local! {
+    /// The last few coefficient tables built on this thread, newest first.
+    static COEFFS16: std::cell::RefCell<Vec<(Coeffs16Key, std::rc::Rc<Coeffs16>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Coeffs16 {
+    /// [`Coeffs16::new`] through a small per-thread cache: re-encoding a dataset resizes many
+    /// images of the same size (and the two chroma planes of each alike), where building the
+    /// tables (f64 kernel evaluations) was ~3 % of the work.
+    pub fn cached(
+        in_size: usize,
+        in0: f32,
+        in1: f32,
+        out_size: usize,
+        filter: Filter,
+    ) -> std::rc::Rc<Coeffs16> {
+        const KEEP: usize = 8;
+        let key = (in_size, in0.to_bits(), in1.to_bits(), out_size, filter);
+        COEFFS16.with_borrow_mut(|cache| {
+            if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
+                let hit = cache.remove(i);
+                let co = hit.1.clone();
+                cache.insert(0, hit);
+                return co;
+            }
+            let co = std::rc::Rc::new(Coeffs16::new(in_size, in0, in1, out_size, filter));
+            cache.truncate(KEEP - 1);
+            cache.insert(0, (key, co.clone()));
+            co
+        })
+    }
+}
+
 /// How the resampler rounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
@@ -387,9 +423,13 @@ fn resize_box_impl<const AVX2: bool>(
         Precision::Exact => {
             Vertical::Exact(Coeffs::new(src.height, bx[1], bx[3], out_h, opts.filter))
         }
-        Precision::Fast => {
-            Vertical::Fast(Coeffs16::new(src.height, bx[1], bx[3], out_h, opts.filter))
-        }
+        Precision::Fast => Vertical::Fast(Coeffs16::cached(
+            src.height,
+            bx[1],
+            bx[3],
+            out_h,
+            opts.filter,
+        )),
     };
     let vbounds = match &cv {
         Vertical::Exact(c) => &c.bounds,
@@ -405,18 +445,40 @@ fn resize_box_impl<const AVX2: bool>(
         // Every byte is written below: keep old contents rather than zero-fill each image.
         temp.resize(out_w * rows * c, 0);
         if opts.precision == Precision::Fast {
-            let ch = Coeffs16::new(src.width, bx[0], bx[2], out_w, opts.filter);
+            let ch = Coeffs16::cached(src.width, bx[0], bx[2], out_w, opts.filter);
             let mut first = ybox_first;
             #[cfg(target_arch = "x86_64")]
-            if AVX2 && c == 3 {
+            let plan = if AVX2 && c == 1 {
+                GrayPlan::new(&ch, src.width)
+            } else {
+                None
+            };
+            if let Some(plan) = &plan {
+                let rows_out = temp.chunks_exact_mut(out_w);
+                for (y, dst) in (ybox_first..ybox_last).zip(rows_out) {
+                    // SAFETY: AVX2 is available (AVX2 = true only in the AVX2 entry point).
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        horizontal_row_gray_planned_avx2(src.row(y), &ch, plan, opts.mirror, dst)
+                    };
+                }
+                first = ybox_last;
+            }
+            if AVX2 && first < ybox_last && (c == 3 || c == 1) {
                 // Four rows at a time share each pixel's coefficients and epilogue; the last
                 // few rows (fewer than four) take the scalar loop below.
-                let quads = temp.chunks_exact_mut(4 * out_w * 3);
+                let quads = temp.chunks_exact_mut(4 * out_w * c);
                 for (y, dst) in (ybox_first..ybox_last).step_by(4).zip(quads) {
                     let rows = [src.row(y), src.row(y + 1), src.row(y + 2), src.row(y + 3)];
                     // SAFETY: AVX2 is available (the AVX2 entry point is the only caller
                     // with AVX2 = true).
-                    unsafe { horizontal_rows4_rgb_fast_avx2(rows, &ch, opts.mirror, dst) };
+                    unsafe {
+                        if c == 3 {
+                            horizontal_rows4_rgb_fast_avx2(rows, &ch, opts.mirror, dst)
+                        } else {
+                            horizontal_rows4_gray_fast_avx2(rows, &ch, opts.mirror, dst)
+                        }
+                    };
                     first = y + 4;
                 }
             }
@@ -688,10 +750,186 @@ unsafe fn horizontal_rows4_rgb_fast_avx2(
     }
 }
 
+/// Per-image layout for [`horizontal_row_gray_planned_avx2`]: for each group of four
+/// consecutive output pixels whose taps (at most 8 each) all lie in one 16-byte window of the
+/// row, the window's start, a byte shuffle that spreads the window into each pixel's taps as
+/// 16-bit lanes, and the taps' coefficients in the same lanes.
+struct GrayPlan {
+    /// Per group: window start, or `usize::MAX` when the group does not fit (scalar path).
+    base: Vec<usize>,
+    /// Per group: two 32-byte shuffles (pixels 0|1 and 2|3; one pixel per 128-bit lane).
+    shuf: Vec<[i8; 64]>,
+    /// Per group: the matching 2 × 16 coefficients.
+    k: Vec<[i16; 32]>,
+}
+
+impl GrayPlan {
+    /// `None` when too few groups fit (strong downscales: more than 8 taps a pixel), where the
+    /// four-row kernel is faster.
+    fn new(co: &Coeffs16, in_w: usize) -> Option<GrayPlan> {
+        let groups = co.bounds.len() / 4;
+        let mut plan = GrayPlan {
+            base: Vec::with_capacity(groups),
+            shuf: Vec::with_capacity(groups),
+            k: Vec::with_capacity(groups),
+        };
+        let mut misses = 0;
+        for g in 0..groups {
+            let px = &co.bounds[4 * g..4 * g + 4];
+            // Windows near the row's end start earlier so that all 16 bytes are in the row.
+            let first = px
+                .iter()
+                .filter(|b| b.1 > 0)
+                .map(|b| b.0)
+                .min()
+                .unwrap_or(0);
+            let base = first.min(in_w.saturating_sub(16));
+            let fits = in_w >= 16
+                && px
+                    .iter()
+                    .all(|&(xmin, n)| n == 0 || (n <= 8 && xmin >= base && xmin - base + n <= 16));
+            let mut shuf = [-1i8; 64];
+            let mut k = [0i16; 32];
+            if fits {
+                for (j, &(xmin, n)) in px.iter().enumerate() {
+                    let kx = &co.k[(4 * g + j) * co.ksize..];
+                    for t in 0..n {
+                        shuf[16 * j + 2 * t] = (xmin - base + t) as i8;
+                        k[8 * j + t] = kx[t];
+                    }
+                }
+            } else {
+                misses += 1;
+            }
+            plan.base.push(if fits { base } else { usize::MAX });
+            plan.shuf.push(shuf);
+            plan.k.push(k);
+        }
+        (misses * 4 <= groups).then_some(plan)
+    }
+}
+
+/// The 16-bit one-channel horizontal pass for one row, four output pixels per step: one 16-byte
+/// load broadcast to both lanes, two byte shuffles into the four pixels' taps (16-bit lanes,
+/// zero high bytes), two `vpmaddwd` with their coefficients and two horizontal adds. The same
+/// integer arithmetic as [`horizontal_row_fast`]; groups that do not fit and the last
+/// `out_w % 4` pixels take the scalar path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_row_gray_planned_avx2(
+    src: &[u8],
+    co: &Coeffs16,
+    plan: &GrayPlan,
+    mirror: bool,
+    dst: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    let half = _mm_set1_epi32(1 << (co.bits - 1));
+    let shift = _mm_cvtsi32_si128(co.bits as i32);
+    let out_w = dst.len();
+    for (g, &base) in plan.base.iter().enumerate() {
+        let x0 = 4 * g;
+        if base == usize::MAX {
+            for xx in x0..x0 + 4 {
+                let xo = out_x(xx, out_w, mirror);
+                fast_pixel(src, 1, co, xx, &mut dst[xo..xo + 1]);
+            }
+            continue;
+        }
+        // In bounds: the plan only keeps windows with base + 16 <= the row's length.
+        let win = _mm_loadu_si128(src.as_ptr().add(base) as *const __m128i);
+        let win = _mm256_broadcastsi128_si256(win);
+        let sh = plan.shuf[g].as_ptr() as *const __m256i;
+        let kp = plan.k[g].as_ptr() as *const __m256i;
+        let m01 = _mm256_madd_epi16(
+            _mm256_shuffle_epi8(win, _mm256_loadu_si256(sh)),
+            _mm256_loadu_si256(kp),
+        );
+        let m23 = _mm256_madd_epi16(
+            _mm256_shuffle_epi8(win, _mm256_loadu_si256(sh.add(1))),
+            _mm256_loadu_si256(kp.add(1)),
+        );
+        // [p0 p0 p2 p2 | p1 p1 p3 p3], then [p0 p2 . . | p1 p3 . .], then [p0 p1 p2 p3].
+        let h = _mm256_hadd_epi32(m01, m23);
+        let h = _mm256_hadd_epi32(h, h);
+        let sums = _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        let v = _mm_sra_epi32(_mm_add_epi32(sums, half), shift);
+        let b = _mm_packus_epi16(_mm_packs_epi32(v, v), _mm_setzero_si128());
+        let four = _mm_cvtsi128_si32(b) as u32;
+        if mirror {
+            let at = out_w - x0 - 4;
+            dst[at..at + 4].copy_from_slice(&four.swap_bytes().to_le_bytes());
+        } else {
+            dst[x0..x0 + 4].copy_from_slice(&four.to_le_bytes());
+        }
+    }
+    for xx in 4 * plan.base.len()..out_w {
+        let xo = out_x(xx, out_w, mirror);
+        fast_pixel(src, 1, co, xx, &mut dst[xo..xo + 1]);
+    }
+}
+
+/// The 16-bit one-channel horizontal pass (gray images, YUV planes) with AVX2 over four rows
+/// at once, four taps per step: the four rows' four bytes fill one register, widened to 16 bits
+/// and multiplied-added with the pixel's four coefficients (`vpmaddwd`); two horizontal adds
+/// reduce the pairs to one sum per row. The same integer arithmetic as [`horizontal_row_fast`];
+/// pixels whose loads would pass the row's end take the scalar path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_rows4_gray_fast_avx2(
+    src: [&[u8]; 4],
+    co: &Coeffs16,
+    mirror: bool,
+    dst: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    let half = _mm_set1_epi32(1 << (co.bits - 1));
+    let shift = _mm_cvtsi32_si128(co.bits as i32);
+    let out_w = dst.len() / 4;
+    let len = src[0].len();
+    debug_assert!(src.iter().all(|r| r.len() == len));
+    // In bounds: callers check `xmin + 4 * groups <= len` first.
+    let load4 = |s: &[u8], at: usize| std::ptr::read_unaligned(s.as_ptr().add(at) as *const i32);
+    for xx in 0..out_w {
+        let (xmin, n) = co.bounds[xx];
+        let groups = n.div_ceil(4);
+        let xo = out_x(xx, out_w, mirror);
+        if groups == 0 || xmin + 4 * groups > len {
+            for (r, s) in src.iter().enumerate() {
+                fast_pixel(s, 1, co, xx, &mut dst[r * out_w + xo..r * out_w + xo + 1]);
+            }
+            continue;
+        }
+        let kp = co.k.as_ptr().add(xx * co.ksize);
+        let mut acc = _mm256_setzero_si256();
+        for g in 0..groups {
+            let at = xmin + 4 * g;
+            // Taps 4g..4g+3 repeated for each row; padding taps past n are zero.
+            let kk = _mm256_set1_epi64x(std::ptr::read_unaligned(kp.add(4 * g) as *const i64));
+            let px = _mm_setr_epi32(
+                load4(src[0], at),
+                load4(src[1], at),
+                load4(src[2], at),
+                load4(src[3], at),
+            );
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepu8_epi16(px), kk));
+        }
+        // acc: [r0 r0 r1 r1 | r2 r2 r3 r3] partial sums; fold the pairs, then the lanes.
+        let h = _mm256_hadd_epi32(acc, acc);
+        let sums = _mm_unpacklo_epi64(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        let v = _mm_sra_epi32(_mm_add_epi32(sums, half), shift);
+        let b = _mm_packus_epi16(_mm_packs_epi32(v, v), _mm_setzero_si128());
+        let bytes = (_mm_cvtsi128_si32(b) as u32).to_le_bytes();
+        for (r, &byte) in bytes.iter().enumerate() {
+            dst[r * out_w + xo] = byte;
+        }
+    }
+}
+
 /// The vertical pass's coefficients, in the chosen arithmetic.
 enum Vertical {
     Exact(Coeffs),
-    Fast(Coeffs16),
+    Fast(std::rc::Rc<Coeffs16>),
 }
 
 /// [`vertical_fast_avx2`] when the caller runs with AVX2, else [`vertical_fast`].
@@ -933,6 +1171,12 @@ mod tests {
             (156, 93, Filter::Bicubic, full),
             (23, 90, Filter::Bilinear, full),
             (500, 7, Filter::Bicubic, part),
+            // Shard-resize scales (500 -> 341 and near 2x), where the one-channel plan applies
+            // to all or only some groups of four pixels.
+            (107, 64, Filter::Bicubic, full),
+            (90, 55, Filter::Bicubic, part),
+            (78, 47, Filter::Bicubic, full),
+            (83, 50, Filter::Bilinear, full),
         ] {
             for channels in [3, 1] {
                 let mut a = vec![0u8; ow * oh * channels];
@@ -954,20 +1198,40 @@ mod tests {
             }
         }
         // A view narrower than its rows (a crop): loads may not read past the row's end.
-        let v = View::new(&src, w, h, 3).crop(5, 3, 60, 50);
-        let (mut a, mut b) = (vec![0u8; 37 * 29 * 3], vec![0u8; 37 * 29 * 3]);
-        let exact = ResizeOpts::exact(Filter::Bicubic);
-        let full = [0.0, 0.0, 60.0, 50.0];
-        resize_box(v, full, 37, 29, exact, &mut a, &mut Scratch::default());
-        resize_box_impl::<false>(v, full, 37, 29, exact, &mut b, &mut Scratch::default());
-        assert!(a == b);
-        let fast = ResizeOpts {
-            precision: Precision::Fast,
-            ..exact
-        };
-        resize_box(v, full, 37, 29, fast, &mut a, &mut Scratch::default());
-        resize_box_impl::<false>(v, full, 37, 29, fast, &mut b, &mut Scratch::default());
-        assert!(a == b);
+        for c in [3, 1] {
+            let v = View::new(&src, w, h, c).crop(5, 3, 60, 50);
+            let (mut a, mut b) = (vec![0u8; 37 * 29 * c], vec![0u8; 37 * 29 * c]);
+            let exact = ResizeOpts::exact(Filter::Bicubic);
+            let full = [0.0, 0.0, 60.0, 50.0];
+            resize_box(v, full, 37, 29, exact, &mut a, &mut Scratch::default());
+            resize_box_impl::<false>(v, full, 37, 29, exact, &mut b, &mut Scratch::default());
+            assert!(a == b);
+            let fast = ResizeOpts {
+                precision: Precision::Fast,
+                ..exact
+            };
+            resize_box(v, full, 37, 29, fast, &mut a, &mut Scratch::default());
+            resize_box_impl::<false>(v, full, 37, 29, fast, &mut b, &mut Scratch::default());
+            assert!(a == b, "c{c}");
+        }
+    }
+
+    #[test]
+    fn gray_plan_takes_the_shard_resize_scales() {
+        let misses = |p: &GrayPlan| p.base.iter().filter(|&&b| b == usize::MAX).count();
+        // 500 -> 341 (ImageNet to shorter side 256), the 4:2:0 chroma planes and an upscale:
+        // every group (windows at the row's end start earlier).
+        for (i, o) in [(500, 341), (250, 171), (375, 256), (157, 224)] {
+            let co = Coeffs16::new(i, 0.0, i as f32, o, Filter::Bicubic);
+            let plan = GrayPlan::new(&co, i).expect("plan");
+            assert_eq!((plan.base.len(), misses(&plan)), (o / 4, 0), "{i} -> {o}");
+        }
+        // Beyond 8 taps a pixel (bicubic at 2.5x down) the plan steps aside; right at the edge
+        // some groups fit and some do not, and both paths run in one row.
+        let down = Coeffs16::new(157, 0.0, 157.0, 64, Filter::Bicubic);
+        assert!(GrayPlan::new(&down, 157).is_none());
+        let mixed = Coeffs16::new(157, 0.0, 157.0, 78, Filter::Bicubic);
+        assert!(GrayPlan::new(&mixed, 157).is_some_and(|p| misses(&p) > 0));
     }
 
     fn noise(n: usize, seed: u32) -> Vec<u8> {

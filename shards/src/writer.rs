@@ -145,6 +145,7 @@ impl WriteOptions {
             "resize_arithmetic",
             crate::codec::RESIZE_PRECISION.name().into(),
         );
+        put("resize_pipeline", crate::codec::RESIZE_PIPELINE.into());
         put(
             "validation",
             serde_json::to_value(self.image.validation).unwrap_or_default(),
