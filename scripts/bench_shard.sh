@@ -94,3 +94,6 @@ for mode in original resize; do
         "$(echo "$N / $bws" | bc -l)" "$(echo "$N / $bs" | bc -l)" "$(echo "$bws / $os" | bc -l)" "$(echo "$ois * $bs / $N" | bc -l)"
     echo "  runs ($mode): ours ${o[*]} s (in-process ${oi[*]} img/s); baseline ${b[*]} s in-process, ${bw[*]} s wall" >&2
 done
+# Fidelity of the resize mode (the last runs above left both tools' resized output in $WORK):
+# mean PSNR against Pillow's full decode + bicubic resize of each source, no re-encoding.
+echo "  resize fidelity: $("$PY" scripts/bench_shard_quality.py --root "$WORK/input" --ours "$WORK/ours" --hf "$WORK/hf")" >&2

@@ -947,7 +947,7 @@ fn vertical_fast_any<const AVX2: bool>(
         unsafe { vertical_fast_avx2(src, co, shift, out, acc) };
         return;
     }
-    vertical_fast(src, co, shift, 0, out, acc)
+    vertical_fast(src, co, shift, out, acc)
 }
 
 #[inline(always)]
@@ -972,34 +972,24 @@ fn vertical(src: View<'_>, co: &Coeffs, shift: usize, out: &mut [u8], acc: &mut 
     }
 }
 
-/// The 16-bit vertical pass over the bytes `from..` of every row (scalar).
+/// The 16-bit vertical pass (scalar).
 #[inline(always)]
-fn vertical_fast(
-    src: View<'_>,
-    co: &Coeffs16,
-    shift: usize,
-    from: usize,
-    out: &mut [u8],
-    acc: &mut Vec<i32>,
-) {
+fn vertical_fast(src: View<'_>, co: &Coeffs16, shift: usize, out: &mut [u8], acc: &mut Vec<i32>) {
     let half = 1i32 << (co.bits - 1);
     let row_len = src.width * src.channels;
-    if from >= row_len {
-        return;
-    }
     acc.clear();
-    acc.resize(row_len - from, 0);
+    acc.resize(row_len, 0);
     for (yy, orow) in out.chunks_exact_mut(row_len).enumerate() {
         let (ymin, n) = co.bounds[yy];
         let k = &co.k[yy * co.ksize..yy * co.ksize + n];
         acc.fill(half);
         for (i, &kv) in k.iter().enumerate() {
-            let r = &src.row(ymin - shift + i)[from..];
+            let r = src.row(ymin - shift + i);
             for (a, &p) in acc.iter_mut().zip(r) {
                 *a += p as i32 * kv as i32;
             }
         }
-        for (o, &a) in orow[from..].iter_mut().zip(acc.iter()) {
+        for (o, &a) in orow.iter_mut().zip(acc.iter()) {
             *o = clip_bits(a, co.bits);
         }
     }
@@ -1007,7 +997,7 @@ fn vertical_fast(
 
 /// The 16-bit vertical pass with AVX2: 32 bytes of a row at a time, two source rows per step
 /// interleaved into 16-bit pairs and multiplied-added with the two rows' coefficients
-/// (`vpmaddwd`); the bytes past the last whole 32 go through [`vertical_fast`]. The unpacks and
+/// (`vpmaddwd`); rows shorter than 32 bytes go through [`vertical_fast`]. The unpacks and
 /// packs work within 128-bit lanes and undo each other, so the bytes come out in order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -1020,15 +1010,23 @@ unsafe fn vertical_fast_avx2(
 ) {
     use std::arch::x86_64::*;
     let row_len = src.width * src.channels;
-    let whole = row_len / 32 * 32;
+    if row_len < 32 {
+        vertical_fast(src, co, shift, out, acc);
+        return;
+    }
+    // The last block overlaps the one before when the row is not a multiple of 32 bytes: it
+    // recomputes a few bytes to the same values instead of leaving a scalar tail.
+    let last = row_len - 32;
     let half = _mm256_set1_epi32(1 << (co.bits - 1));
     let sh = _mm_cvtsi32_si128(co.bits as i32);
     let zero = _mm256_setzero_si256();
     for (yy, orow) in out.chunks_exact_mut(row_len).enumerate() {
         let (ymin, n) = co.bounds[yy];
         let k = &co.k[yy * co.ksize..yy * co.ksize + n];
-        let mut x = 0;
-        while x < whole {
+        let mut next = 0;
+        while next < row_len {
+            let x = next.min(last);
+            next += 32;
             let (mut s0, mut s1, mut s2, mut s3) = (half, half, half, half);
             let mut i = 0;
             while i < n {
@@ -1059,10 +1057,8 @@ unsafe fn vertical_fast_avx2(
                 orow.as_mut_ptr().add(x) as *mut __m256i,
                 _mm256_packus_epi16(p01, p23),
             );
-            x += 32;
         }
     }
-    vertical_fast(src, co, shift, whole, out, acc);
 }
 
 /// Nearest-neighbour resize of a one-channel view (for label masks): output pixel (x, y) takes
