@@ -992,11 +992,50 @@ mod tests {
                     };
                     out.push(encode_jpeg(&p, 95).unwrap());
                 }
+                // The same pixels as a progressive 4:2:0 JPEG (decoded to planes as well).
+                let mut c = turbojpeg::Compressor::new().unwrap();
+                c.set_quality(95).unwrap();
+                c.set_subsamp(turbojpeg::Subsamp::Sub2x2).unwrap();
+                c.set_progressive(true).unwrap();
+                let img = turbojpeg::Image {
+                    pixels: &px.data[..],
+                    width: px.width as usize,
+                    pitch: px.width as usize * 3,
+                    height: px.height as usize,
+                    format: turbojpeg::PixelFormat::RGB,
+                };
+                out.push(c.compress_to_vec(img).unwrap());
                 out.push(b);
             }
         }
         assert!(out.len() >= 8, "fixtures missing");
         out
+    }
+
+    #[test]
+    fn damaged_jpegs_are_rejected_in_resize_mode() {
+        let policy = ImagePolicy {
+            resize_short_side: Some(64),
+            ..Default::default()
+        };
+        let resized = |b: &Vec<u8>| {
+            let info = read_header(b, DEFAULT_MAX_PIXELS).unwrap();
+            info.width.min(info.height) > 64
+        };
+        for src in ycbcr_cases().into_iter().filter(resized).take(6) {
+            // Truncated: refused by the structure walk before any decoding.
+            let cut = src[..src.len() * 2 / 3].to_vec();
+            assert!(prepare_image(cut, &policy).is_err());
+            // Entropy data overwritten: an error or a decodable re-encoded image, never a panic.
+            let mut bad = src.clone();
+            let mid = bad.len() / 2;
+            for b in &mut bad[mid..mid + 64] {
+                *b = 0x00;
+            }
+            if let Ok(p) = prepare_image(bad, &policy) {
+                decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
+            }
+        }
     }
 
     #[test]
