@@ -203,12 +203,20 @@ impl LoaderConfig {
 pub struct Loader {
     set: Arc<ShardSet>,
     config: LoaderConfig,
+    /// Decode threads and spare batch buffers shared by all epochs, so that a new epoch starts
+    /// with warm per-thread decoders and recycled buffers instead of fresh threads and pages.
+    shared: Arc<pipeline::Shared>,
 }
 
 impl Loader {
     pub fn new(set: Arc<ShardSet>, config: LoaderConfig) -> Result<Loader, LoaderError> {
         config.validate(&set)?;
-        Ok(Loader { set, config })
+        let shared = Arc::new(pipeline::Shared::new(&config)?);
+        Ok(Loader {
+            set,
+            config,
+            shared,
+        })
     }
 
     pub fn config(&self) -> &LoaderConfig {
@@ -234,6 +242,12 @@ impl Loader {
     /// The batches of `epoch`, starting after `consumed` samples of this rank's slice (0 for a
     /// fresh epoch, or a batch's `consumed` to resume right after it).
     pub fn epoch(&self, epoch: u64, consumed: u64) -> Result<EpochLoader, LoaderError> {
-        EpochLoader::start(self.set.clone(), self.config, epoch, consumed)
+        EpochLoader::start(
+            self.set.clone(),
+            self.config,
+            self.shared.clone(),
+            epoch,
+            consumed,
+        )
     }
 }

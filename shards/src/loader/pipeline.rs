@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rayon::prelude::*;
@@ -34,12 +34,56 @@ thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
 }
 
+/// What a loader's epochs share: the decode pool (its threads keep their decoders and scratch
+/// buffers) and the image buffers handed back by the consumer, reused instead of fresh
+/// allocations (a fresh f32 batch of 64×224² is 38 MB of page faults).
+pub(super) struct Shared {
+    pool: rayon::ThreadPool,
+    spare: Mutex<Vec<Images>>,
+    /// At most this many spare buffers are kept.
+    keep: usize,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("threads", &self.pool.current_num_threads())
+            .field("keep", &self.keep)
+            .finish()
+    }
+}
+
+impl Shared {
+    pub(super) fn new(cfg: &LoaderConfig) -> Result<Shared, LoaderError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads.max(1))
+            .thread_name(|i| format!("droppos-decode-{i}"))
+            .build()
+            .map_err(|e| LoaderError::Config(format!("thread pool: {e}")))?;
+        Ok(Shared {
+            pool,
+            spare: Mutex::new(Vec::new()),
+            keep: cfg.prefetch.max(1) + 2,
+        })
+    }
+
+    fn take_spare(&self) -> Option<Images> {
+        self.spare.lock().ok()?.pop()
+    }
+
+    fn give_spare(&self, images: Images) {
+        if let Ok(mut spare) = self.spare.lock() {
+            if spare.len() < self.keep {
+                spare.push(images);
+            }
+        }
+    }
+}
+
 /// Iterator over the batches of one epoch for one rank.
 pub struct EpochLoader {
     rx: Option<Receiver<Result<Batch, LoaderError>>>,
-    /// Image buffers handed back by the consumer, reused instead of fresh allocations (a fresh
-    /// f32 batch of 64×224² is 38 MB of page faults).
-    recycle: SyncSender<Images>,
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     failed: bool,
 }
@@ -48,6 +92,7 @@ impl EpochLoader {
     pub(super) fn start(
         set: Arc<ShardSet>,
         cfg: LoaderConfig,
+        shared: Arc<Shared>,
         epoch: u64,
         consumed: u64,
     ) -> Result<EpochLoader, LoaderError> {
@@ -69,26 +114,21 @@ impl EpochLoader {
             cfg.partition,
         );
         let cursor = OrderCursor::new(plan, slice, consumed);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(cfg.threads.max(1))
-            .thread_name(|i| format!("droppos-decode-{i}"))
-            .build()
-            .map_err(|e| LoaderError::Config(format!("thread pool: {e}")))?;
         let (raw_tx, raw_rx) = sync_channel::<Result<RawSample, LoaderError>>(2 * cfg.batch_size);
         let (out_tx, out_rx) = sync_channel::<Result<Batch, LoaderError>>(cfg.prefetch.max(1));
-        let (recycle_tx, recycle_rx) = sync_channel::<Images>(cfg.prefetch.max(1) + 2);
         let set2 = set.clone();
+        let shared2 = shared.clone();
         let reader = std::thread::Builder::new()
             .name("droppos-reader".into())
             .spawn(move || read_samples(&set2, cursor, raw_tx))
             .map_err(|e| LoaderError::Config(format!("spawn: {e}")))?;
         let batcher = std::thread::Builder::new()
             .name("droppos-batcher".into())
-            .spawn(move || make_batches(&set, &cfg, epoch, pool, raw_rx, out_tx, recycle_rx))
+            .spawn(move || make_batches(&set, &cfg, epoch, &shared2, raw_rx, out_tx))
             .map_err(|e| LoaderError::Config(format!("spawn: {e}")))?;
         Ok(EpochLoader {
             rx: Some(out_rx),
-            recycle: recycle_tx,
+            shared,
             threads: vec![reader, batcher],
             failed: false,
         })
@@ -98,7 +138,7 @@ impl EpochLoader {
 impl EpochLoader {
     /// Hands a consumed batch's image buffer back for reuse (optional; saves page faults).
     pub fn recycle(&self, batch: Batch) {
-        let _ = self.recycle.try_send(batch.images);
+        self.shared.give_spare(batch.images);
     }
 }
 
@@ -164,11 +204,11 @@ fn make_batches(
     set: &ShardSet,
     cfg: &LoaderConfig,
     epoch: u64,
-    pool: rayon::ThreadPool,
+    shared: &Shared,
     rx: Receiver<Result<RawSample, LoaderError>>,
     tx: SyncSender<Result<Batch, LoaderError>>,
-    recycled: Receiver<Images>,
 ) {
+    let pool = &shared.pool;
     let s = cfg.size;
     let per_image = 3 * s * s;
     let tcfg = TransformConfig {
@@ -185,12 +225,12 @@ fn make_batches(
     while !done {
         let b = cfg.batch_size;
         // Every slot is overwritten before it is handed out, so reused buffers need no zeroing.
-        let mut images = match (cfg.pixel_format, recycled.try_recv()) {
-            (PixelFormat::U8, Ok(Images::U8(mut v))) => {
+        let mut images = match (cfg.pixel_format, shared.take_spare()) {
+            (PixelFormat::U8, Some(Images::U8(mut v))) => {
                 v.resize(b * per_image, 0);
                 Images::U8(v)
             }
-            (PixelFormat::F32Normalized, Ok(Images::F32(mut v))) => {
+            (PixelFormat::F32Normalized, Some(Images::F32(mut v))) => {
                 v.resize(b * per_image, 0.0);
                 Images::F32(v)
             }
