@@ -992,19 +992,27 @@ mod tests {
                     };
                     out.push(encode_jpeg(&p, 95).unwrap());
                 }
-                // The same pixels as a progressive 4:2:0 JPEG (decoded to planes as well).
-                let mut c = turbojpeg::Compressor::new().unwrap();
-                c.set_quality(95).unwrap();
-                c.set_subsamp(turbojpeg::Subsamp::Sub2x2).unwrap();
-                c.set_progressive(true).unwrap();
-                let img = turbojpeg::Image {
-                    pixels: &px.data[..],
-                    width: px.width as usize,
-                    pitch: px.width as usize * 3,
-                    height: px.height as usize,
-                    format: turbojpeg::PixelFormat::RGB,
-                };
-                out.push(c.compress_to_vec(img).unwrap());
+                // The same pixels as a progressive 4:2:0 JPEG (decoded to planes as well) and as
+                // 4:4:4 and 4:2:2 JPEGs (resized through RGB).
+                use turbojpeg::Subsamp;
+                for (sub, progressive) in [
+                    (Subsamp::Sub2x2, true),
+                    (Subsamp::None, false),
+                    (Subsamp::Sub2x1, false),
+                ] {
+                    let mut c = turbojpeg::Compressor::new().unwrap();
+                    c.set_quality(95).unwrap();
+                    c.set_subsamp(sub).unwrap();
+                    c.set_progressive(progressive).unwrap();
+                    let img = turbojpeg::Image {
+                        pixels: &px.data[..],
+                        width: px.width as usize,
+                        pitch: px.width as usize * 3,
+                        height: px.height as usize,
+                        format: turbojpeg::PixelFormat::RGB,
+                    };
+                    out.push(c.compress_to_vec(img).unwrap());
+                }
                 out.push(b);
             }
         }
@@ -1040,9 +1048,10 @@ mod tests {
 
     #[test]
     fn ycbcr_resize_matches_a_full_rgb_resize() {
-        // Reference: full RGB decode + Pillow's exact bicubic, no re-encoding. The planar path
-        // must be as close to it as resizing the RGB pixels and encoding them (both pay the same
-        // q90 loss); the old 6/8-scaled decode measured ~5 dB below it.
+        // Reference: full RGB decode + Pillow's exact bicubic, no re-encoding. Whichever path a
+        // source takes (planes for 4:2:0, RGB for 4:4:4 / 4:2:2) must be as close to it as
+        // resizing the RGB pixels and encoding them (both pay the same q90 loss); the old
+        // 6/8-scaled decode measured ~5 dB below it.
         for (i, src) in ycbcr_cases().into_iter().enumerate() {
             let info = read_header(&src, DEFAULT_MAX_PIXELS).unwrap();
             for short in [256, 100, 33] {
