@@ -5,7 +5,8 @@
 #
 #   scripts/bench_shard.sh [N_IMAGES=2000] [RUNS=3]
 #
-# The input is N ImageNet-derived JPEGs (~500 px longer side, quality 96, ImageFolder layout)
+# The input is N ImageNet-derived JPEGs (~500 px longer side, quality 96, the source's chroma
+# subsampling, ImageFolder layout)
 # made from the real samples (DROPPOS_BENCH_SOURCE, default /work/shared/data/imagenet/train if
 # present, else tests/fixtures/data/imagenet/train) by seeded crops and flips. Page cache is
 # warmed first; each figure is the median of RUNS runs. Needs `pip install -r
@@ -22,17 +23,19 @@ PY="$DROPPOS_PYTHON"
 cargo build --release --workspace --locked -q  # same selection as the README build: no feature re-resolution
 BIN="$CARGO_TARGET_DIR/release/droppos-pipeline"
 
-if [ ! -f "$WORK/input-$N.done" ]; then
+if [ ! -f "$WORK/input-$N-v2.done" ]; then
     rm -rf "$WORK/input"
     "$PY" - "$SRC" "$WORK/input" "$N" <<'PY'
 import os, random, sys
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(src) for f in fs)
 rng = random.Random(0)
 for k in range(n):
     p = files[k % len(files)]
     im = Image.open(p)
+    # Keep the source's chroma subsampling (most of the real samples are 4:4:4, some 4:2:0).
+    sampling = JpegImagePlugin.get_sampling(im) if im.format == "JPEG" else -1
     im = im.convert("L" if im.mode == "L" else "RGB")
     w, h = im.size
     s = rng.uniform(0.8, 1.0)
@@ -45,9 +48,10 @@ for k in range(n):
     im = im.resize((max(1, round(im.size[0] * f)), max(1, round(im.size[1] * f))), Image.LANCZOS)
     wnid = os.path.basename(os.path.dirname(p))
     os.makedirs(os.path.join(dst, wnid), exist_ok=True)
-    im.save(os.path.join(dst, wnid, f"{wnid}_{k:06d}.JPEG"), quality=96)
+    extra = {"subsampling": sampling} if sampling in (0, 1, 2) else {}
+    im.save(os.path.join(dst, wnid, f"{wnid}_{k:06d}.JPEG"), quality=96, **extra)
 PY
-    touch "$WORK/input-$N.done"
+    touch "$WORK/input-$N-v2.done"
 fi
 du -sh "$WORK/input" >&2
 cat "$WORK"/input/*/* > /dev/null  # warm the page cache

@@ -435,11 +435,13 @@ fn decode_jpeg_turbo(
     })
 }
 
-/// Resize-mode re-encoding of a 4:2:0 JPEG without leaving YCbCr: decode to planes (no chroma
-/// upsampling, no colour conversion), resize the luma and the two chroma planes to the output's
-/// plane sizes, and compress from the planes (no colour conversion, no chroma downsampling).
-/// Resampling is linear, so this equals resizing the RGB pixels up to rounding, at about half
-/// the resampling work. Returns `None` for other subsamplings (the RGB path handles them).
+/// Resize-mode re-encoding of a YCbCr JPEG without leaving YCbCr: decode to planes (no chroma
+/// upsampling, no colour conversion), resize the luma plane to the output size and the chroma
+/// planes straight to the 4:2:0 output's chroma size (the bicubic pass does the chroma
+/// downsampling, antialiased), and compress from the planes (no colour conversion, no chroma
+/// downsampling). Resampling is linear, so this equals resizing the RGB pixels up to rounding,
+/// at about half the resampling work. Sources in 4:2:0, 4:2:2, 4:4:0 or 4:4:4 take this path;
+/// `None` for others (the RGB path handles them).
 fn resize_jpeg_ycbcr(
     bytes: &[u8],
     (tw, th): (u32, u32),
@@ -450,14 +452,18 @@ fn resize_jpeg_ycbcr(
     let err = |e: turbojpeg::Error| corrupt("jpeg", e.to_string());
     let mut d = Decompressor::new().map_err(err)?;
     let header = d.read_header(bytes).map_err(err)?;
-    if header.subsamp != Subsamp::Sub2x2 || header.colorspace != turbojpeg::Colorspace::YCbCr {
+    let sub = header.subsamp;
+    let handled = matches!(
+        sub,
+        Subsamp::Sub2x2 | Subsamp::Sub2x1 | Subsamp::Sub1x2 | Subsamp::None
+    );
+    if !handled || header.colorspace != turbojpeg::Colorspace::YCbCr {
         return Ok(None);
     }
     let factor = dct_scaling(header.width.min(header.height), tw.min(th));
     d.set_scaling_factor(factor).map_err(err)?;
     let scaled = header.scaled(factor);
     let (sw, sh) = (scaled.width, scaled.height);
-    let sub = Subsamp::Sub2x2;
     let src = YuvImage {
         pixels: (),
         width: sw,
@@ -465,12 +471,13 @@ fn resize_jpeg_ycbcr(
         height: sh,
         subsamp: sub,
     };
+    let out_sub = Subsamp::Sub2x2;
     let dst = YuvImage {
         pixels: (),
         width: tw as usize,
         align: 1,
         height: th as usize,
-        subsamp: sub,
+        subsamp: out_sub,
     };
     let ((yw, yh), (cw, ch)) = (src.y_size(), src.uv_size());
     let mut planes = vec![0u8; yw * yh + 2 * cw * ch];
@@ -486,20 +493,24 @@ fn resize_jpeg_ycbcr(
     )
     .map_err(|e| classify("jpeg", e.to_string()))?;
     let ((oyw, oyh), (ocw, och)) = (dst.y_size(), dst.uv_size());
-    // Output plane sample j covers output pixels [f*j, f*(j+1)) (f: the plane's subsampling),
-    // i.e. source pixels [f*j*s, f*(j+1)*s) with s = source / output size: the same
-    // source-to-output scale in every plane. Padded samples past the image edge map past the
-    // source plane, whose edge samples the resampler then repeats.
+    // Output plane sample j covers output pixels [f*j, f*(j+1)) (f: the output plane's
+    // subsampling), i.e. source pixels [f*j*s, f*(j+1)*s) with s = source / output size, i.e.
+    // source plane samples [f*j*s/g, f*(j+1)*s/g) (g: the source plane's subsampling). Padded
+    // samples past the image edge map past the source plane, whose edge samples the resampler
+    // then repeats.
     let (sx, sy) = (sw as f32 / tw as f32, sh as f32 / th as f32);
+    let (fx, fy) = out_sub.size();
+    let (gx, gy) = sub.size();
+    let chroma_scale = (fx as f32 * sx / gx as f32, fy as f32 * sy / gy as f32);
     let opts = ResizeOpts {
         filter: policy.filter,
         precision: RESIZE_PRECISION,
         mirror: false,
     };
     let mut scratch = Scratch::default();
-    let mut plane = |data: &[u8], (w, h): (usize, usize), (ow, oh): (usize, usize)| {
+    let mut plane = |data: &[u8], (w, h), (ow, oh): (usize, usize), (kx, ky): (f32, f32)| {
         let mut out = vec![0u8; ow * oh];
-        let bx = [0.0, 0.0, ow as f32 * sx, oh as f32 * sy];
+        let bx = [0.0, 0.0, ow as f32 * kx, oh as f32 * ky];
         resample::resize_box(
             View::new(data, w, h, 1),
             bx,
@@ -513,9 +524,9 @@ fn resize_jpeg_ycbcr(
     };
     let (y, rest) = planes.split_at(yw * yh);
     let (u, v) = rest.split_at(cw * ch);
-    let oy = plane(y, (yw, yh), (oyw, oyh));
-    let ou = plane(u, (cw, ch), (ocw, och));
-    let ov = plane(v, (cw, ch), (ocw, och));
+    let oy = plane(y, (yw, yh), (oyw, oyh), (sx, sy));
+    let ou = plane(u, (cw, ch), (ocw, och), chroma_scale);
+    let ov = plane(v, (cw, ch), (ocw, och), chroma_scale);
     let mut c = Compressor::new().map_err(err)?;
     c.set_quality(policy.quality as i32).map_err(err)?;
     let out = c
@@ -528,7 +539,7 @@ fn resize_jpeg_ycbcr(
             v_stride: ocw,
             width: tw as usize,
             height: th as usize,
-            subsamp: sub,
+            subsamp: out_sub,
         })
         .map_err(|e| corrupt("jpeg", format!("encode: {e}")))?;
     Ok(Some(out))
@@ -604,8 +615,9 @@ pub enum Validation {
 }
 
 /// How `--resize-short-side` gets from the source to the stored JPEG (recorded in the manifest).
-pub const RESIZE_PIPELINE: &str = "4:2:0 JPEGs resized as Y/Cb/Cr planes, other inputs as RGB or \
-    gray; DCT-scaled decoding only while 8x the target remains; encoded 4:2:0 (gray stays gray)";
+pub const RESIZE_PIPELINE: &str = "YCbCr JPEGs (4:2:0, 4:2:2, 4:4:0, 4:4:4) resized as Y/Cb/Cr \
+    planes, chroma straight to 4:2:0; other inputs as RGB or gray; DCT-scaled decoding only while \
+    8x the target remains; encoded 4:2:0 (gray stays gray)";
 
 /// Resampling arithmetic of `--resize-short-side`: the image is re-encoded at JPEG quality
 /// anyway, so the 16-bit arithmetic's rounding (within a grey level of Pillow) is invisible there
@@ -992,8 +1004,7 @@ mod tests {
                     };
                     out.push(encode_jpeg(&p, 95).unwrap());
                 }
-                // The same pixels as a progressive 4:2:0 JPEG (decoded to planes as well) and as
-                // 4:4:4 and 4:2:2 JPEGs (resized through RGB).
+                // The same pixels as a progressive 4:2:0 JPEG and as 4:4:4 and 4:2:2 JPEGs.
                 use turbojpeg::Subsamp;
                 for (sub, progressive) in [
                     (Subsamp::Sub2x2, true),
@@ -1048,10 +1059,10 @@ mod tests {
 
     #[test]
     fn ycbcr_resize_matches_a_full_rgb_resize() {
-        // Reference: full RGB decode + Pillow's exact bicubic, no re-encoding. Whichever path a
-        // source takes (planes for 4:2:0, RGB for 4:4:4 / 4:2:2) must be as close to it as
-        // resizing the RGB pixels and encoding them (both pay the same q90 loss); the old
-        // 6/8-scaled decode measured ~5 dB below it.
+        // Reference: full RGB decode + Pillow's exact bicubic, no re-encoding. The planar path
+        // (4:2:0, 4:4:4 and 4:2:2 sources here) must be as close to it as resizing the RGB
+        // pixels and encoding them (both pay the same q90 loss); the old 6/8-scaled decode
+        // measured ~5 dB below it.
         for (i, src) in ycbcr_cases().into_iter().enumerate() {
             let info = read_header(&src, DEFAULT_MAX_PIXELS).unwrap();
             for short in [256, 100, 33] {
