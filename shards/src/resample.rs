@@ -464,6 +464,11 @@ fn resize_box_impl<const AVX2: bool>(
                 }
                 first = ybox_last;
             }
+            let wide = if AVX2 && c == 1 && first < ybox_last {
+                WideTaps::new(&ch, src.width)
+            } else {
+                WideTaps::default()
+            };
             if AVX2 && first < ybox_last && (c == 3 || c == 1) {
                 // Four rows at a time share each pixel's coefficients and epilogue; the last
                 // few rows (fewer than four) take the scalar loop below.
@@ -476,7 +481,7 @@ fn resize_box_impl<const AVX2: bool>(
                         if c == 3 {
                             horizontal_rows4_rgb_fast_avx2(rows, &ch, opts.mirror, dst)
                         } else {
-                            horizontal_rows4_gray_fast_avx2(rows, &ch, opts.mirror, dst)
+                            horizontal_rows4_gray_fast_avx2(rows, &ch, &wide, opts.mirror, dst)
                         }
                     };
                     first = y + 4;
@@ -869,16 +874,49 @@ unsafe fn horizontal_row_gray_planned_avx2(
     }
 }
 
+/// Per output pixel of up to 16 taps (strong downscales, where [`GrayPlan`] steps aside): the
+/// start of a 16-byte window of the row holding all its taps, and its coefficients placed at
+/// their offsets in that window (zeros elsewhere). `base[x] == usize::MAX`: the four-tap path.
+#[derive(Default)]
+struct WideTaps {
+    base: Vec<usize>,
+    k: Vec<[i16; 16]>,
+}
+
+impl WideTaps {
+    fn new(co: &Coeffs16, in_w: usize) -> WideTaps {
+        let mut t = WideTaps {
+            base: Vec::with_capacity(co.bounds.len()),
+            k: Vec::with_capacity(co.bounds.len()),
+        };
+        for (xx, &(xmin, n)) in co.bounds.iter().enumerate() {
+            let base = xmin.min(in_w.saturating_sub(16));
+            let mut k = [0i16; 16];
+            if in_w >= 16 && n > 0 && n <= 16 && xmin - base + n <= 16 {
+                k[xmin - base..xmin - base + n]
+                    .copy_from_slice(&co.k[xx * co.ksize..xx * co.ksize + n]);
+                t.base.push(base);
+            } else {
+                t.base.push(usize::MAX);
+            }
+            t.k.push(k);
+        }
+        t
+    }
+}
+
 /// The 16-bit one-channel horizontal pass (gray images, YUV planes) with AVX2 over four rows
-/// at once, four taps per step: the four rows' four bytes fill one register, widened to 16 bits
-/// and multiplied-added with the pixel's four coefficients (`vpmaddwd`); two horizontal adds
-/// reduce the pairs to one sum per row. The same integer arithmetic as [`horizontal_row_fast`];
-/// pixels whose loads would pass the row's end take the scalar path.
+/// at once. A pixel with a [`WideTaps`] window takes one 16-byte load per row, widened to 16
+/// bits and multiplied-added with its 16 placed coefficients (`vpmaddwd`), three horizontal adds
+/// folding the four rows' partial sums; otherwise four taps per step, the four rows' four bytes
+/// in one register. The same integer arithmetic as [`horizontal_row_fast`]; pixels whose loads
+/// would pass the row's end take the scalar path.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn horizontal_rows4_gray_fast_avx2(
     src: [&[u8]; 4],
     co: &Coeffs16,
+    wide: &WideTaps,
     mirror: bool,
     dst: &mut [u8],
 ) {
@@ -888,35 +926,55 @@ unsafe fn horizontal_rows4_gray_fast_avx2(
     let out_w = dst.len() / 4;
     let len = src[0].len();
     debug_assert!(src.iter().all(|r| r.len() == len));
-    // In bounds: callers check `xmin + 4 * groups <= len` first.
+    // In bounds: callers check `xmin + 4 * groups <= len` (or the wide window) first.
     let load4 = |s: &[u8], at: usize| std::ptr::read_unaligned(s.as_ptr().add(at) as *const i32);
     for xx in 0..out_w {
         let (xmin, n) = co.bounds[xx];
-        let groups = n.div_ceil(4);
         let xo = out_x(xx, out_w, mirror);
-        if groups == 0 || xmin + 4 * groups > len {
-            for (r, s) in src.iter().enumerate() {
-                fast_pixel(s, 1, co, xx, &mut dst[r * out_w + xo..r * out_w + xo + 1]);
+        let sums = match wide.base.get(xx) {
+            Some(&base) if base != usize::MAX => {
+                // The window lies in the row: WideTaps keeps only base + 16 <= the row's length.
+                let kk = _mm256_loadu_si256(wide.k[xx].as_ptr() as *const __m256i);
+                let mut m = [_mm256_setzero_si256(); 4];
+                for (mr, s) in m.iter_mut().zip(src.iter()) {
+                    let px = _mm_loadu_si128(s.as_ptr().add(base) as *const __m128i);
+                    *mr = _mm256_madd_epi16(_mm256_cvtepu8_epi16(px), kk);
+                }
+                // [r0 r0 r1 r1 | r0 r0 r1 r1] and the same for rows 2, 3; then one sum per row
+                // in each lane; then the lanes added.
+                let h01 = _mm256_hadd_epi32(m[0], m[1]);
+                let h23 = _mm256_hadd_epi32(m[2], m[3]);
+                let h = _mm256_hadd_epi32(h01, h23);
+                _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
             }
-            continue;
-        }
-        let kp = co.k.as_ptr().add(xx * co.ksize);
-        let mut acc = _mm256_setzero_si256();
-        for g in 0..groups {
-            let at = xmin + 4 * g;
-            // Taps 4g..4g+3 repeated for each row; padding taps past n are zero.
-            let kk = _mm256_set1_epi64x(std::ptr::read_unaligned(kp.add(4 * g) as *const i64));
-            let px = _mm_setr_epi32(
-                load4(src[0], at),
-                load4(src[1], at),
-                load4(src[2], at),
-                load4(src[3], at),
-            );
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepu8_epi16(px), kk));
-        }
-        // acc: [r0 r0 r1 r1 | r2 r2 r3 r3] partial sums; fold the pairs, then the lanes.
-        let h = _mm256_hadd_epi32(acc, acc);
-        let sums = _mm_unpacklo_epi64(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            _ => {
+                let groups = n.div_ceil(4);
+                if groups == 0 || xmin + 4 * groups > len {
+                    for (r, s) in src.iter().enumerate() {
+                        fast_pixel(s, 1, co, xx, &mut dst[r * out_w + xo..r * out_w + xo + 1]);
+                    }
+                    continue;
+                }
+                let kp = co.k.as_ptr().add(xx * co.ksize);
+                let mut acc = _mm256_setzero_si256();
+                for g in 0..groups {
+                    let at = xmin + 4 * g;
+                    // Taps 4g..4g+3 repeated for each row; padding taps past n are zero.
+                    let kk =
+                        _mm256_set1_epi64x(std::ptr::read_unaligned(kp.add(4 * g) as *const i64));
+                    let px = _mm_setr_epi32(
+                        load4(src[0], at),
+                        load4(src[1], at),
+                        load4(src[2], at),
+                        load4(src[3], at),
+                    );
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepu8_epi16(px), kk));
+                }
+                // acc: [r0 r0 r1 r1 | r2 r2 r3 r3] partial sums; fold the pairs, then the lanes.
+                let h = _mm256_hadd_epi32(acc, acc);
+                _mm_unpacklo_epi64(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
+            }
+        };
         let v = _mm_sra_epi32(_mm_add_epi32(sums, half), shift);
         let b = _mm_packus_epi16(_mm_packs_epi32(v, v), _mm_setzero_si128());
         let bytes = (_mm_cvtsi128_si32(b) as u32).to_le_bytes();
@@ -1213,7 +1271,7 @@ mod tests {
     }
 
     #[test]
-    fn gray_plan_takes_the_shard_resize_scales() {
+    fn one_channel_kernels_take_the_shard_resize_scales() {
         let misses = |p: &GrayPlan| p.base.iter().filter(|&&b| b == usize::MAX).count();
         // 500 -> 341 (ImageNet to shorter side 256), the 4:2:0 chroma planes and an upscale:
         // every group (windows at the row's end start earlier).
@@ -1228,6 +1286,18 @@ mod tests {
         assert!(GrayPlan::new(&down, 157).is_none());
         let mixed = Coeffs16::new(157, 0.0, 157.0, 78, Filter::Bicubic);
         assert!(GrayPlan::new(&mixed, 157).is_some_and(|p| misses(&p) > 0));
+        // Where the plan steps aside, up to 16 taps a pixel take one 16-byte window each: the
+        // full-resolution chroma of a 4:4:4 source going to a 4:2:0 output of shorter side 256.
+        let wide = |i: usize, o: usize| {
+            let t = WideTaps::new(&Coeffs16::new(i, 0.0, i as f32, o, Filter::Bicubic), i);
+            t.base.iter().filter(|&&b| b == usize::MAX).count()
+        };
+        let chroma = Coeffs16::new(500, 0.0, 500.0, 171, Filter::Bicubic);
+        assert!(GrayPlan::new(&chroma, 500).is_none());
+        assert_eq!(wide(500, 171), 0);
+        // Beyond 16 taps (bicubic at ~5x down) the four-tap steps remain (but at the edges,
+        // where fewer taps fall inside the image).
+        assert!(wide(500, 100) >= 96);
     }
 
     fn noise(n: usize, seed: u32) -> Vec<u8> {
