@@ -446,46 +446,15 @@ fn resize_box_impl<const AVX2: bool>(
         temp.resize(out_w * rows * c, 0);
         if opts.precision == Precision::Fast {
             let ch = Coeffs16::cached(src.width, bx[0], bx[2], out_w, opts.filter);
+            #[allow(unused_mut)]
             let mut first = ybox_first;
             #[cfg(target_arch = "x86_64")]
-            let plan = if AVX2 && c == 1 {
-                GrayPlan::new(&ch, src.width)
-            } else {
-                None
-            };
-            if let Some(plan) = &plan {
-                let rows_out = temp.chunks_exact_mut(out_w);
-                for (y, dst) in (ybox_first..ybox_last).zip(rows_out) {
-                    // SAFETY: AVX2 is available (AVX2 = true only in the AVX2 entry point).
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        horizontal_row_gray_planned_avx2(src.row(y), &ch, plan, opts.mirror, dst)
-                    };
-                }
-                first = ybox_last;
-            }
-            let wide = if AVX2 && c == 1 && first < ybox_last {
-                WideTaps::new(&ch, src.width)
-            } else {
-                WideTaps::default()
-            };
-            if AVX2 && first < ybox_last && (c == 3 || c == 1) {
-                // Four rows at a time share each pixel's coefficients and epilogue; the last
-                // few rows (fewer than four) take the scalar loop below.
-                let quads = temp.chunks_exact_mut(4 * out_w * c);
-                for (y, dst) in (ybox_first..ybox_last).step_by(4).zip(quads) {
-                    let rows = [src.row(y), src.row(y + 1), src.row(y + 2), src.row(y + 3)];
-                    // SAFETY: AVX2 is available (the AVX2 entry point is the only caller
-                    // with AVX2 = true).
-                    unsafe {
-                        if c == 3 {
-                            horizontal_rows4_rgb_fast_avx2(rows, &ch, opts.mirror, dst)
-                        } else {
-                            horizontal_rows4_gray_fast_avx2(rows, &ch, &wide, opts.mirror, dst)
-                        }
-                    };
-                    first = y + 4;
-                }
+            if AVX2 {
+                // SAFETY: AVX2 is available (the AVX2 entry point is the only caller with
+                // AVX2 = true).
+                first = unsafe {
+                    horizontal_fast_avx2(src, &ch, ybox_first..ybox_last, opts.mirror, &mut temp)
+                };
             }
             let rows_out = temp[(first - ybox_first) * out_w * c..].chunks_exact_mut(out_w * c);
             for (y, dst) in (first..ybox_last).zip(rows_out) {
@@ -755,6 +724,51 @@ unsafe fn horizontal_rows4_rgb_fast_avx2(
     }
 }
 
+/// The AVX2 kernels of the 16-bit horizontal pass over source rows `rows` into `temp` (one
+/// output row per source row): one-channel images row by row with a [`GrayPlan`] where it
+/// applies, else four rows at a time (RGB and one-channel). Returns the first row left for the
+/// scalar pass (the last rows, fewer than four, or all of them for other channel counts).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_fast_avx2(
+    src: View<'_>,
+    ch: &Coeffs16,
+    rows: std::ops::Range<usize>,
+    mirror: bool,
+    temp: &mut [u8],
+) -> usize {
+    let c = src.channels;
+    let out_w = ch.bounds.len();
+    if c == 1 {
+        if let Some(plan) = GrayPlan::new(ch, src.width) {
+            for (y, dst) in rows.clone().zip(temp.chunks_exact_mut(out_w)) {
+                horizontal_row_gray_planned_avx2(src.row(y), ch, &plan, mirror, dst);
+            }
+            return rows.end;
+        }
+    } else if c != 3 {
+        return rows.start;
+    }
+    let wide = if c == 1 {
+        WideTaps::new(ch, src.width)
+    } else {
+        WideTaps::default()
+    };
+    // Four rows at a time share each pixel's coefficients and epilogue.
+    let mut first = rows.start;
+    let quads = temp.chunks_exact_mut(4 * out_w * c);
+    for (y, dst) in rows.step_by(4).zip(quads) {
+        let four = [src.row(y), src.row(y + 1), src.row(y + 2), src.row(y + 3)];
+        if c == 3 {
+            horizontal_rows4_rgb_fast_avx2(four, ch, mirror, dst);
+        } else {
+            horizontal_rows4_gray_fast_avx2(four, ch, &wide, mirror, dst);
+        }
+        first = y + 4;
+    }
+    first
+}
+
 /// Per-image layout for [`horizontal_row_gray_planned_avx2`]: for each group of four
 /// consecutive output pixels whose taps (at most 8 each) all lie in one 16-byte window of the
 /// row, the window's start, a byte shuffle that spreads the window into each pixel's taps as
@@ -1010,45 +1024,54 @@ fn vertical_fast_any<const AVX2: bool>(
 
 #[inline(always)]
 fn vertical(src: View<'_>, co: &Coeffs, shift: usize, out: &mut [u8], acc: &mut Vec<i32>) {
-    const HALF: i32 = 1 << (PRECISION_BITS - 1);
+    let half = 1 << (PRECISION_BITS - 1);
+    let taps = (&co.bounds[..], &co.k[..], co.ksize);
+    vertical_scalar(src, taps, shift, half, clip8, out, acc)
+}
+
+/// The 16-bit vertical pass (scalar).
+#[inline(always)]
+fn vertical_fast(src: View<'_>, co: &Coeffs16, shift: usize, out: &mut [u8], acc: &mut Vec<i32>) {
+    let taps = (&co.bounds[..], &co.k[..], co.ksize);
+    let bits = co.bits;
+    vertical_scalar(
+        src,
+        taps,
+        shift,
+        1 << (bits - 1),
+        |a| clip_bits(a, bits),
+        out,
+        acc,
+    )
+}
+
+/// The scalar vertical pass of either arithmetic: `taps` = (bounds, coefficients, ksize); each
+/// accumulator starts at `half` and `clip` rounds it back to a byte.
+#[inline(always)]
+fn vertical_scalar<K: Copy + Into<i32>>(
+    src: View<'_>,
+    (bounds, k, ksize): (&[(usize, usize)], &[K], usize),
+    shift: usize,
+    half: i32,
+    clip: impl Fn(i32) -> u8,
+    out: &mut [u8],
+    acc: &mut Vec<i32>,
+) {
     let row_len = src.width * src.channels;
     acc.clear();
     acc.resize(row_len, 0);
     for (yy, orow) in out.chunks_exact_mut(row_len).enumerate() {
-        let (ymin, n) = co.bounds[yy];
-        let k = &co.k[yy * co.ksize..yy * co.ksize + n];
-        acc.fill(HALF);
-        for (i, &kv) in k.iter().enumerate() {
+        let (ymin, n) = bounds[yy];
+        acc.fill(half);
+        for (i, &kv) in k[yy * ksize..yy * ksize + n].iter().enumerate() {
+            let kv: i32 = kv.into();
             let r = src.row(ymin - shift + i);
             for (a, &p) in acc.iter_mut().zip(r) {
                 *a += p as i32 * kv;
             }
         }
         for (o, &a) in orow.iter_mut().zip(acc.iter()) {
-            *o = clip8(a);
-        }
-    }
-}
-
-/// The 16-bit vertical pass (scalar).
-#[inline(always)]
-fn vertical_fast(src: View<'_>, co: &Coeffs16, shift: usize, out: &mut [u8], acc: &mut Vec<i32>) {
-    let half = 1i32 << (co.bits - 1);
-    let row_len = src.width * src.channels;
-    acc.clear();
-    acc.resize(row_len, 0);
-    for (yy, orow) in out.chunks_exact_mut(row_len).enumerate() {
-        let (ymin, n) = co.bounds[yy];
-        let k = &co.k[yy * co.ksize..yy * co.ksize + n];
-        acc.fill(half);
-        for (i, &kv) in k.iter().enumerate() {
-            let r = src.row(ymin - shift + i);
-            for (a, &p) in acc.iter_mut().zip(r) {
-                *a += p as i32 * kv as i32;
-            }
-        }
-        for (o, &a) in orow.iter_mut().zip(acc.iter()) {
-            *o = clip_bits(a, co.bits);
+            *o = clip(a);
         }
     }
 }
