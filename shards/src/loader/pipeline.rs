@@ -44,6 +44,7 @@ pub(super) struct Shared {
     keep: usize,
 }
 
+// Not derived: the spare buffers would print every pixel.
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
