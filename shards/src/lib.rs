@@ -17,6 +17,7 @@ pub mod loader;
 pub mod manifest;
 pub mod patch_layout;
 pub mod resample;
+mod turbo;
 pub mod verify;
 pub mod writer;
 

@@ -71,7 +71,23 @@ struct Weights {
 }
 
 impl Weights {
-    fn new(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Filter) -> Weights {
+    /// `fine`: see [`ResizeOpts::pairs_of`] (the filter runs on this many outputs, and
+    /// `out_size` averages pairs of them).
+    fn new(
+        in_size: usize,
+        in0: f32,
+        in1: f32,
+        out_size: usize,
+        filter: Filter,
+        fine: Option<usize>,
+    ) -> Weights {
+        if let Some(fine) = fine {
+            return Weights::paired(Weights::plain(in_size, in0, in1, fine, filter), out_size);
+        }
+        Weights::plain(in_size, in0, in1, out_size, filter)
+    }
+
+    fn plain(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Filter) -> Weights {
         let scale = (in1 - in0) as f64 / out_size as f64;
         let filterscale = scale.max(1.0);
         let support = filter.support() * filterscale;
@@ -100,6 +116,37 @@ impl Weights {
         }
         Weights { bounds, ksize, w }
     }
+
+    /// Output `j` averages outputs `2j` and `2j + 1` of `fine` (the last one twice when their
+    /// number is odd): libjpeg's 2x2 chroma downsampling, whose edge replication this is,
+    /// folded into the resize.
+    fn paired(fine: Weights, out_size: usize) -> Weights {
+        let n_fine = fine.bounds.len();
+        assert_eq!(out_size, n_fine.div_ceil(2), "paired output size");
+        let span = |j: usize| {
+            let (a, b) = (2 * j, (2 * j + 1).min(n_fine - 1));
+            let (ba, bb) = (fine.bounds[a], fine.bounds[b]);
+            let lo = ba.0.min(bb.0);
+            let hi = (ba.0 + ba.1).max(bb.0 + bb.1);
+            (a, b, lo, hi.saturating_sub(lo))
+        };
+        let ksize = (0..out_size).map(|j| span(j).3).max().unwrap_or(0).max(1);
+        let mut bounds = Vec::with_capacity(out_size);
+        let mut w = vec![0f64; out_size * ksize];
+        for j in 0..out_size {
+            let (a, b, lo, n) = span(j);
+            let row = &mut w[j * ksize..j * ksize + n];
+            for src in [a, b] {
+                let (x0, m) = fine.bounds[src];
+                let taps = &fine.w[src * fine.ksize..src * fine.ksize + m];
+                for (i, &t) in taps.iter().enumerate() {
+                    row[x0 - lo + i] += 0.5 * t;
+                }
+            }
+            bounds.push((lo, n));
+        }
+        Weights { bounds, ksize, w }
+    }
 }
 
 /// Pillow's fixed-point rounding of a weight: half away from zero.
@@ -116,7 +163,10 @@ impl Coeffs {
     /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for input length `in_size`, source
     /// box [in0, in1) (C floats in Pillow), output length `out_size` and `filter`.
     pub fn new(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Filter) -> Coeffs {
-        let Weights { bounds, ksize, w } = Weights::new(in_size, in0, in1, out_size, filter);
+        Coeffs::from_weights(Weights::new(in_size, in0, in1, out_size, filter, None))
+    }
+
+    fn from_weights(Weights { bounds, ksize, w }: Weights) -> Coeffs {
         let k = w
             .iter()
             .map(|&v| quantise(v, PRECISION_BITS) as i32)
@@ -140,7 +190,10 @@ pub struct Coeffs16 {
 
 impl Coeffs16 {
     pub fn new(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Filter) -> Coeffs16 {
-        let wts = Weights::new(in_size, in0, in1, out_size, filter);
+        Coeffs16::from_weights(Weights::new(in_size, in0, in1, out_size, filter, None))
+    }
+
+    fn from_weights(wts: Weights) -> Coeffs16 {
         let maxk = wts.w.iter().fold(0f64, |m, v| m.max(v.abs()));
         // Pillow-SIMD's rule: the largest precision whose next step would reach 2^15.
         let mut bits = 0;
@@ -149,7 +202,7 @@ impl Coeffs16 {
         }
         let bits = bits.max(1);
         let ksize = wts.ksize.next_multiple_of(4);
-        let mut k = vec![0i16; out_size * ksize];
+        let mut k = vec![0i16; wts.bounds.len() * ksize];
         let mut bounds = wts.bounds;
         for (xx, (xmin, n)) in bounds.iter_mut().enumerate() {
             let row = &mut k[xx * ksize..xx * ksize + *n];
@@ -175,7 +228,7 @@ impl Coeffs16 {
     }
 }
 
-type Coeffs16Key = (usize, u32, u32, usize, Filter);
+type Coeffs16Key = (usize, u32, u32, usize, Filter, Option<usize>);
 
 thread_local! {
     /// The last few coefficient tables built on this thread, newest first.
@@ -193,9 +246,17 @@ impl Coeffs16 {
         in1: f32,
         out_size: usize,
         filter: Filter,
+        fine: Option<usize>,
     ) -> std::rc::Rc<Coeffs16> {
         const KEEP: usize = 8;
-        let key = (in_size, in0.to_bits(), in1.to_bits(), out_size, filter);
+        let key = (
+            in_size,
+            in0.to_bits(),
+            in1.to_bits(),
+            out_size,
+            filter,
+            fine,
+        );
         COEFFS16.with_borrow_mut(|cache| {
             if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
                 let hit = cache.remove(i);
@@ -203,7 +264,8 @@ impl Coeffs16 {
                 cache.insert(0, hit);
                 return co;
             }
-            let co = std::rc::Rc::new(Coeffs16::new(in_size, in0, in1, out_size, filter));
+            let wts = Weights::new(in_size, in0, in1, out_size, filter, fine);
+            let co = std::rc::Rc::new(Coeffs16::from_weights(wts));
             cache.truncate(KEEP - 1);
             cache.insert(0, (key, co.clone()));
             co
@@ -239,6 +301,11 @@ pub struct ResizeOpts {
     pub precision: Precision,
     /// Mirror the output horizontally (a horizontal flip after the resize, for free).
     pub mirror: bool,
+    /// `Some((fw, fh))`: the output is the 2x2 average of a resize to `fw`x`fh` (the last
+    /// column / row repeated when odd), i.e. JPEG 4:2:0 chroma downsampling of a full-size
+    /// resize, in one pass; the output is then `ceil(fw/2)`x`ceil(fh/2)` and the box spans the
+    /// `fw`x`fh` grid.
+    pub pairs_of: Option<(usize, usize)>,
 }
 
 impl ResizeOpts {
@@ -248,6 +315,7 @@ impl ResizeOpts {
             filter,
             precision: Precision::Exact,
             mirror: false,
+            pairs_of: None,
         }
     }
 }
@@ -343,6 +411,7 @@ pub fn resize(
         filter,
         precision,
         mirror: false,
+        pairs_of: None,
     };
     resize_box(
         View::new(src, w, h, channels),
@@ -408,8 +477,9 @@ fn resize_box_impl<const AVX2: bool>(
     let c = src.channels;
     assert_eq!(out.len(), out_w * out_h * c, "output buffer size");
     let full_box = bx == [0.0, 0.0, src.width as f32, src.height as f32];
-    let need_h = out_w != src.width || !full_box;
-    let need_v = out_h != src.height || !full_box;
+    let (fine_w, fine_h) = opts.pairs_of.unzip();
+    let need_h = out_w != src.width || !full_box || fine_w.is_some();
+    let need_v = out_h != src.height || !full_box || fine_h.is_some();
     if !need_h && !need_v {
         for y in 0..out_h {
             out[y * out_w * c..(y + 1) * out_w * c].copy_from_slice(src.row(y));
@@ -421,7 +491,8 @@ fn resize_box_impl<const AVX2: bool>(
     }
     let cv = match opts.precision {
         Precision::Exact => {
-            Vertical::Exact(Coeffs::new(src.height, bx[1], bx[3], out_h, opts.filter))
+            let wts = Weights::new(src.height, bx[1], bx[3], out_h, opts.filter, fine_h);
+            Vertical::Exact(Coeffs::from_weights(wts))
         }
         Precision::Fast => Vertical::Fast(Coeffs16::cached(
             src.height,
@@ -429,6 +500,7 @@ fn resize_box_impl<const AVX2: bool>(
             bx[3],
             out_h,
             opts.filter,
+            fine_h,
         )),
     };
     let vbounds = match &cv {
@@ -445,7 +517,7 @@ fn resize_box_impl<const AVX2: bool>(
         // Every byte is written below: keep old contents rather than zero-fill each image.
         temp.resize(out_w * rows * c, 0);
         if opts.precision == Precision::Fast {
-            let ch = Coeffs16::cached(src.width, bx[0], bx[2], out_w, opts.filter);
+            let ch = Coeffs16::cached(src.width, bx[0], bx[2], out_w, opts.filter, fine_w);
             #[allow(unused_mut)]
             let mut first = ybox_first;
             #[cfg(target_arch = "x86_64")]
@@ -461,7 +533,8 @@ fn resize_box_impl<const AVX2: bool>(
                 horizontal_row_fast(src.row(y), c, &ch, opts.mirror, dst);
             }
         } else {
-            let ch = Coeffs::new(src.width, bx[0], bx[2], out_w, opts.filter);
+            let wts = Weights::new(src.width, bx[0], bx[2], out_w, opts.filter, fine_w);
+            let ch = Coeffs::from_weights(wts);
             let rows_out = temp.chunks_exact_mut(out_w * c);
             for (y, dst) in (ybox_first..ybox_last).zip(rows_out) {
                 #[cfg(target_arch = "x86_64")]
@@ -1234,6 +1307,53 @@ mod tests {
     }
 
     #[test]
+    fn pairs_average_a_full_size_resize() {
+        // Against resizing to the full grid (exact arithmetic) and averaging 2x2 blocks, the
+        // last column / row repeated when odd: within rounding (the full resize rounds between
+        // its passes and the average rounds once more).
+        let (w, h) = (157, 93);
+        // Values in 64..192, so no bicubic overshoot reaches the clamp at 0 or 255 (which the
+        // full resize applies between its passes and the pair average does not see).
+        let src: Vec<u8> = noise(w * h, 777).iter().map(|v| 64 + v / 2).collect();
+        let v = View::new(&src, w, h, 1);
+        for (fw, fh, bx) in [
+            (43, 33, [0.0, 0.0, 157.0, 93.0]),
+            (200, 120, [0.0, 0.0, 157.0, 93.0]),
+            (61, 40, [0.0, 0.0, 150.5, 90.0]),
+        ] {
+            let mut full = vec![0u8; fw * fh];
+            let exact = ResizeOpts::exact(Filter::Bicubic);
+            resize_box(v, bx, fw, fh, exact, &mut full, &mut Scratch::default());
+            let (pw, ph) = (fw.div_ceil(2), fh.div_ceil(2));
+            for precision in [Precision::Exact, Precision::Fast] {
+                let o = ResizeOpts {
+                    precision,
+                    pairs_of: Some((fw, fh)),
+                    ..exact
+                };
+                let mut p = vec![0u8; pw * ph];
+                resize_box(v, bx, pw, ph, o, &mut p, &mut Scratch::default());
+                for j in 0..ph {
+                    for i in 0..pw {
+                        let at =
+                            |x: usize, y: usize| full[y.min(fh - 1) * fw + x.min(fw - 1)] as f64;
+                        let (x, y) = (2 * i, 2 * j);
+                        let mean =
+                            (at(x, y) + at(x + 1, y) + at(x, y + 1) + at(x + 1, y + 1)) / 4.0;
+                        // Clamping to 0..255 in the full resize is the one thing the pair
+                        // average does not see: allow it on top of rounding.
+                        let got = p[j * pw + i] as f64;
+                        assert!(
+                            (got - mean).abs() <= 1.5 || at(x, y) == 0.0 || at(x, y) == 255.0,
+                            "{fw}x{fh} {precision:?} ({i},{j}): {got} vs {mean}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn vectorised_and_portable_paths_agree_to_the_byte() {
         let (w, h) = (157, 93);
         let src = noise(w * h * 3, 12345);
@@ -1265,12 +1385,28 @@ mod tests {
                             filter: f,
                             precision,
                             mirror,
+                            pairs_of: None,
                         };
                         let mut s = Scratch::default();
                         resize_box(v, bx, ow, oh, o, &mut a, &mut s);
                         resize_box_impl::<false>(v, bx, ow, oh, o, &mut b, &mut s);
                         assert!(a == b, "{o:?} {ow}x{oh} c{channels}");
                     }
+                    // 2x2 averages (the shard writer's chroma planes): (ow, oh) is the full
+                    // grid.
+                    let (pw, ph) = (ow.div_ceil(2), oh.div_ceil(2));
+                    let o = ResizeOpts {
+                        filter: f,
+                        precision,
+                        mirror: false,
+                        pairs_of: Some((ow, oh)),
+                    };
+                    let (mut a, mut b) =
+                        (vec![0u8; pw * ph * channels], vec![1; pw * ph * channels]);
+                    let mut s = Scratch::default();
+                    resize_box(v, bx, pw, ph, o, &mut a, &mut s);
+                    resize_box_impl::<false>(v, bx, pw, ph, o, &mut b, &mut s);
+                    assert!(a == b, "{o:?} {pw}x{ph} c{channels}");
                 }
             }
         }

@@ -11,9 +11,9 @@
 //! Partial decoding (`tj3SetCroppingRegion`) decodes only the MCU rows and columns that cover
 //! the crop; libjpeg-turbo produces the same pixels as a full decode for them (checked by tests).
 
-use std::ffi::CStr;
-
 use turbojpeg::raw;
+
+use crate::turbo::Decompressor;
 
 /// Why a sample could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -70,20 +70,10 @@ pub struct Decoded {
 
 /// A TurboJPEG decompressor; one per thread.
 pub struct Decoder {
-    handle: raw::tjhandle,
+    tj: Decompressor,
     cmyk: Vec<u8>,
     /// The cut-out JPEG of a restart-marked image (see [`crate::jpeg_restart`]).
     window: Vec<u8>,
-}
-
-// The handle is only used through &mut self.
-unsafe impl Send for Decoder {}
-
-impl Drop for Decoder {
-    fn drop(&mut self) {
-        // SAFETY: the handle came from tj3Init and is destroyed once.
-        unsafe { raw::tj3Destroy(self.handle) }
-    }
 }
 
 fn is_jpeg(bytes: &[u8]) -> bool {
@@ -92,41 +82,17 @@ fn is_jpeg(bytes: &[u8]) -> bool {
 
 impl Decoder {
     pub fn new() -> Result<Decoder, DecodeError> {
-        // SAFETY: plain constructor; null on failure.
-        let handle = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as CInt) };
-        if handle.is_null() {
-            return Err(DecodeError::Jpeg("tj3Init failed".into()));
-        }
         Ok(Decoder {
-            handle,
+            tj: Decompressor::new().map_err(DecodeError::Jpeg)?,
             cmyk: Vec::new(),
             window: Vec::new(),
         })
     }
 
-    fn error(&self) -> String {
-        // SAFETY: returns a static or handle-owned C string.
-        unsafe { CStr::from_ptr(raw::tj3GetErrorStr(self.handle)) }
-            .to_string_lossy()
-            .into_owned()
-    }
-
-    fn get(&self, p: raw::TJPARAM) -> i32 {
-        // SAFETY: valid handle.
-        unsafe { raw::tj3Get(self.handle, p as CInt) }
-    }
-
-    /// Replaces the handle: after an error TurboJPEG may keep state from the failed stream,
-    /// which would make the next (valid) image fail too.
+    /// After an error TurboJPEG may keep state from the failed stream, which would make the
+    /// next (valid) image fail too.
     fn reset(&mut self) {
-        // SAFETY: the old handle is destroyed once; a null new handle is reported on next use.
-        unsafe {
-            let fresh = raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as CInt);
-            if !fresh.is_null() {
-                raw::tj3Destroy(self.handle);
-                self.handle = fresh;
-            }
-        }
+        self.tj.reset();
     }
 
     /// Reads the dimensions (JPEG header, or the other format's header).
@@ -143,20 +109,12 @@ impl Decoder {
             return Err(DecodeError::Empty);
         }
         let (width, height, kind) = if is_jpeg(bytes) {
-            // SAFETY: valid handle and buffer.
-            let rc = unsafe {
-                raw::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as raw::size_t)
-            };
-            if rc != 0 {
-                return Err(DecodeError::Jpeg(self.error()));
-            }
-            let w = self.get(raw::TJPARAM_TJPARAM_JPEGWIDTH);
-            let h = self.get(raw::TJPARAM_TJPARAM_JPEGHEIGHT);
+            let h = self.tj.read_header(bytes).map_err(DecodeError::Jpeg)?;
             let kind = Kind::Jpeg {
-                colorspace: self.get(raw::TJPARAM_TJPARAM_COLORSPACE),
-                subsamp: self.get(raw::TJPARAM_TJPARAM_SUBSAMP),
+                colorspace: h.colorspace,
+                subsamp: h.subsamp,
             };
-            (w.max(0) as usize, h.max(0) as usize, kind)
+            (h.width, h.height, kind)
         } else {
             let r = image::ImageReader::new(std::io::Cursor::new(bytes))
                 .with_guessed_format()
@@ -291,56 +249,19 @@ impl Decoder {
         denom: usize,
         out: &mut Decoded,
     ) -> Result<(), DecodeError> {
-        // SAFETY (all calls below): valid handle, buffers sized from the header read here.
-        let rc = unsafe {
-            raw::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as raw::size_t)
-        };
-        if rc != 0 {
-            return Err(DecodeError::Jpeg(self.error()));
-        }
-        let sf = raw::tjscalingfactor {
-            num: 1,
-            denom: denom as CInt,
-        };
-        if unsafe { raw::tj3SetScalingFactor(self.handle, sf) } != 0 {
-            return Err(DecodeError::Jpeg(self.error()));
-        }
+        self.tj.read_header(bytes).map_err(DecodeError::Jpeg)?;
+        self.tj.set_scale(denom).map_err(DecodeError::Jpeg)?;
         let sw = hdr.width.div_ceil(denom);
         let sh = hdr.height.div_ceil(denom);
-        let (x0, y0, rw, rh) = if region == (0, 0, sw, sh) {
-            (0, 0, sw, sh)
-        } else {
-            region
-        };
-        let region = if (x0, y0, rw, rh) == (0, 0, sw, sh) {
-            raw::tjregion {
-                x: 0,
-                y: 0,
-                w: 0,
-                h: 0,
+        let whole = (0, 0, sw, sh);
+        let crop = (region != whole).then_some(region);
+        // Some layouts refuse a cropping region; decode the whole (scaled) image instead.
+        let (x0, y0, rw, rh) = match self.tj.set_crop(crop) {
+            Ok(()) => crop.unwrap_or(whole),
+            Err(_) => {
+                self.tj.set_crop(None).map_err(DecodeError::Jpeg)?;
+                whole
             }
-        } else {
-            raw::tjregion {
-                x: x0 as CInt,
-                y: y0 as CInt,
-                w: rw as CInt,
-                h: rh as CInt,
-            }
-        };
-        let (x0, y0, rw, rh) = if unsafe { raw::tj3SetCroppingRegion(self.handle, region) } != 0 {
-            // Some layouts refuse a cropping region; decode the whole (scaled) image instead.
-            let none = raw::tjregion {
-                x: 0,
-                y: 0,
-                w: 0,
-                h: 0,
-            };
-            if unsafe { raw::tj3SetCroppingRegion(self.handle, none) } != 0 {
-                return Err(DecodeError::Jpeg(self.error()));
-            }
-            (0, 0, sw, sh)
-        } else {
-            (x0, y0, rw, rh)
         };
         let (pf, ch_in) = if colorspace == raw::TJCS_TJCS_GRAY as i32 {
             (raw::TJPF_TJPF_GRAY, 1)
@@ -359,24 +280,9 @@ impl Decoder {
         };
         buf.clear();
         buf.resize(n, 0);
-        let rc = unsafe {
-            raw::tj3Decompress8(
-                self.handle,
-                bytes.as_ptr(),
-                bytes.len() as raw::size_t,
-                buf.as_mut_ptr(),
-                (rw * ch_in) as CInt,
-                pf as CInt,
-            )
-        };
-        if rc != 0 {
-            let code = unsafe { raw::tj3GetErrorCode(self.handle) };
-            let msg = self.error();
-            // Pillow ignores libjpeg warnings except running out of data (truncated file).
-            if code != raw::TJERR_TJERR_WARNING as i32 || msg.contains("Premature end") {
-                return Err(DecodeError::Jpeg(msg));
-            }
-        }
+        self.tj
+            .decompress8(bytes, buf, rw * ch_in, pf)
+            .map_err(DecodeError::Jpeg)?;
         if ch_in == 4 {
             out.pixels.clear();
             out.pixels.reserve(rw * rh * 3);
@@ -393,8 +299,6 @@ impl Decoder {
         Ok(())
     }
 }
-
-type CInt = std::os::raw::c_int;
 
 /// MCU width in pixels of a TurboJPEG subsampling code.
 pub(crate) fn mcu_width(subsamp: i32) -> usize {
@@ -443,4 +347,41 @@ fn decode_other(bytes: &[u8], out: &mut Decoded) -> Result<(), DecodeError> {
     out.y0 = 0;
     out.denom = 1;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{encode_jpeg, Pixels};
+
+    fn decode_all(d: &mut Decoder, bytes: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        let hdr = d.header(bytes)?;
+        let mut out = Decoded::default();
+        d.decode_region(bytes, &hdr, (0, 0, hdr.width, hdr.height), 1, &mut out)?;
+        Ok(out.pixels)
+    }
+
+    #[test]
+    fn libjpeg_warnings_pass_as_in_pillow() {
+        let (w, h) = (120, 72);
+        let data: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
+        let px = Pixels {
+            width: w as u32,
+            height: h as u32,
+            channels: 3,
+            data,
+        };
+        let clean = encode_jpeg(&px, 90).unwrap();
+        // Junk before the end-of-image marker: "Corrupt JPEG data: N extraneous bytes before
+        // marker 0xd9", a warning; Pillow returns the image.
+        let mut junk = clean[..clean.len() - 2].to_vec();
+        junk.extend_from_slice(&[0x12; 50]);
+        junk.extend_from_slice(&[0xFF, 0xD9]);
+        let mut d = Decoder::new().unwrap();
+        let want = decode_all(&mut d, &clean).unwrap();
+        assert_eq!(decode_all(&mut d, &junk).unwrap(), want);
+        // Running out of data is a truncated file: an error, and the decoder recovers.
+        assert!(decode_all(&mut d, &clean[..clean.len() / 2]).is_err());
+        assert_eq!(decode_all(&mut d, &clean).unwrap(), want);
+    }
 }

@@ -438,6 +438,7 @@ impl Worker {
             filter: Filter::Bicubic,
             precision: cfg.resample,
             mirror: flip && eval_crop.is_none(),
+            pairs_of: None,
         };
         let (src, bx) = if d.denom == 1 {
             // Pillow semantics: crop, then resize the crop.
