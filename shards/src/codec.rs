@@ -330,32 +330,41 @@ fn image_limits(info: &HeaderInfo) -> image::Limits {
     l
 }
 
-fn from_dynamic(img: image::DynamicImage) -> Pixels {
+/// Pixels as Pillow's `Image.open(f).convert("RGB")` gives them (what the reference and
+/// torchvision train on), kept gray when the source is gray: alpha dropped, palettes expanded,
+/// 16-bit samples reduced to their high byte, except 16-bit gray, which Pillow opens as "I;16"
+/// and clips at 255 instead (checked against Pillow by the `png16` fixtures).
+pub(crate) fn from_dynamic(img: image::DynamicImage) -> Pixels {
     use image::DynamicImage as D;
-    let gray = matches!(
-        img,
-        D::ImageLuma8(_) | D::ImageLuma16(_) | D::ImageLumaA8(_) | D::ImageLumaA16(_)
-    );
-    let (w, h) = (img.width(), img.height());
-    if gray {
-        Pixels {
-            width: w,
-            height: h,
-            channels: 1,
-            data: img.into_luma8().into_raw(),
+    let (width, height) = (img.width(), img.height());
+    let high = |v: &u16| (v >> 8) as u8;
+    let (channels, data): (u8, Vec<u8>) = match img {
+        D::ImageLuma16(b) => (1, b.into_raw().iter().map(|&v| v.min(255) as u8).collect()),
+        D::ImageLumaA16(b) => (1, b.into_raw().iter().step_by(2).map(high).collect()),
+        D::ImageRgb16(b) => (3, b.into_raw().iter().map(high).collect()),
+        D::ImageRgba16(b) => {
+            let raw = b.into_raw();
+            (
+                3,
+                raw.chunks_exact(4)
+                    .flat_map(|p| &p[..3])
+                    .map(high)
+                    .collect(),
+            )
         }
-    } else {
-        Pixels {
-            width: w,
-            height: h,
-            channels: 3,
-            data: img.into_rgb8().into_raw(),
-        }
+        img @ (D::ImageLuma8(_) | D::ImageLumaA8(_)) => (1, img.into_luma8().into_raw()),
+        img => (3, img.into_rgb8().into_raw()),
+    };
+    Pixels {
+        width,
+        height,
+        channels,
+        data,
     }
 }
 
-/// Decodes with the `image` crate (PNG, and JPEGs libjpeg-turbo cannot convert: CMYK, 12-bit).
-/// Alpha is dropped, 16-bit samples are scaled to 8 bits, palettes are expanded.
+/// Decodes with the `image` crate (PNG, and JPEGs libjpeg-turbo does not take here: 12-bit) into
+/// Pillow's pixels (see [`from_dynamic`]).
 fn decode_generic(bytes: &[u8], info: &HeaderInfo) -> Result<Pixels, ImageRejection> {
     let (fmt, name) = match info.format {
         ImageFormat::Jpeg => (image::ImageFormat::Jpeg, "jpeg"),
@@ -399,10 +408,10 @@ fn decode_jpeg_turbo(
     use turbojpeg::raw;
     let mut d = crate::turbo::Decompressor::new().map_err(|e| corrupt("jpeg", e))?;
     let header = d.read_header(bytes).map_err(|e| classify("jpeg", e))?;
-    let (pf, channels) = if info.components == 1 {
-        (raw::TJPF_TJPF_GRAY, 1u8)
-    } else {
-        (raw::TJPF_TJPF_RGB, 3u8)
+    let (pf, channels) = match info.components {
+        1 => (raw::TJPF_TJPF_GRAY, 1u8),
+        4 => (raw::TJPF_TJPF_CMYK, 4u8),
+        _ => (raw::TJPF_TJPF_RGB, 3u8),
     };
     let denom = min_short.map_or(1, |t| dct_denom(header.width.min(header.height), t));
     d.set_scale(denom).map_err(|e| corrupt("jpeg", e))?;
@@ -411,10 +420,17 @@ fn decode_jpeg_turbo(
     let mut data = vec![0u8; pitch * h];
     d.decompress8(bytes, &mut data, pitch, pf)
         .map_err(|e| classify("jpeg", e))?;
+    if channels == 4 {
+        // CMYK and YCCK come out as Pillow converts them (the loader's conversion).
+        data = data
+            .chunks_exact(4)
+            .flat_map(crate::turbo::cmyk_to_rgb)
+            .collect();
+    }
     Ok(Pixels {
         width: w as u32,
         height: h as u32,
-        channels,
+        channels: channels.min(3),
         data,
     })
 }
@@ -544,7 +560,7 @@ fn decode_with(
 ) -> Result<Pixels, ImageRejection> {
     if info.format == ImageFormat::Jpeg {
         check_jpeg_structure(bytes)?;
-        if info.bit_depth == 8 && matches!(info.components, 1 | 3) {
+        if info.bit_depth == 8 && matches!(info.components, 1 | 3 | 4) {
             return decode_jpeg_turbo(bytes, info, min_short);
         }
     }
@@ -898,6 +914,54 @@ mod tests {
         let p = prepare_image(small.clone(), &policy).unwrap();
         assert_eq!(p.bytes, small);
         assert!(p.conversion.is_none());
+    }
+
+    fn fixture(rel: &str) -> Vec<u8> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        std::fs::read(root.join(rel)).unwrap()
+    }
+
+    #[test]
+    fn sixteen_bit_pngs_convert_as_pillow_does() {
+        // References: Pillow's `Image.open(f).convert("RGB")` (tests/fixtures/shards/make_png16.py).
+        for name in ["gray", "gray_alpha", "rgb", "rgba"] {
+            let src = fixture(&format!("shards/png16/{name}.png"));
+            let want = decode(
+                &fixture(&format!("shards/png16/{name}.pillow_rgb.png")),
+                DEFAULT_MAX_PIXELS,
+            )
+            .unwrap();
+            let p = prepare_image(src, &ImagePolicy::default()).unwrap();
+            assert!(p.conversion.is_some(), "{name}");
+            let got = decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
+            assert_eq!(got.channels, if name.starts_with("gray") { 1 } else { 3 });
+            let rgb: Vec<u8> = if got.channels == 1 {
+                got.data.iter().flat_map(|&v| [v; 3]).collect()
+            } else {
+                got.data
+            };
+            assert_eq!(rgb, want.data, "{name}");
+        }
+    }
+
+    #[test]
+    fn cmyk_jpeg_converts_as_pillow_does() {
+        // The loader's CMYK decode is checked against Pillow (loader fixtures); the shard
+        // writer's conversion must give the same pixels.
+        let src = fixture("loader/images/goldfish_cmyk.jpg");
+        let p = prepare_image(src.clone(), &ImagePolicy::default()).unwrap();
+        assert!(p.conversion.is_some());
+        let got = decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
+        let mut d = crate::loader::decode::Decoder::new().unwrap();
+        let hdr = d.header(&src).unwrap();
+        let mut want = crate::loader::decode::Decoded::default();
+        d.decode_region(&src, &hdr, (0, 0, hdr.width, hdr.height), 1, &mut want)
+            .unwrap();
+        assert_eq!(
+            (got.width as usize, got.height as usize),
+            (want.width, want.height)
+        );
+        assert_eq!(got.data, want.pixels);
     }
 
     #[test]

@@ -232,3 +232,16 @@ impl Decompressor {
         self.check(rc)
     }
 }
+
+/// Pillow: JPEG CMYK is read as "CMYK;I" (inverted), then `cmyk2rgb`:
+/// `out = clip(nk - nk·c/255)` with `nk = 255 - k`, using Pillow's MULDIV255 rounding.
+pub(crate) fn cmyk_to_rgb(raw: &[u8]) -> [u8; 3] {
+    let nk = raw[3] as i32; // 255 - (255 - raw_k)
+    let f = |v: u8| {
+        let c = 255 - v as i32;
+        let tmp = c * nk + 128;
+        let m = ((tmp >> 8) + tmp) >> 8;
+        (nk - m).clamp(0, 255) as u8
+    };
+    [f(raw[0]), f(raw[1]), f(raw[2])]
+}

@@ -13,7 +13,7 @@
 
 use turbojpeg::raw;
 
-use crate::turbo::Decompressor;
+use crate::turbo::{cmyk_to_rgb, Decompressor};
 
 /// Why a sample could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -310,39 +310,14 @@ pub(crate) fn mcu_width(subsamp: i32) -> usize {
     }
 }
 
-/// Pillow: JPEG CMYK is read as "CMYK;I" (inverted), then `cmyk2rgb`:
-/// `out = clip(nk - nk·c/255)` with `nk = 255 - k`, using Pillow's MULDIV255 rounding.
-fn cmyk_to_rgb(raw: &[u8]) -> [u8; 3] {
-    let nk = raw[3] as i32; // 255 - (255 - raw_k)
-    let f = |v: u8| {
-        let c = 255 - v as i32;
-        let tmp = c * nk + 128;
-        let m = ((tmp >> 8) + tmp) >> 8;
-        (nk - m).clamp(0, 255) as u8
-    };
-    [f(raw[0]), f(raw[1]), f(raw[2])]
-}
-
 fn decode_other(bytes: &[u8], out: &mut Decoded) -> Result<(), DecodeError> {
     let img = image::load_from_memory(bytes).map_err(|e| DecodeError::Image(e.to_string()))?;
-    let gray = matches!(
-        img.color(),
-        image::ColorType::L8
-            | image::ColorType::L16
-            | image::ColorType::La8
-            | image::ColorType::La16
-    );
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    out.pixels.clear();
-    if gray {
-        out.pixels.extend_from_slice(img.to_luma8().as_raw());
-        out.channels = 1;
-    } else {
-        out.pixels.extend_from_slice(img.to_rgb8().as_raw());
-        out.channels = 3;
-    }
-    out.width = w;
-    out.height = h;
+    // The shard writer's conversion: Pillow's pixels (16-bit PNGs included).
+    let px = crate::codec::from_dynamic(img);
+    out.pixels = px.data;
+    out.channels = px.channels as usize;
+    out.width = px.width as usize;
+    out.height = px.height as usize;
     out.x0 = 0;
     out.y0 = 0;
     out.denom = 1;
