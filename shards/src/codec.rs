@@ -560,9 +560,21 @@ fn decode_with(
 ) -> Result<Pixels, ImageRejection> {
     if info.format == ImageFormat::Jpeg {
         check_jpeg_structure(bytes)?;
-        if info.bit_depth == 8 && matches!(info.components, 1 | 3 | 4) {
-            return decode_jpeg_turbo(bytes, info, min_short);
-        }
+    }
+    decode_walked(bytes, info, min_short)
+}
+
+/// [`decode_with`] after the caller's structure walk of a JPEG.
+fn decode_walked(
+    bytes: &[u8],
+    info: &HeaderInfo,
+    min_short: Option<u32>,
+) -> Result<Pixels, ImageRejection> {
+    if info.format == ImageFormat::Jpeg
+        && info.bit_depth == 8
+        && matches!(info.components, 1 | 3 | 4)
+    {
+        return decode_jpeg_turbo(bytes, info, min_short);
     }
     decode_generic(bytes, info)
 }
@@ -697,8 +709,10 @@ pub fn prepare_image(
         .filter(|&t| t != (ow, oh));
     if let Some((tw, th)) = target {
         let plain_jpeg = info.format == ImageFormat::Jpeg && info.is_storable_as_is();
-        if plain_jpeg && info.components == 3 {
+        if info.format == ImageFormat::Jpeg {
             check_jpeg_structure(&bytes)?;
+        }
+        if plain_jpeg && info.components == 3 {
             if let Some(out) = resize_jpeg_ycbcr(&bytes, (tw, th), policy)? {
                 return Ok(PreparedImage {
                     bytes: with_restarts(out, policy),
@@ -712,7 +726,7 @@ pub fn prepare_image(
             }
         }
         let short_target = tw.min(th);
-        let mut px = decode_with(&bytes, &info, Some(short_target))?;
+        let mut px = decode_walked(&bytes, &info, Some(short_target))?;
         if (px.width, px.height) != (tw, th) {
             let data = resample::resize(
                 &px.data,
