@@ -3,6 +3,8 @@
 //! Every `*.safetensors` in `$DROPPOS_GOLDEN_DIR` (default: the repo's tests/fixtures/golden) is
 //! run through forward, backward, per-parameter clipping and one AdamW step with the whole
 //! configuration read from the file's metadata. A fixture that cannot be run is a failure.
+//! The fixtures in tests/fixtures/golden_variants (other configurations, written by
+//! scripts/make_golden_variants.py) are run too, whatever `DROPPOS_GOLDEN_DIR` says.
 //!
 //! Tolerances (from the fixture README's suggestions):
 //! - masks / indices: exact;
@@ -36,9 +38,18 @@ fn golden_dir() -> PathBuf {
     }
 }
 
+/// Fixtures written by scripts/make_golden_variants.py (see the folder's README): configurations
+/// the reference fixtures do not cover, from a PyTorch script that first reproduces those.
+fn variants_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden_variants")
+}
+
 fn fixtures() -> Vec<PathBuf> {
-    let dir = golden_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+    fixtures_in(&golden_dir())
+}
+
+fn fixtures_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("golden fixture folder {}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -534,17 +545,21 @@ fn exact_f(what: &str, ours: &Tensor, reference: &Tensor) -> R<()> {
     Ok(())
 }
 
-#[test]
-fn golden_fixtures_explicit_attention() {
+fn run_all(files: Vec<PathBuf>, tag: &str, run: fn(&Path) -> R<String>) {
     tch::set_num_threads(1);
     let mut failures = Vec::new();
-    for path in fixtures() {
-        match run_fixture(&path) {
-            Ok(report) => eprintln!("PASS {}: {report}", path.display()),
-            Err(e) => failures.push(format!("FAIL {}: {e}", path.display())),
+    for path in files {
+        match run(&path) {
+            Ok(report) => eprintln!("PASS{tag} {}: {report}", path.display()),
+            Err(e) => failures.push(format!("FAIL{tag} {}: {e}", path.display())),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn golden_fixtures_explicit_attention() {
+    run_all(fixtures(), "", run_fixture);
 }
 
 /// The fused attention kernel on the same fixtures: forward within the forward tolerance, and
@@ -581,13 +596,15 @@ fn run_fused(path: &Path) -> R<String> {
 
 #[test]
 fn golden_fixtures_fused_attention() {
-    tch::set_num_threads(1);
-    let mut failures = Vec::new();
-    for path in fixtures() {
-        match run_fused(&path) {
-            Ok(report) => eprintln!("PASS (fused) {}: {report}", path.display()),
-            Err(e) => failures.push(format!("FAIL (fused) {}: {e}", path.display())),
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    run_all(fixtures(), " (fused)", run_fused);
+}
+
+#[test]
+fn variant_fixtures_explicit_attention() {
+    run_all(fixtures_in(&variants_dir()), "", run_fixture);
+}
+
+#[test]
+fn variant_fixtures_fused_attention() {
+    run_all(fixtures_in(&variants_dir()), " (fused)", run_fused);
 }
