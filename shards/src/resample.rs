@@ -70,21 +70,39 @@ struct Weights {
     w: Vec<f64>,
 }
 
-impl Weights {
-    /// `fine`: see [`ResizeOpts::pairs_of`] (the filter runs on this many outputs, and
-    /// `out_size` averages pairs of them).
-    fn new(
-        in_size: usize,
-        in0: f32,
-        in1: f32,
-        out_size: usize,
-        filter: Filter,
-        fine: Option<usize>,
-    ) -> Weights {
-        if let Some(fine) = fine {
-            return Weights::paired(Weights::plain(in_size, in0, in1, fine, filter), out_size);
+/// One axis of a resize: input length, source interval [in0, in1) (C floats in Pillow), output
+/// length, filter, and with `fine` the full grid whose pairs the outputs average (see
+/// [`ResizeOpts::pairs_of`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Axis {
+    in_size: usize,
+    in0: f32,
+    in1: f32,
+    out_size: usize,
+    filter: Filter,
+    fine: Option<usize>,
+}
+
+impl Axis {
+    fn plain(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Filter) -> Axis {
+        Axis {
+            in_size,
+            in0,
+            in1,
+            out_size,
+            filter,
+            fine: None,
         }
-        Weights::plain(in_size, in0, in1, out_size, filter)
+    }
+}
+
+impl Weights {
+    fn new(a: Axis) -> Weights {
+        if let Some(fine) = a.fine {
+            let full = Weights::plain(a.in_size, a.in0, a.in1, fine, a.filter);
+            return Weights::paired(full, a.out_size);
+        }
+        Weights::plain(a.in_size, a.in0, a.in1, a.out_size, a.filter)
     }
 
     fn plain(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Filter) -> Weights {
@@ -163,7 +181,9 @@ impl Coeffs {
     /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for input length `in_size`, source
     /// box [in0, in1) (C floats in Pillow), output length `out_size` and `filter`.
     pub fn new(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Filter) -> Coeffs {
-        Coeffs::from_weights(Weights::new(in_size, in0, in1, out_size, filter, None))
+        Coeffs::from_weights(Weights::new(Axis::plain(
+            in_size, in0, in1, out_size, filter,
+        )))
     }
 
     fn from_weights(Weights { bounds, ksize, w }: Weights) -> Coeffs {
@@ -190,7 +210,9 @@ pub struct Coeffs16 {
 
 impl Coeffs16 {
     pub fn new(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Filter) -> Coeffs16 {
-        Coeffs16::from_weights(Weights::new(in_size, in0, in1, out_size, filter, None))
+        Coeffs16::from_weights(Weights::new(Axis::plain(
+            in_size, in0, in1, out_size, filter,
+        )))
     }
 
     fn from_weights(wts: Weights) -> Coeffs16 {
@@ -240,22 +262,15 @@ impl Coeffs16 {
     /// [`Coeffs16::new`] through a small per-thread cache: re-encoding a dataset resizes many
     /// images of the same size (and the two chroma planes of each alike), where building the
     /// tables (f64 kernel evaluations) was ~3 % of the work.
-    pub fn cached(
-        in_size: usize,
-        in0: f32,
-        in1: f32,
-        out_size: usize,
-        filter: Filter,
-        fine: Option<usize>,
-    ) -> std::rc::Rc<Coeffs16> {
+    fn cached(a: Axis) -> std::rc::Rc<Coeffs16> {
         const KEEP: usize = 8;
         let key = (
-            in_size,
-            in0.to_bits(),
-            in1.to_bits(),
-            out_size,
-            filter,
-            fine,
+            a.in_size,
+            a.in0.to_bits(),
+            a.in1.to_bits(),
+            a.out_size,
+            a.filter,
+            a.fine,
         );
         COEFFS16.with_borrow_mut(|cache| {
             if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
@@ -264,8 +279,7 @@ impl Coeffs16 {
                 cache.insert(0, hit);
                 return co;
             }
-            let wts = Weights::new(in_size, in0, in1, out_size, filter, fine);
-            let co = std::rc::Rc::new(Coeffs16::from_weights(wts));
+            let co = std::rc::Rc::new(Coeffs16::from_weights(Weights::new(a)));
             cache.truncate(KEEP - 1);
             cache.insert(0, (key, co.clone()));
             co
@@ -489,19 +503,17 @@ fn resize_box_impl<const AVX2: bool>(
         }
         return;
     }
+    let axis = |in_size, in0, in1, out_size, fine| Axis {
+        fine,
+        ..Axis::plain(in_size, in0, in1, out_size, opts.filter)
+    };
+    let (ax, ay) = (
+        axis(src.width, bx[0], bx[2], out_w, fine_w),
+        axis(src.height, bx[1], bx[3], out_h, fine_h),
+    );
     let cv = match opts.precision {
-        Precision::Exact => {
-            let wts = Weights::new(src.height, bx[1], bx[3], out_h, opts.filter, fine_h);
-            Vertical::Exact(Coeffs::from_weights(wts))
-        }
-        Precision::Fast => Vertical::Fast(Coeffs16::cached(
-            src.height,
-            bx[1],
-            bx[3],
-            out_h,
-            opts.filter,
-            fine_h,
-        )),
+        Precision::Exact => Vertical::Exact(Coeffs::from_weights(Weights::new(ay))),
+        Precision::Fast => Vertical::Fast(Coeffs16::cached(ay)),
     };
     let vbounds = match &cv {
         Vertical::Exact(c) => &c.bounds,
@@ -517,7 +529,7 @@ fn resize_box_impl<const AVX2: bool>(
         // Every byte is written below: keep old contents rather than zero-fill each image.
         temp.resize(out_w * rows * c, 0);
         if opts.precision == Precision::Fast {
-            let ch = Coeffs16::cached(src.width, bx[0], bx[2], out_w, opts.filter, fine_w);
+            let ch = Coeffs16::cached(ax);
             #[allow(unused_mut)]
             let mut first = ybox_first;
             #[cfg(target_arch = "x86_64")]
@@ -533,8 +545,7 @@ fn resize_box_impl<const AVX2: bool>(
                 horizontal_row_fast(src.row(y), c, &ch, opts.mirror, dst);
             }
         } else {
-            let wts = Weights::new(src.width, bx[0], bx[2], out_w, opts.filter, fine_w);
-            let ch = Coeffs::from_weights(wts);
+            let ch = Coeffs::from_weights(Weights::new(ax));
             let rows_out = temp.chunks_exact_mut(out_w * c);
             for (y, dst) in (ybox_first..ybox_last).zip(rows_out) {
                 #[cfg(target_arch = "x86_64")]
