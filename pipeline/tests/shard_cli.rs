@@ -203,3 +203,31 @@ fn fail_mode_exits_non_zero_naming_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn a_run_that_skips_every_input_exits_non_zero() {
+    // COCO annotations against an empty image folder (a wrong --images): every image is
+    // skipped while listing; the manifest says so and the command fails instead of reporting
+    // success with 0 rows.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data_root();
+    let empty = tmp.path().join("images");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = bin()
+        .args(["shard", "coco", "--quiet", "--images"])
+        .arg(&empty)
+        .arg("--annotations")
+        .arg(d.join("coco/annotations/instances_val2017.json"))
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no rows were written"), "{err}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["num_rows"], 0);
+    assert!(!manifest["skipped"].as_array().unwrap().is_empty());
+}

@@ -171,6 +171,9 @@ pub struct WriteSummary {
     pub reused_shards: usize,
     /// Rows whose bytes were re-encoded or converted.
     pub converted: usize,
+    /// Inputs this run read and prepared (rows of the shards it wrote, skipped ones included;
+    /// not those of reused shards or skipped while listing).
+    pub inputs_processed: usize,
 }
 
 /// Journal record of one finished shard.
@@ -386,6 +389,7 @@ pub fn write_dataset(
         written_shards: todo.len(),
         reused_shards: reused,
         converted,
+        inputs_processed: rows_todo,
     })
 }
 

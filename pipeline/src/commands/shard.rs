@@ -298,9 +298,9 @@ fn write(listing: &Listing, common: &Common) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let m = &summary.manifest;
     let bytes: u64 = m.shards.iter().map(|s| s.bytes).sum();
-    let processed = m.num_rows + m.skipped.len() as u64;
+    let processed = summary.inputs_processed as f64;
     println!(
-        "{} {}: {} rows in {} shards ({} written, {} reused), {:.1} MB, {:.1} s, {:.0} images/s",
+        "{} {}: {} rows in {} shards ({} written, {} reused), {:.1} MB, {:.1} s, {:.0} images/s processed",
         m.dataset,
         m.split,
         m.num_rows,
@@ -309,7 +309,7 @@ fn write(listing: &Listing, common: &Common) -> Result<()> {
         summary.reused_shards,
         bytes as f64 / 1e6,
         secs,
-        processed as f64 / secs.max(1e-9)
+        processed / secs.max(1e-9)
     );
     if summary.converted > 0 {
         println!(
@@ -333,6 +333,15 @@ fn write(listing: &Listing, common: &Common) -> Result<()> {
         }
     }
     println!("manifest: {}", summary.manifest_path.display());
+    // An empty dataset is never what was meant: most likely a wrong image folder or root. (A
+    // worker's part may legitimately hold no shards when there are more workers than shards.)
+    if opts.num_workers <= 1 && m.num_rows == 0 && !m.skipped.is_empty() {
+        anyhow::bail!(
+            "no rows were written: all {} inputs were skipped (reasons above and in {})",
+            m.skipped.len(),
+            summary.manifest_path.display()
+        );
+    }
     Ok(())
 }
 
