@@ -333,13 +333,16 @@ fn write(listing: &Listing, common: &Common) -> Result<()> {
         }
     }
     println!("manifest: {}", summary.manifest_path.display());
-    // An empty dataset is never what was meant: most likely a wrong image folder or root. (A
-    // worker's part may legitimately hold no shards when there are more workers than shards.)
-    if opts.num_workers <= 1 && m.num_rows == 0 && !m.skipped.is_empty() {
-        anyhow::bail!(
-            "no rows were written: all {} inputs were skipped (reasons above and in {})",
-            m.skipped.len(),
-            summary.manifest_path.display()
+    // An empty dataset is rarely what was meant (a wrong image folder or root?); under
+    // `--on-error skip` it is still a successful run, so say it loudly rather than fail.
+    if m.num_rows == 0 && !m.skipped.is_empty() {
+        tracing::warn!(
+            skipped = m.skipped.len(),
+            "no rows were written: every input was skipped (see `skipped` in the manifest)"
+        );
+        eprintln!(
+            "warning: no rows were written: all {} inputs were skipped (reasons above)",
+            m.skipped.len()
         );
     }
     Ok(())
