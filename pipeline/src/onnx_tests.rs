@@ -505,7 +505,8 @@ fn export_matches_case(d: &Path, case: &Value, what: crate::commands::export::Wh
 }
 
 /// timm ViT variants our graphs implement (mean pooling with fc_norm and no final norm; no qkv
-/// bias; LayerScale) match timm, and one they do not (register tokens) is refused by name.
+/// bias; LayerScale; other patch sizes, widths, head counts, depths and mlp ratios) match timm,
+/// and one they do not (register tokens) is refused by name.
 #[test]
 fn timm_variants_match_timm_or_are_refused() {
     use crate::commands::export::What;
@@ -518,6 +519,40 @@ fn timm_variants_match_timm_or_are_refused() {
     };
     for (args, what) in [
         (&["--pool", "avg"][..], What::Encoder),
+        (
+            &[
+                "--img",
+                "56",
+                "--patch",
+                "14",
+                "--dim",
+                "36",
+                "--heads",
+                "6",
+                "--depth",
+                "3",
+                "--mlp-ratio",
+                "2.5",
+            ][..],
+            What::Encoder,
+        ),
+        (
+            &[
+                "--img",
+                "64",
+                "--patch",
+                "16",
+                "--dim",
+                "64",
+                "--heads",
+                "4",
+                "--mlp-ratio",
+                "3",
+                "--batch",
+                "1",
+            ][..],
+            What::Encoder,
+        ),
         (
             &["--no-qkv-bias", "--init-values", "0.1"][..],
             What::Encoder,

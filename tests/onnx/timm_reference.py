@@ -17,6 +17,7 @@ def main():
     ap.add_argument("--dim", type=int, default=48)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--mlp-ratio", type=float, default=4.0)
     ap.add_argument("--batch", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--classes", type=int, default=0,
@@ -29,7 +30,8 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(a.seed)
     m = VisionTransformer(img_size=a.img, patch_size=a.patch, embed_dim=a.dim, depth=a.depth,
-                          num_heads=a.heads, num_classes=a.classes, global_pool=a.pool,
+                          num_heads=a.heads, mlp_ratio=a.mlp_ratio, num_classes=a.classes,
+                          global_pool=a.pool,
                           qkv_bias=not a.no_qkv_bias, init_values=a.init_values,
                           reg_tokens=a.reg_tokens)
     # Perturb every parameter (LayerNorm 1/0 and zero biases would hide wiring mistakes).
@@ -62,7 +64,7 @@ def main():
         "inputs": {"images": dump("images", x)},
         "expected": {k: dump(k, v) for k, v in outs.items()},
         "meta": {"img": a.img, "patch": a.patch, "dim": a.dim, "depth": a.depth,
-                 "heads": a.heads, "batch": a.batch, "classes": a.classes, "pool": a.pool, "timm": __import__("timm").__version__},
+                 "mlp_ratio": a.mlp_ratio, "heads": a.heads, "batch": a.batch, "classes": a.classes, "pool": a.pool, "timm": __import__("timm").__version__},
     }
     with open(os.path.join(a.out, "case.json"), "w") as f:
         json.dump(case, f)
