@@ -33,6 +33,8 @@ IMAGES = [
     ("n02815834/n02815834_beaker.JPEG", "grayscale JPEG"),
     ("n02105855/n02105855_2933.JPEG", "PNG (RGBA) named .JPEG"),
     ("n01871265/n01871265_tusker.JPEG", "tiny 75x56 JPEG, 4:2:0 (upscaling)"),
+    ("n04179913/n04179913_sewing_machine.JPEG",
+     "700x500 JPEG: large crops to small outputs take DCT-scaled decoding"),
 ]
 
 

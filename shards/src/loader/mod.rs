@@ -114,8 +114,8 @@ pub struct LoaderConfig {
     /// Finished batches buffered ahead of the consumer.
     pub prefetch: usize,
     pub on_error: OnError,
-    /// DCT-domain downscaling for crops at least twice the output size (see
-    /// [`transform::DCT_MIN_RATIO`]).
+    /// DCT-domain downscaling for crops at least 2 x [`transform::DCT_MIN_RATIO`] times the
+    /// output size.
     pub dct_scaling: bool,
     /// RandAugment on the pre-training crops (fine-tuning; classification datasets only).
     pub randaug: Option<RandAugment>,
