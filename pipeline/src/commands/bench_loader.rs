@@ -54,9 +54,36 @@ pub struct Args {
     no_verify: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Number of ranks the epoch order is split among (DistributedSampler semantics).
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
+    /// This rank (0-based, below --world-size).
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    /// First epoch to run (epochs start-epoch..start-epoch+epochs).
+    #[arg(long, default_value_t = 0)]
+    start_epoch: u64,
+    /// Resume the first epoch after this many of the rank's samples (a batch's `consumed`).
+    #[arg(long, default_value_t = 0)]
+    resume_samples: u64,
+    /// Write one JSON line per batch (epoch, rank, batch, consumed, keys, labels): the order the
+    /// loader produced, for checking determinism, rank partitioning and resumption.
+    #[arg(long)]
+    keys_out: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// One line of `--keys-out`.
+#[derive(Serialize)]
+struct BatchKeys<'a> {
+    epoch: u64,
+    rank: usize,
+    batch: u64,
+    consumed: u64,
+    keys: &'a [String],
+    labels: &'a [i64],
 }
 
 #[derive(Serialize, Debug)]
@@ -87,6 +114,14 @@ pub fn run(a: Args) -> Result<()> {
     };
     cfg.drop_last = false;
     cfg.seed = a.seed;
+    anyhow::ensure!(
+        a.world_size >= 1 && a.rank < a.world_size,
+        "--rank {} must be below --world-size {}",
+        a.rank,
+        a.world_size
+    );
+    cfg.world = a.world_size;
+    cfg.rank = a.rank;
     cfg.dct_scaling = !a.no_dct;
     if a.pillow_exact {
         cfg.resample = Precision::Exact;
@@ -114,10 +149,35 @@ pub fn run(a: Args) -> Result<()> {
     let mut after_first = 0u64;
     let mut batches = 0u64;
     let mut skipped = 0u64;
-    for epoch in 0..a.epochs {
-        let mut it = loader.epoch(epoch, 0)?;
+    let mut keys_out = match &a.keys_out {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    for epoch in a.start_epoch..a.start_epoch + a.epochs {
+        let resume = if epoch == a.start_epoch {
+            a.resume_samples
+        } else {
+            0
+        };
+        let mut it = loader.epoch(epoch, resume)?;
+        let mut index = 0u64;
         while let Some(b) = it.next() {
             let b = b?;
+            if let Some(w) = keys_out.as_mut() {
+                let line = BatchKeys {
+                    epoch,
+                    rank: a.rank,
+                    batch: index,
+                    consumed: b.consumed,
+                    keys: &b.keys,
+                    labels: &b.labels,
+                };
+                serde_json::to_writer(&mut *w, &line)?;
+                std::io::Write::write_all(w, b"\n")?;
+            }
+            index += 1;
             images += b.len() as u64;
             skipped += b.skipped.len() as u64;
             batches += 1;
@@ -130,6 +190,9 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    if let Some(mut w) = keys_out {
+        std::io::Write::flush(&mut w).context("writing --keys-out")?;
+    }
     let fb = first_batch.unwrap_or(seconds);
     let report = Report {
         images,
