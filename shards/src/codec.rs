@@ -422,10 +422,8 @@ fn decode_jpeg_turbo(
         .map_err(|e| classify("jpeg", e))?;
     if channels == 4 {
         // CMYK and YCCK come out as Pillow converts them (the loader's conversion).
-        data = data
-            .chunks_exact(4)
-            .flat_map(crate::turbo::cmyk_to_rgb)
-            .collect();
+        let cmyk = std::mem::take(&mut data);
+        crate::turbo::cmyk_pixels_to_rgb(&cmyk, &mut data);
     }
     Ok(Pixels {
         width: w as u32,
@@ -930,9 +928,13 @@ mod tests {
         assert!(p.conversion.is_none());
     }
 
+    /// The repository's tests/fixtures folder.
+    fn fixtures_root() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    }
+
     fn fixture(rel: &str) -> Vec<u8> {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-        std::fs::read(root.join(rel)).unwrap()
+        std::fs::read(fixtures_root().join(rel)).unwrap()
     }
 
     #[test]
@@ -1021,7 +1023,7 @@ mod tests {
     /// 4:2:0 JPEGs at awkward sizes from the real fixtures: odd dimensions (padded planes), a
     /// large one (DCT-scaled decode) and the originals.
     fn ycbcr_cases() -> Vec<Vec<u8>> {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let root = fixtures_root();
         let mut out = Vec::new();
         for dir in ["data/imagenet/train", "loader/images"] {
             let Ok(rd) = std::fs::read_dir(root.join(dir)) else {

@@ -233,9 +233,19 @@ impl Decompressor {
     }
 }
 
+/// Replaces `out` with the RGB pixels of `cmyk` (TurboJPEG's CMYK output, 4 bytes a pixel)
+/// as Pillow converts a CMYK JPEG (see [`cmyk_to_rgb`]).
+pub(crate) fn cmyk_pixels_to_rgb(cmyk: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(cmyk.len() / 4 * 3);
+    for p in cmyk.chunks_exact(4) {
+        out.extend_from_slice(&cmyk_to_rgb(p));
+    }
+}
+
 /// Pillow: JPEG CMYK is read as "CMYK;I" (inverted), then `cmyk2rgb`:
 /// `out = clip(nk - nk·c/255)` with `nk = 255 - k`, using Pillow's MULDIV255 rounding.
-pub(crate) fn cmyk_to_rgb(raw: &[u8]) -> [u8; 3] {
+fn cmyk_to_rgb(raw: &[u8]) -> [u8; 3] {
     let nk = raw[3] as i32; // 255 - (255 - raw_k)
     let f = |v: u8| {
         let c = 255 - v as i32;

@@ -336,10 +336,6 @@ fn write(listing: &Listing, common: &Common) -> Result<()> {
     // An empty dataset is rarely what was meant (a wrong image folder or root?); under
     // `--on-error skip` it is still a successful run, so say it loudly rather than fail.
     if m.num_rows == 0 && !m.skipped.is_empty() {
-        tracing::warn!(
-            skipped = m.skipped.len(),
-            "no rows were written: every input was skipped (see `skipped` in the manifest)"
-        );
         eprintln!(
             "warning: no rows were written: all {} inputs were skipped (reasons above)",
             m.skipped.len()

@@ -13,7 +13,7 @@
 
 use turbojpeg::raw;
 
-use crate::turbo::{cmyk_to_rgb, Decompressor};
+use crate::turbo::{cmyk_pixels_to_rgb, Decompressor};
 
 /// Why a sample could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -284,11 +284,7 @@ impl Decoder {
             .decompress8(bytes, buf, rw * ch_in, pf)
             .map_err(DecodeError::Jpeg)?;
         if ch_in == 4 {
-            out.pixels.clear();
-            out.pixels.reserve(rw * rh * 3);
-            for p in self.cmyk.chunks_exact(4) {
-                out.pixels.extend_from_slice(&cmyk_to_rgb(p));
-            }
+            cmyk_pixels_to_rgb(&self.cmyk, &mut out.pixels);
         }
         out.width = rw;
         out.height = rh;
