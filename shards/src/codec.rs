@@ -172,26 +172,58 @@ fn is_sof(m: u8) -> bool {
     matches!(m, 0xC0..=0xCF) && !matches!(m, 0xC4 | 0xC8 | 0xCC)
 }
 
+/// The next marker at or after `i` as libjpeg's `next_marker` finds it: other bytes and stuffed
+/// `FF 00` pairs before it are skipped (libjpeg warns "N extraneous bytes before marker" and
+/// decodes; Pillow's header parser skips them too), and so are fill `FF`s. Returns the index of
+/// the marker's `FF` and its code, or `None` when the data ends first.
+fn next_marker(b: &[u8], mut i: usize) -> Option<(usize, u8)> {
+    loop {
+        let mut p = i + memchr::memchr(0xFF, b.get(i..)?)?;
+        while b.get(p + 1) == Some(&0xFF) {
+            p += 1;
+        }
+        match *b.get(p + 1)? {
+            0x00 => i = p + 2,
+            m => return Some((p, m)),
+        }
+    }
+}
+
+/// Refuses the markers libjpeg stops at outside the entropy-coded data (so Pillow cannot read
+/// the file): a second SOI, the hierarchical / differential / reserved frame types, and codes
+/// no JPEG process defines.
+fn check_marker(m: u8, at: usize) -> Result<(), ImageRejection> {
+    match m {
+        0xC0..=0xC3 | 0xC9..=0xCB => Ok(()), // frame headers libjpeg decodes
+        0xC4 | 0xCC | 0xD0..=0xD7 | 0xD9..=0xDD | 0xE0..=0xEF | 0xFE | 0x01 => Ok(()),
+        0xC5..=0xC7 | 0xC8 | 0xCD..=0xCF => Err(corrupt(
+            "jpeg",
+            format!("unsupported JPEG process (frame type 0x{m:02X}) at byte {at}"),
+        )),
+        _ => Err(corrupt(
+            "jpeg",
+            format!("invalid marker 0x{m:02X} at byte {at}"),
+        )),
+    }
+}
+
 fn jpeg_header(b: &[u8]) -> Result<HeaderInfo, ImageRejection> {
     let mut i = 2;
     loop {
-        // Skip fill bytes before a marker.
-        while i < b.len() && b[i] == 0xFF && b.get(i + 1) == Some(&0xFF) {
-            i += 1;
-        }
-        if i + 4 > b.len() {
+        let Some((p, m)) = next_marker(b, i) else {
             return Err(truncated("jpeg", "ends before the frame header"));
-        }
-        if b[i] != 0xFF {
-            return Err(corrupt("jpeg", format!("expected a marker at byte {i}")));
-        }
-        let m = b[i + 1];
+        };
+        i = p;
+        check_marker(m, i)?;
         if matches!(m, 0xD0..=0xD7 | 0x01) {
             i += 2;
             continue;
         }
         if m == 0xD9 || m == 0xDA {
             return Err(corrupt("jpeg", "no frame header before the scan"));
+        }
+        if i + 4 > b.len() {
+            return Err(truncated("jpeg", "ends before the frame header"));
         }
         let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
         if len < 2 {
@@ -220,27 +252,30 @@ fn jpeg_header(b: &[u8]) -> Result<HeaderInfo, ImageRejection> {
 }
 
 /// Walks every JPEG segment and the entropy-coded data up to EOI without decoding: catches
-/// truncation, garbage markers and broken segment lengths at memory speed.
+/// truncation, markers libjpeg refuses and broken segment lengths at memory speed. Bytes
+/// between segments that are no marker are skipped as libjpeg skips them (with a warning that
+/// Pillow ignores), so a file passes exactly when its structure is one they read.
 pub fn check_jpeg_structure(b: &[u8]) -> Result<(), ImageRejection> {
+    let no_eoi = || {
+        truncated(
+            "jpeg",
+            format!("no end-of-image marker ({} bytes)", b.len()),
+        )
+    };
     let mut i = 2;
     let mut saw_sof = false;
     let mut scans = 0;
     loop {
-        if i + 2 > b.len() {
-            return Err(truncated(
+        let (p, m) = next_marker(b, i).ok_or_else(no_eoi)?;
+        i = p;
+        if m == 0xD8 {
+            return Err(corrupt(
                 "jpeg",
-                format!("no end-of-image marker ({} bytes)", b.len()),
+                format!("second start-of-image at byte {i}"),
             ));
         }
-        if b[i] != 0xFF {
-            return Err(corrupt("jpeg", format!("expected a marker at byte {i}")));
-        }
-        let m = b[i + 1];
+        check_marker(m, i)?;
         match m {
-            0xFF => {
-                i += 1;
-                continue;
-            }
             0xD9 => {
                 if scans == 0 {
                     return Err(corrupt("jpeg", "end-of-image before any scan"));
@@ -250,12 +285,6 @@ pub fn check_jpeg_structure(b: &[u8]) -> Result<(), ImageRejection> {
             0xD0..=0xD7 | 0x01 => {
                 i += 2;
                 continue;
-            }
-            0x00 | 0xD8 => {
-                return Err(corrupt(
-                    "jpeg",
-                    format!("invalid marker 0x{m:02X} at byte {i}"),
-                ))
             }
             _ => {}
         }
@@ -282,29 +311,14 @@ pub fn check_jpeg_structure(b: &[u8]) -> Result<(), ImageRejection> {
             // Entropy-coded data: 0xFF is followed by 0x00 (stuffing), RSTn, fill 0xFF, or the
             // next marker.
             loop {
-                match memchr::memchr(0xFF, &b[i..]) {
-                    None => {
-                        return Err(truncated(
-                            "jpeg",
-                            format!("no end-of-image marker ({} bytes)", b.len()),
-                        ))
-                    }
-                    Some(off) => {
-                        let p = i + off;
-                        match b.get(p + 1) {
-                            None => {
-                                return Err(truncated(
-                                    "jpeg",
-                                    format!("no end-of-image marker ({} bytes)", b.len()),
-                                ))
-                            }
-                            Some(0x00) | Some(0xD0..=0xD7) => i = p + 2,
-                            Some(0xFF) => i = p + 1,
-                            Some(_) => {
-                                i = p;
-                                break;
-                            }
-                        }
+                let p = i + memchr::memchr(0xFF, &b[i..]).ok_or_else(no_eoi)?;
+                match b.get(p + 1) {
+                    None => return Err(no_eoi()),
+                    Some(0x00) | Some(0xD0..=0xD7) => i = p + 2,
+                    Some(0xFF) => i = p + 1,
+                    Some(_) => {
+                        i = p;
+                        break;
                     }
                 }
             }
@@ -1160,6 +1174,67 @@ mod tests {
             assert!(decode(cut, DEFAULT_MAX_PIXELS).is_err());
             assert!(prepare_image(cut.to_vec(), &resize).is_err());
         }
+    }
+
+    /// `src` with `junk` inserted after its first segment (APP0 / the first marker segment).
+    fn with_junk_after_first_segment(src: &[u8], junk: &[u8]) -> Vec<u8> {
+        let len = u16::from_be_bytes([src[4], src[5]]) as usize;
+        let at = 4 + len;
+        [&src[..at], junk, &src[at..]].concat()
+    }
+
+    /// Bytes between header segments that are no marker (plain junk, stuffed `FF 00` pairs, zero
+    /// padding): libjpeg skips them with a warning and Pillow reads such files pixel for pixel,
+    /// so they are stored and decoded, not skipped.
+    #[test]
+    fn junk_between_segments_passes_as_in_libjpeg() {
+        let resize = ImagePolicy {
+            resize_short_side: Some(48),
+            ..Default::default()
+        };
+        for (w, h, ch) in [(100, 60, 3), (64, 90, 1)] {
+            let clean = tiny_jpeg(w, h, ch);
+            let pixels = decode(&clean, DEFAULT_MAX_PIXELS).unwrap();
+            let resized = prepare_image(clean.clone(), &resize).unwrap().bytes;
+            for junk in [&[1u8, 2, 3, 4, 5, 6, 7][..], &[0xFF, 0x00, 0x12], &[0; 16]] {
+                let b = with_junk_after_first_segment(&clean, junk);
+                check_jpeg_structure(&b).unwrap();
+                let info = read_header(&b, DEFAULT_MAX_PIXELS).unwrap();
+                assert_eq!((info.width, info.height), (w, h));
+                assert_eq!(decode(&b, DEFAULT_MAX_PIXELS).unwrap(), pixels);
+                assert_eq!(
+                    prepare_image(b.clone(), &ImagePolicy::default())
+                        .unwrap()
+                        .bytes,
+                    b
+                );
+                assert_eq!(prepare_image(b.clone(), &resize).unwrap().bytes, resized);
+            }
+        }
+    }
+
+    /// Markers libjpeg refuses (so Pillow cannot open the file) are refused by the structure walk
+    /// too, whatever their segment lengths say: a stored file must be one a decoder reads.
+    #[test]
+    fn markers_libjpeg_refuses_are_rejected() {
+        let clean = tiny_jpeg(40, 30, 3);
+        for seg in [
+            &[0xFF, 0x10, 0x00, 0x04, b'a', b'b'][..], // no such marker
+            &[0xFF, 0xF3, 0x00, 0x02],                 // JPGn extension
+            &[0xFF, 0xDE, 0x00, 0x02],                 // hierarchical progression
+            &[0xFF, 0xD8],                             // a second SOI
+        ] {
+            let b = with_junk_after_first_segment(&clean, seg);
+            let e = check_jpeg_structure(&b).unwrap_err();
+            assert!(matches!(e, ImageRejection::Corrupt { .. }), "{e}");
+            assert!(prepare_image(b, &ImagePolicy::default()).is_err());
+        }
+        // A hierarchical frame header instead of the baseline one.
+        let mut b = clean.clone();
+        let sof = b.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        b[sof + 1] = 0xC5;
+        let e = read_header(&b, DEFAULT_MAX_PIXELS).unwrap_err();
+        assert!(e.to_string().contains("unsupported JPEG process"), "{e}");
     }
 
     #[test]
