@@ -208,7 +208,7 @@ def main():
                 res[f"ours_{fmt}{suffix}"] = r
                 label = f"{fmt}{', restart-marked shards' if suffix else ''}"
                 print(f"ours ({label}, {r['threads']} threads): {r['images_per_s']:.0f} img/s "
-                      f"({r['steady_images_per_s']:.0f} steady), peak RSS {r['peak_rss_mib']:.0f} MiB  [{cmd}]")
+                      f"({r['steady_images_per_s'] or float('nan'):.0f} steady), peak RSS {r['peak_rss_mib']:.0f} MiB  [{cmd}]")
         for key in [k for k in res if k.startswith("ours_")]:
             o = res[key]["images_per_s"]
             print(f"{key}: {o / res['torchvision']['images_per_s']:.2f}x torchvision, "

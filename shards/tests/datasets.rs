@@ -91,6 +91,16 @@ fn imagenet_default_order_and_caffe_val_list() {
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(ids, sorted);
+    // Without the class list the 1000-class labels cannot index the 4 folders: an error that
+    // says what to pass.
+    let e = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.join("val"),
+        list: Some(root.join("val.txt")),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("val.txt") && e.contains("--classes"), "{e}");
     // Caffe val.txt: bare names, labels index synset_words.txt.
     let l = imagenet::list(&imagenet::ImagenetOptions {
         root: root.join("val"),

@@ -94,7 +94,8 @@ struct Report {
     seconds: f64,
     images_per_s: f64,
     /// After the first batch of the first epoch (excludes start-up and the first row groups).
-    steady_images_per_s: f64,
+    /// Images/s after the first batch (null when there was only one batch).
+    steady_images_per_s: Option<f64>,
     first_batch_s: f64,
     threads: usize,
     batch_size: usize,
@@ -200,7 +201,7 @@ pub fn run(a: Args) -> Result<()> {
         skipped,
         seconds,
         images_per_s: images as f64 / seconds,
-        steady_images_per_s: after_first as f64 / (seconds - fb).max(1e-9),
+        steady_images_per_s: (batches > 1).then(|| after_first as f64 / (seconds - fb).max(1e-9)),
         first_batch_s: fb,
         threads: cfg.threads,
         batch_size: a.batch_size,
@@ -215,11 +216,14 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{} images in {:.2} s: {:.1} images/s ({:.1} after the first batch), {} threads, peak RSS {}",
+            "{} images in {:.2} s: {:.1} images/s ({}), {} threads, peak RSS {}",
             report.images,
             report.seconds,
             report.images_per_s,
-            report.steady_images_per_s,
+            report.steady_images_per_s.map_or_else(
+                || "one batch only".into(),
+                |r| format!("{r:.1} after the first batch")
+            ),
             report.threads,
             report
                 .peak_rss_mib

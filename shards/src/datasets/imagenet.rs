@@ -116,7 +116,19 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
             let rel = rel.trim();
             let label: i64 = label.parse().map_err(|_| bad("label is not an integer"))?;
             if label < 0 || label >= classes.len() as i64 {
-                return Err(bad(&format!("label out of range 0..{}", classes.len())));
+                let hint = if opts.classes.is_none() {
+                    format!(
+                        " ({} classes from the root's folder names; pass --classes FILE with \
+                         the class list the labels index, e.g. synset_words.txt)",
+                        classes.len()
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(bad(&format!(
+                    "label out of range 0..{}{hint}",
+                    classes.len()
+                )));
             }
             let direct = root.join(rel);
             let path = if direct.is_file() {
