@@ -524,25 +524,10 @@ fn dense_masks_and_patch_labels_follow_the_geometry() {
         Field::new("key", DataType::Utf8, false),
         Field::new("image", DataType::Binary, false),
         Field::new("mask", DataType::Binary, false),
-        Field::new(
-            "patch_labels",
-            DataType::List(Arc::new(Field::new("item", DataType::Int32, false))),
-            false,
-        ),
+        patch_labels_field(),
     ]));
     let n = 6;
-    let path = tmp.path().join("shard-000000.parquet");
-    let mut wr =
-        ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema.clone(), None).unwrap();
-    let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(
-        (0..n).map(|_| Some(pl.iter().map(|&v| Some(v)).collect::<Vec<_>>())),
-    );
-    let lists = ListArray::new(
-        Arc::new(Field::new("item", DataType::Int32, false)),
-        lists.offsets().clone(),
-        lists.values().clone(),
-        None,
-    );
+    let lists = int32_lists((0..n).map(|_| pl.clone()));
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(
             (0..n).map(|i| format!("k{i}")),
@@ -555,19 +540,8 @@ fn dense_masks_and_patch_labels_follow_the_geometry() {
         )),
         Arc::new(lists),
     ];
-    wr.write(&RecordBatch::try_new(schema, cols).unwrap())
-        .unwrap();
-    wr.close().unwrap();
-    let (bytes, sha) = (
-        std::fs::metadata(&path).unwrap().len(),
-        droppos_shards::manifest::hash_file(&path).unwrap().1,
-    );
-    write_manifest(
-        tmp.path(),
-        "ade20k",
-        n,
-        vec![json!({"file": "shard-000000.parquet", "rows": n, "bytes": bytes, "sha256": sha})],
-    );
+    let entry = write_single_shard(tmp.path(), schema, cols);
+    write_manifest(tmp.path(), "ade20k", n, vec![entry]);
     let set = Arc::new(ShardSet::open(&[tmp.path().to_path_buf()], true).unwrap());
     for cfg in [LoaderConfig::pretrain(32, 3), LoaderConfig::eval(32, 3)] {
         let batches = collect(&Loader::new(set.clone(), cfg).unwrap(), 0, 0);
@@ -691,4 +665,111 @@ fn restart_marked_shards_give_the_same_batches() {
             assert!(x == y, "{:?} epoch {epoch}", cfg.augment);
         }
     }
+}
+
+/// The shards' `patch_labels` field: a non-null list of int32.
+fn patch_labels_field() -> Field {
+    Field::new(
+        "patch_labels",
+        DataType::List(Arc::new(Field::new("item", DataType::Int32, false))),
+        false,
+    )
+}
+
+/// `[[i32]]` rows as a non-null Arrow list column (the shards' `patch_labels` type).
+fn int32_lists(rows: impl Iterator<Item = Vec<i32>>) -> ListArray {
+    let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(
+        rows.map(|r| Some(r.into_iter().map(Some))),
+    );
+    ListArray::new(
+        Arc::new(Field::new("item", DataType::Int32, false)),
+        lists.offsets().clone(),
+        lists.values().clone(),
+        None,
+    )
+}
+
+/// Writes `cols` as `dir/shard-000000.parquet`; returns its manifest entry.
+fn write_single_shard(dir: &Path, schema: Arc<Schema>, cols: Vec<ArrayRef>) -> Value {
+    let path = dir.join("shard-000000.parquet");
+    let rows = cols[0].len();
+    let mut w =
+        ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema.clone(), None).unwrap();
+    w.write(&RecordBatch::try_new(schema, cols).unwrap())
+        .unwrap();
+    w.close().unwrap();
+    let (bytes, sha) = (
+        std::fs::metadata(&path).unwrap().len(),
+        droppos_shards::manifest::hash_file(&path).unwrap().1,
+    );
+    json!({"file": "shard-000000.parquet", "rows": rows, "bytes": bytes, "sha256": sha})
+}
+
+/// Key + image shards with a `patch_labels` column (a COCO / ADE20K-like folder), manifest
+/// `patch_size` `p`.
+fn write_dense_like(dir: &Path, rows: &[Row], p: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("image", DataType::Binary, false),
+        patch_labels_field(),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.key.clone()),
+        )),
+        Arc::new(BinaryArray::from_iter_values(
+            rows.iter().map(|r| r.image.as_slice()),
+        )),
+        Arc::new(int32_lists(rows.iter().map(|_| vec![1; 4]))),
+    ];
+    let entry = write_single_shard(dir, schema, cols);
+    write_manifest(dir, "coco", rows.len(), vec![entry]);
+    let mpath = dir.join("manifest.json");
+    let mut m = read_json(&mpath);
+    m["patch_size"] = json!(p);
+    std::fs::write(&mpath, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+}
+
+/// Folders of different datasets (ImageNet + COCO for pre-training) load together on the
+/// columns they all carry; patch labels of different grids cannot mix.
+#[test]
+fn folders_of_different_datasets_mix_on_their_common_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("imagenet"),
+        tmp.path().join("coco16"),
+        tmp.path().join("coco32"),
+    );
+    let rows = fixture_rows(9, |_, bytes| bytes.to_vec());
+    write_dataset(&a, &rows[..5], 3, 2);
+    write_dense_like(&b, &rows[5..], 16);
+    write_dense_like(&c, &rows[5..], 32);
+
+    let set = Arc::new(ShardSet::open(&[a.clone(), b.clone()], true).unwrap());
+    let cols = set.columns();
+    assert!(!cols.label && !cols.mask && !cols.patch_labels, "{cols:?}");
+    let cfg = LoaderConfig {
+        drop_last: false,
+        ..small_cfg()
+    };
+    let loader = Loader::new(set, cfg).unwrap();
+    let batches = collect(&loader, 0, 0);
+    let keys: HashSet<String> = batches.iter().flat_map(|b| b.keys.clone()).collect();
+    assert_eq!(keys.len(), 9, "every sample of both folders");
+    assert!(batches.iter().all(|b| b.patch_labels.is_none()));
+
+    // Patch labels on both sides: the grids must agree.
+    assert!(
+        ShardSet::open(&[b.clone(), b.clone()], true)
+            .unwrap()
+            .columns()
+            .patch_labels
+    );
+    let e = ShardSet::open(&[b.clone(), c.clone()], true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("coco32") && e.contains("patch_size 32"), "{e}");
+    // Without patch labels in common the grids do not matter.
+    assert!(ShardSet::open(&[a, c], true).is_ok());
 }

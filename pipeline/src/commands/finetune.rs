@@ -201,8 +201,8 @@ fn open_set(dirs: &[PathBuf]) -> Result<Arc<ShardSet>> {
         .with_context(|| format!("opening shards {}", crate::eval::display_dirs(dirs)))?;
     if !set.columns().label {
         bail!(
-            "the shards in {} have no class labels; fine-tuning needs labelled (ImageNet-style) \
-             shards",
+            "the shards in {} do not all have class labels; fine-tuning needs labelled \
+             (ImageNet-style) shards",
             crate::eval::display_dirs(dirs)
         );
     }

@@ -117,12 +117,13 @@ fn check_columns(set: &ShardSet, dirs: &[PathBuf], need: Need) -> Result<()> {
     let cols = set.columns();
     match need {
         Need::ClassLabels if !cols.label => bail!(
-            "the shards in {} have no class labels (COCO / ADE20K shards?); this evaluation \
-             needs labelled ImageNet-style shards (use `eval dense` for patch labels)",
+            "the shards in {} do not all have class labels (COCO / ADE20K shards?); this \
+             evaluation needs labelled ImageNet-style shards (use `eval dense` for patch labels)",
             display_dirs(dirs)
         ),
         Need::PatchLabels if !cols.patch_labels => bail!(
-            "the shards in {} have no patch_labels; dense evaluation needs COCO or ADE20K shards",
+            "the shards in {} do not all have patch_labels; dense evaluation needs COCO or \
+             ADE20K shards",
             display_dirs(dirs)
         ),
         _ => Ok(()),

@@ -42,11 +42,48 @@ pub struct BlockInfo {
 }
 
 /// Which optional columns the shards carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Columns {
     pub label: bool,
     pub mask: bool,
     pub patch_labels: bool,
+}
+
+impl Columns {
+    /// The columns both carry.
+    pub fn intersection(self, o: Columns) -> Columns {
+        Columns {
+            label: self.label && o.label,
+            mask: self.mask && o.mask,
+            patch_labels: self.patch_labels && o.patch_labels,
+        }
+    }
+
+    /// Names of the columns carried, e.g. "label, patch_labels" ("none" when none is).
+    pub fn names(self) -> String {
+        let v: Vec<&str> = [
+            (self.label, columns::LABEL),
+            (self.mask, columns::MASK),
+            (self.patch_labels, columns::PATCH_LABELS),
+        ]
+        .into_iter()
+        .filter_map(|(has, name)| has.then_some(name))
+        .collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(", ")
+        }
+    }
+
+    /// The columns either carries.
+    pub fn union(self, o: Columns) -> Columns {
+        Columns {
+            label: self.label || o.label,
+            mask: self.mask || o.mask,
+            patch_labels: self.patch_labels || o.patch_labels,
+        }
+    }
 }
 
 /// All shards of one or more dataset folders, as blocks in manifest order.
@@ -72,16 +109,23 @@ impl ShardSet {
         let mut shards = Vec::new();
         let mut blocks = Vec::new();
         let mut columns: Option<Columns> = None;
-        let mut patch_size = None;
+        let mut any = Columns::default();
+        let mut patch_size: Option<(u32, &PathBuf)> = None;
+        let mut patch_size_clash = None;
         for dir in dirs {
             let m = Manifest::load(dir)?;
             let mi = manifests.len();
-            if *patch_size.get_or_insert(m.patch_size) != m.patch_size {
-                return Err(LoaderError::Config(format!(
-                    "{}: patch_size {} differs from the other folders",
-                    dir.display(),
-                    m.patch_size
-                )));
+            match patch_size {
+                None => patch_size = Some((m.patch_size, dir)),
+                Some((p, first)) if p != m.patch_size && patch_size_clash.is_none() => {
+                    patch_size_clash = Some(format!(
+                        "{}: patch_size {} differs from {}'s {p}",
+                        dir.display(),
+                        m.patch_size,
+                        first.display()
+                    ));
+                }
+                _ => {}
             }
             for (ei, entry) in m.shards.iter().enumerate() {
                 let path = m.shard_path(ei);
@@ -101,12 +145,10 @@ impl ShardSet {
                     mask: has(columns::MASK),
                     patch_labels: has(columns::PATCH_LABELS),
                 };
-                if *columns.get_or_insert(c) != c {
-                    return Err(LoaderError::Config(format!(
-                        "{}: columns differ from the other shards",
-                        path.display()
-                    )));
-                }
+                // Folders of different datasets mix (e.g. ImageNet + COCO for pre-training): the
+                // set carries the columns every shard has.
+                columns = Some(columns.map_or(c, |a| a.intersection(c)));
+                any = any.union(c);
                 let md = builder.metadata();
                 let si = shards.len();
                 let mut rows = 0u64;
@@ -139,16 +181,24 @@ impl ShardSet {
             }
             manifests.push(m);
         }
+        let columns = columns.unwrap_or_default();
+        if any != columns {
+            tracing::info!(
+                carried_by_some = %any.names(),
+                carried_by_all = %columns.names(),
+                "the folders' shards differ in their optional columns; batches hold those all carry"
+            );
+        }
+        // Patch labels of different grids cannot share a batch; without them the sizes are moot.
+        if let (true, Some(clash)) = (columns.patch_labels, patch_size_clash) {
+            return Err(LoaderError::Config(clash));
+        }
         Ok(ShardSet {
             manifests,
             shards,
             blocks,
-            columns: columns.unwrap_or(Columns {
-                label: false,
-                mask: false,
-                patch_labels: false,
-            }),
-            patch_size: patch_size.unwrap_or(16) as usize,
+            columns,
+            patch_size: patch_size.map_or(16, |(p, _)| p) as usize,
             verify,
             verified: Mutex::new(HashSet::new()),
         })
