@@ -265,7 +265,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     );
     fails_with(
         &mut eval("classify", &cls_model, &[], &[("--data", &coco)]),
-        "no class labels",
+        "do not all have class labels",
     );
     fails_with(
         bin()
@@ -293,7 +293,23 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     );
     fails_with(
         &mut eval("knn", &enc, &[], &[("--train", &coco)]),
-        "no class labels",
+        "do not all have class labels",
+    );
+    // Train labelled by the folder order, val by synset_words.txt: label 3 means two classes.
+    let train_folders = shard(
+        t,
+        "inet-train-folders",
+        &["imagenet"],
+        &[("--root", d.join("imagenet/train"))],
+    );
+    fails_with(
+        &mut eval(
+            "knn",
+            &enc,
+            &[],
+            &[("--train", &train_folders), ("--val", &val)],
+        ),
+        "different class lists",
     );
     fails_with(
         &mut eval(
@@ -302,7 +318,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
             &[],
             &[("--train", &train), ("--val", &train)],
         ),
-        "no patch_labels",
+        "do not all have patch_labels",
     );
     let ade8 = shard(
         t,

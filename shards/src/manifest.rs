@@ -34,6 +34,41 @@ pub struct ClassEntry {
     pub name: String,
 }
 
+/// Merges the class lists of several dataset folders, checking that every label means one
+/// thing: wherever two lists define an index their ids agree (a shorter list may stop early,
+/// an empty one says nothing). `Err` names the first disagreement, e.g. a train folder sharded
+/// with `--classes synset_words.txt` and a val folder with the folder order.
+pub fn merge_class_lists<'a>(
+    lists: impl IntoIterator<Item = (&'a Path, &'a [ClassEntry])>,
+) -> std::result::Result<Vec<ClassEntry>, String> {
+    let mut merged: std::collections::BTreeMap<u32, (&ClassEntry, &Path)> = Default::default();
+    for (dir, list) in lists {
+        for c in list {
+            match merged.get(&c.index) {
+                Some((first, first_dir)) if first.id != c.id => {
+                    return Err(format!(
+                        "{}: label {} is `{}` ({}) there but `{}` ({}) in {}: the folders were \
+                         sharded with different class lists (e.g. --classes FILE for one, the \
+                         folder order for the other); re-shard one with the other's list",
+                        dir.display(),
+                        c.index,
+                        c.id,
+                        c.name,
+                        first.id,
+                        first.name,
+                        first_dir.display()
+                    ))
+                }
+                Some(_) => {}
+                None => {
+                    merged.insert(c.index, (c, dir));
+                }
+            }
+        }
+    }
+    Ok(merged.into_values().map(|(c, _)| c.clone()).collect())
+}
+
 /// One shard file, relative to the manifest's folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardEntry {
@@ -275,7 +310,29 @@ pub fn sync_dir(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
+
+    #[test]
+    fn class_lists_merge_only_when_labels_agree() {
+        let c = |index, id: &str| ClassEntry {
+            index,
+            id: id.into(),
+            name: format!("name of {id}"),
+        };
+        let full = vec![c(0, "n01"), c(1, "n02"), c(2, "n03")];
+        let prefix = [c(0, "n01"), c(1, "n02")];
+        let (a, b) = (Path::new("train"), Path::new("val"));
+        let merged = merge_class_lists([(a, &prefix[..]), (b, &full[..]), (b, &[][..])]).unwrap();
+        assert_eq!(merged, full);
+        // The val folder's own (sorted-folder) order: label 1 means another class.
+        let other = [c(0, "n01"), c(1, "n03")];
+        let e = merge_class_lists([(a, &full[..]), (b, &other[..])]).unwrap_err();
+        assert!(
+            e.starts_with("val: label 1 is `n03`") && e.contains("`n02`"),
+            "{e}"
+        );
+    }
 
     fn sample() -> Manifest {
         Manifest {

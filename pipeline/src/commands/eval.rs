@@ -233,6 +233,7 @@ pub fn run(args: Args) -> Result<()> {
 
 fn run_classify(a: ClassifyArgs) -> Result<()> {
     let start = Instant::now();
+    eval::check_label_meanings(&[&a.data])?;
     let mut model = a.common.load(ModelKind::Classifier)?;
     let r = eval::classify::classify(&mut model, &a.data, &a.common.feed())?;
     let summary = format!(
@@ -249,6 +250,7 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
 
 fn run_knn(a: KnnArgs) -> Result<()> {
     let start = Instant::now();
+    eval::check_label_meanings(&[&a.train, &a.val])?;
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();
     let mut train = eval::extract_features(&mut model, &a.train, &feed, Need::ClassLabels)?;
@@ -298,6 +300,7 @@ fn run_knn(a: KnnArgs) -> Result<()> {
 
 fn run_linear(a: LinearArgs) -> Result<()> {
     let start = Instant::now();
+    eval::check_label_meanings(&[&a.sets.train, &a.sets.val])?;
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();
     let train = eval::extract_features(&mut model, &a.sets.train, &feed, Need::ClassLabels)?;
@@ -372,6 +375,7 @@ fn run_position(a: PositionArgs) -> Result<()> {
 
 fn run_dense(a: DenseArgs) -> Result<()> {
     let start = Instant::now();
+    eval::check_label_meanings(&[&a.sets.train, &a.sets.val])?;
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();
     let train = eval::extract_features(&mut model, &a.sets.train, &feed, Need::PatchLabels)?;

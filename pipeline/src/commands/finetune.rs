@@ -419,6 +419,7 @@ pub fn run(args: Args) -> Result<()> {
     let placement = crate::train::device::Placement::resolve(&rt, 0)?;
     let device = placement.device;
     let (enc, init) = encoder_source(&args)?;
+    crate::eval::check_label_meanings(&[&args.data, &args.val])?;
     let train_set = open_set(&args.data)?;
     let val_set = if args.val.is_empty() {
         None

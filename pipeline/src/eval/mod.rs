@@ -18,6 +18,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use droppos_model::onnx::{classifier_io, droppos_io, encoder_io};
 use droppos_shards::loader::{Images, Loader, LoaderConfig, PixelFormat, ShardSet};
+use droppos_shards::manifest::{merge_class_lists, Manifest};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::ort_runtime::{Input, OrtModel};
@@ -243,6 +244,27 @@ pub fn for_each_batch_in(
         bail!("no images in {}", display_dirs(dirs));
     }
     Ok(seen)
+}
+
+/// Refuses shard folders (of one set, or a train and a val set) whose manifests give a label
+/// two meanings: a probe trained on one class order and scored on another measures nothing.
+pub fn check_label_meanings(sets: &[&[PathBuf]]) -> Result<()> {
+    let manifests = sets
+        .iter()
+        .flat_map(|dirs| dirs.iter())
+        .map(|d| {
+            Manifest::load(d)
+                .map(|m| (d, m))
+                .with_context(|| format!("reading the manifest of {}", d.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    merge_class_lists(
+        manifests
+            .iter()
+            .map(|(d, m)| (d.as_path(), m.classes.as_slice())),
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(())
 }
 
 pub fn display_dirs(dirs: &[PathBuf]) -> String {
