@@ -50,7 +50,10 @@ fn perturb(params: Vec<(String, Tensor)>) {
 /// A seeded tiny model whose parameters are all perturbed (so LayerNorm 1/0 and zero biases do
 /// not hide wiring mistakes); pos_embed stays the fixed sin-cos table.
 fn tiny_model(seed: i64) -> (tch::nn::VarStore, DropPos, DropPosConfig) {
-    let cfg = tiny_config();
+    tiny_model_from(seed, tiny_config())
+}
+
+fn tiny_model_from(seed: i64, cfg: DropPosConfig) -> (tch::nn::VarStore, DropPos, DropPosConfig) {
     tch::manual_seed(seed);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let model = DropPos::new(&vs.root(), &cfg).unwrap();
@@ -175,6 +178,36 @@ fn droppos_export_matches_tch_forward() {
         case.input_f32(dir.path(), droppos_io::MASK_POS, &[n, k], &mask);
         case.expect(dir.path(), droppos_io::LOGITS, &[n, k, l], &want);
         python_check(&path, &case.write(dir.path()));
+    }
+}
+
+/// A multi_task run's weights (the MAE decoder's `aux_decoder_*` and `mask_token` beside the
+/// encoder and position decoder) export both kinds; the MAE branch is left out of both.
+#[test]
+fn multi_task_weights_export() {
+    let _rng = crate::torch_rng_lock();
+    let mut cfg = tiny_config();
+    cfg.multi_task = true;
+    let (_vs, model, cfg) = tiny_model_from(3, cfg);
+    let w = weights(&model);
+    assert!(w.contains("aux_decoder_embed.weight") && w.contains("mask_token"));
+    let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+    let (cls, _) = tch::no_grad(|| model.encoder.forward_features(&images)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for what in [What::Encoder, What::Droppos] {
+        let m = export::build(&w, &hints(&cfg), what, 32, Opset::V17).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        assert!(g.initializer.iter().all(|t| !t
+            .name
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("aux_decoder")));
+        if what == What::Encoder {
+            let path = dir.path().join("enc.onnx");
+            droppos_model::onnx::write_model(m, &path, ExternalData::Never).unwrap();
+            let d = max_abs_diff(&ort_cls(&path, &images), &to_vec(&cls));
+            assert!(d <= TOL, "cls: {d}");
+        }
     }
 }
 

@@ -127,6 +127,8 @@ const BLOCK_PARAMS: [&str; 14] = [
 pub fn check_supported(w: &Weights) -> Result<(), OnnxError> {
     let other_parts = [
         "decoder_",
+        // The multi_task variant's MAE decoder (not part of any export).
+        "aux_decoder_",
         "mask_pos_token",
         "mask_token",
         "head.",
