@@ -250,7 +250,7 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
 
 fn run_knn(a: KnnArgs) -> Result<()> {
     let start = Instant::now();
-    eval::check_label_meanings(&[&a.train, &a.val])?;
+    let listed = eval::check_label_meanings(&[&a.train, &a.val])?;
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();
     let mut train = eval::extract_features(&mut model, &a.train, &feed, Need::ClassLabels)?;
@@ -279,7 +279,8 @@ fn run_knn(a: KnnArgs) -> Result<()> {
             x: &q.cls,
             labels: y,
         });
-    let classes = eval::num_classes(&ytr, yq.as_deref().unwrap_or(&[]));
+    // The label space is the manifests' class list, or what the labels reach beyond it.
+    let classes = eval::num_classes(&ytr, yq.as_deref().unwrap_or(&[])).max(listed);
     let r = knn::knn_classify(bank, q, train.dim, classes, &cfg);
     let summary = format!(
         "knn (k={}, T={}{}): top-1 {:.4}  top-5 {:.4}  ({} queries, {} in the memory bank)",
@@ -300,15 +301,17 @@ fn run_knn(a: KnnArgs) -> Result<()> {
 
 fn run_linear(a: LinearArgs) -> Result<()> {
     let start = Instant::now();
-    eval::check_label_meanings(&[&a.sets.train, &a.sets.val])?;
+    let listed = eval::check_label_meanings(&[&a.sets.train, &a.sets.val])?;
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();
     let train = eval::extract_features(&mut model, &a.sets.train, &feed, Need::ClassLabels)?;
     let val = eval::extract_features(&mut model, &a.sets.val, &feed, Need::ClassLabels)?;
+    // A head over the manifests' whole class list (as the MAE protocol's 1000-way probe).
     let classes = eval::num_classes(
         &eval::class_indices(&train.labels),
         &eval::class_indices(&val.labels),
-    );
+    )
+    .max(listed);
     let r = linear::linear_probe(
         &train.cls,
         &train.labels,
@@ -375,7 +378,7 @@ fn run_position(a: PositionArgs) -> Result<()> {
 
 fn run_dense(a: DenseArgs) -> Result<()> {
     let start = Instant::now();
-    eval::check_label_meanings(&[&a.sets.train, &a.sets.val])?;
+    let listed = eval::check_label_meanings(&[&a.sets.train, &a.sets.val])?;
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();
     let train = eval::extract_features(&mut model, &a.sets.train, &feed, Need::PatchLabels)?;
@@ -388,7 +391,8 @@ fn run_dense(a: DenseArgs) -> Result<()> {
         .copied()
         .filter(|&l| keep(l))
         .max()
-        .map_or(0, |m| m as usize + 1);
+        // Patch labels are class index + 1 (0 = background / other).
+        .map_or(0, |m| (m as usize + 1).max(listed + 1));
     if classes == 0 {
         bail!("every patch label is ignored or missing");
     }

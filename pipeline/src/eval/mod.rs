@@ -248,7 +248,8 @@ pub fn for_each_batch_in(
 
 /// Refuses shard folders (of one set, or a train and a val set) whose manifests give a label
 /// two meanings: a probe trained on one class order and scored on another measures nothing.
-pub fn check_label_meanings(sets: &[&[PathBuf]]) -> Result<()> {
+/// Returns the number of classes the manifests list (0 when none lists any).
+pub fn check_label_meanings(sets: &[&[PathBuf]]) -> Result<usize> {
     let manifests = sets
         .iter()
         .flat_map(|dirs| dirs.iter())
@@ -258,13 +259,13 @@ pub fn check_label_meanings(sets: &[&[PathBuf]]) -> Result<()> {
                 .with_context(|| format!("reading the manifest of {}", d.display()))
         })
         .collect::<Result<Vec<_>>>()?;
-    merge_class_lists(
+    let merged = merge_class_lists(
         manifests
             .iter()
             .map(|(d, m)| (d.as_path(), m.classes.as_slice())),
     )
     .map_err(anyhow::Error::msg)?;
-    Ok(())
+    Ok(merged.len())
 }
 
 pub fn display_dirs(dirs: &[PathBuf]) -> String {
