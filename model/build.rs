@@ -17,6 +17,9 @@ fn build_dist_shim() {
         "droppos_dist.cpp",
         "droppos_dist_internal.h",
         "droppos_dist_nccl.cpp",
+        "droppos_ffi.h",
+        "droppos_optim.h",
+        "droppos_optim.cpp",
     ] {
         println!("cargo:rerun-if-changed=csrc/{f}");
     }
@@ -59,7 +62,8 @@ fn build_dist_shim() {
         .include(torch_include.join("torch/csrc/api/include"))
         .include("csrc")
         .file("csrc/droppos_dist.cpp")
-        .file("csrc/droppos_dist_nccl.cpp");
+        .file("csrc/droppos_dist_nccl.cpp")
+        .file("csrc/droppos_optim.cpp");
 
     let gloo = env_path("GLOO_INCLUDE_DIR")
         .into_iter()

@@ -24,6 +24,7 @@
 #endif
 
 #include "droppos_dist_internal.h"
+#include "droppos_ffi.h"
 
 struct dd_store {
   c10::intrusive_ptr<c10d::TCPStore> store;
@@ -39,50 +40,6 @@ struct dd_reducer {
   std::unique_ptr<c10d::Reducer> reducer;
   bool find_unused;
 };
-
-namespace {
-
-// c10 messages can embed a C++ backtrace ("Exception raised from ... frame #0: ..."); users get
-// the first part only.
-std::string strip_backtrace(std::string msg) {
-  for (const char *marker : {"\nException raised from ", "Exception raised from "}) {
-    auto at = msg.find(marker);
-    if (at != std::string::npos) msg.erase(at);
-  }
-  while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
-  return msg.empty() ? std::string("c10d error (no message)") : msg;
-}
-
-char *make_error(const std::string &msg) {
-  std::string clean = strip_backtrace(msg);
-  char *out = static_cast<char *>(std::malloc(clean.size() + 1));
-  if (out == nullptr) return nullptr;
-  std::memcpy(out, clean.c_str(), clean.size() + 1);
-  return out;
-}
-
-std::vector<at::Tensor> to_vector(dd_tensor *tensors, int n) {
-  std::vector<at::Tensor> out;
-  out.reserve(static_cast<size_t>(n));
-  for (int i = 0; i < n; ++i) out.push_back(*tensors[i]);
-  return out;
-}
-
-}  // namespace
-
-#define DD_TRY try {
-#define DD_CATCH                                                      \
-  }                                                                   \
-  catch (const c10::Error &e) {                                       \
-    return make_error(e.what_without_backtrace());                    \
-  }                                                                   \
-  catch (const std::exception &e) {                                   \
-    return make_error(e.what());                                      \
-  }                                                                   \
-  catch (...) {                                                       \
-    return make_error("unknown C++ exception in c10d");               \
-  }                                                                   \
-  return nullptr;
 
 extern "C" {
 

@@ -34,6 +34,7 @@ pub mod distributed;
 pub mod droppos;
 pub mod error;
 pub mod finetune;
+pub mod flops;
 pub mod layers;
 pub mod masking;
 pub mod onnx;

@@ -20,6 +20,22 @@ pub enum Attention {
     Explicit,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Auto,
+    Fp32,
+    Bf16,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKernels {
+    Fused,
+    Exact,
+}
+
+/// Dense bf16 peak of an H100 SXM (and H200), TFLOP/s.
+const H100_BF16_PEAK_TFLOPS: f64 = 989.4;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Encoder preset: vit_{tiny,small,base,large,huge}_patch{14,16,32}[_{img}].
@@ -59,6 +75,18 @@ pub struct Args {
     /// `cpu`, `cuda`, `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Step numerics: `auto` is the trainer's choice (CUDA: bf16 autocast around the forward,
+    /// TF32 matmuls; CPU: fp32); `fp32` keeps CUDA in fp32 (TF32 off).
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: Precision,
+    /// Peak FLOP/s of the device in TFLOP/s, for the MFU figure (default on CUDA: 989.4, the
+    /// H100 SXM's dense bf16 peak, which the H200 shares; none on CPU).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Optimizer kernels: `fused` (ATen's multi-tensor AdamW and clipping, CUDA's default) or
+    /// `exact` (op for op as the reference, CPU's default).
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerKernels>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -82,6 +110,20 @@ struct Report {
     images_per_s: f64,
     /// Medians of the phases, measured on separate extra steps (each phase synchronised).
     phase_median_ms: Phases,
+    /// `fp32`, or `bf16 autocast + TF32` (CUDA).
+    precision: &'static str,
+    /// `fused` or `exact` optimizer kernels.
+    optimizer: &'static str,
+    /// Analytic matmul FLOPs of one step (`droppos_model::flops`), in TFLOP.
+    step_tflop: f64,
+    /// step_tflop / median step time.
+    achieved_tflops: f64,
+    peak_tflops: Option<f64>,
+    /// Model FLOPs utilisation: achieved / peak.
+    mfu: Option<f64>,
+    /// CUDA: device memory in use after the timed steps (all of the caching allocator's
+    /// reservations, i.e. its peak, plus the CUDA context); CPU: peak resident set. MiB.
+    memory_mib: f64,
 }
 
 #[derive(Serialize, Debug, Default)]
@@ -126,6 +168,21 @@ pub fn run(args: Args) -> Result<()> {
     if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() {
         bail!("CUDA is not available to libtorch here (see `droppos-pipeline doctor`)");
     }
+    let bf16 = match (args.precision, device) {
+        (Precision::Auto | Precision::Bf16, Device::Cuda(_)) => true,
+        (Precision::Fp32 | Precision::Auto, _) => false,
+        (Precision::Bf16, _) => bail!(
+            "--precision bf16 is a CUDA setting (the CPU trainer runs fp32; --guide-bf16 puts \
+             the attention guide's pass under CPU bf16 autocast)"
+        ),
+    };
+    if let Device::Cuda(_) = device {
+        use droppos_model::trainer::precision;
+        precision::allow_tf32(bf16).map_err(anyhow::Error::msg)?;
+        if bf16 {
+            precision::set_cuda_autocast_bf16().map_err(anyhow::Error::msg)?;
+        }
+    }
     tch::set_num_threads(args.threads);
     tch::manual_seed(0);
     let mut encoder = VitConfig::from_name(&args.model)?;
@@ -147,6 +204,9 @@ pub fn run(args: Args) -> Result<()> {
     let vs = VarStore::new(device);
     let model = DropPos::new(&vs.root(), &cfg)?;
     let mut opt = AdamW::new(model.trainable_parameters(), AdamWConfig::default());
+    if let Some(k) = args.optimizer {
+        opt.set_fused(k == OptimizerKernels::Fused);
+    }
     let smooth = model.smoothing_map(cfg.sigma)?;
     let img = cfg.encoder.img_size;
     let images = Tensor::randn([args.batch, 3, img, img], (Kind::Float, device));
@@ -154,7 +214,13 @@ pub fn run(args: Args) -> Result<()> {
     let mut step = |phases: Option<&mut Phases>| -> Result<f64> {
         let t0 = Instant::now();
         let (noise_patch, noise_pos) = model.sample_noise(args.batch);
-        let out = model.forward_train(&images, &noise_patch, &noise_pos, &smooth)?;
+        let out = if bf16 {
+            tch::autocast(true, || {
+                model.forward_train(&images, &noise_patch, &noise_pos, &smooth)
+            })?
+        } else {
+            model.forward_train(&images, &noise_patch, &noise_pos, &smooth)?
+        };
         let t1 = phases.as_ref().map(|_| {
             sync(device);
             Instant::now()
@@ -202,6 +268,20 @@ pub fn run(args: Args) -> Result<()> {
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = times.iter().cloned().fold(0.0, f64::max);
     let med = median(&mut times);
+    let memory_mib = match device {
+        Device::Cuda(_) => crate::train::device::memory_mib(device),
+        _ => super::bench_loader::peak_rss_mib().unwrap_or(f64::NAN),
+    };
+    let step_tflop = cfg.step_flops(args.batch).total() / 1e12;
+    let achieved = step_tflop / (med / 1e3);
+    let peak = args.peak_tflops.or(match device {
+        Device::Cuda(_) => Some(H100_BF16_PEAK_TFLOPS),
+        _ => None,
+    });
+    let round = |x: f64, digits: i32| {
+        let m = 10f64.powi(digits);
+        (x * m).round() / m
+    };
     let report = Report {
         model: args.model.clone(),
         decoder: args.decoder.clone(),
@@ -224,6 +304,13 @@ pub fn run(args: Args) -> Result<()> {
             backward: median(&mut b),
             clip_and_step: median(&mut s),
         },
+        precision: if bf16 { "bf16 autocast + TF32" } else { "fp32" },
+        optimizer: if opt.is_fused() { "fused" } else { "exact" },
+        step_tflop: round(step_tflop, 6),
+        achieved_tflops: round(achieved, 3),
+        peak_tflops: peak,
+        mfu: peak.map(|p| round(achieved / p, 4)),
+        memory_mib: round(memory_mib, 1),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -250,6 +337,21 @@ pub fn run(args: Args) -> Result<()> {
         println!(
             "phases (median of 3 synchronised steps): forward {:.1} ms, backward {:.1} ms, clip+AdamW {:.1} ms",
             report.phase_median_ms.forward, report.phase_median_ms.backward, report.phase_median_ms.clip_and_step
+        );
+        println!(
+            "{}: {:.4} TFLOP/step (matmuls), {:.2} TFLOP/s{}, memory {:.0} MiB",
+            report.precision,
+            report.step_tflop,
+            report.achieved_tflops,
+            report
+                .mfu
+                .map(|m| format!(
+                    ", MFU {:.1} % of {} TFLOP/s",
+                    m * 100.0,
+                    peak.unwrap_or(0.0)
+                ))
+                .unwrap_or_default(),
+            report.memory_mib
         );
     }
     Ok(())

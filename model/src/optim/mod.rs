@@ -2,7 +2,11 @@
 //!
 //! Both replay PyTorch's single-tensor code paths op for op (`utils.clip_gradients` of the
 //! reference, `torch.optim.AdamW` with `foreach=False`), so that one step from the same gradients
-//! reproduces the reference's parameters bit for bit.
+//! reproduces the reference's parameters bit for bit. On CUDA, where that loop of small kernels
+//! costs more than the update, [`AdamW`] switches to ATen's fused multi-tensor kernels
+//! ([`fused`]), equal up to rounding.
+
+pub mod fused;
 
 use tch::{Kind, Tensor};
 
@@ -93,6 +97,9 @@ struct Slot {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: i64,
+    /// `step` as a float32 scalar on the parameter's device, for the fused kernel (made on first
+    /// use; dropped whenever the host count is authoritative again).
+    dev_step: Option<Tensor>,
 }
 
 /// AdamW over named trainable parameters with two groups (decay / no decay).
@@ -100,6 +107,8 @@ struct Slot {
 pub struct AdamW {
     cfg: AdamWConfig,
     slots: Vec<Slot>,
+    /// Fused multi-tensor kernels instead of the op-for-op path (default: on for CUDA).
+    fused: bool,
 }
 
 impl AdamW {
@@ -119,10 +128,22 @@ impl AdamW {
                     exp_avg,
                     exp_avg_sq,
                     step: 0,
+                    dev_step: None,
                 }
             })
-            .collect();
-        AdamW { cfg, slots }
+            .collect::<Vec<Slot>>();
+        let fused = slots.first().is_some_and(|s| s.param.device().is_cuda());
+        AdamW { cfg, slots, fused }
+    }
+
+    /// Chooses the fused multi-tensor kernels (CUDA's default) or the op-for-op path that
+    /// reproduces the reference bit for bit (CPU's default).
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -174,14 +195,57 @@ impl AdamW {
 
     /// Per-parameter clipping of the current gradients (see [`clip_grad_per_param`]).
     pub fn clip_grad_per_param(&self, clip: f64) -> ClipStats {
+        if self.fused {
+            if let Ok(stats) = self.clip_fused(clip) {
+                return stats;
+            }
+        }
         clip_grad_per_param(&self.params(), clip)
+    }
+
+    /// [`AdamW::clip_grad_per_param`] with one multi-tensor pass.
+    fn clip_fused(&self, clip: f64) -> Result<ClipStats> {
+        let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
+        let with: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].defined()).collect();
+        if with.is_empty() {
+            return Err(ModelError::Input("no gradients".into()));
+        }
+        let live: Vec<&Tensor> = with.iter().map(|&i| &grads[i]).collect();
+        let (norms, coefs) = fused::clip_per_param(&live, clip)?;
+        if with.len() == grads.len() {
+            return Ok(ClipStats { norms, coefs });
+        }
+        // Parameters without a gradient: norm 0, coef 1, as the op-for-op path reports.
+        let index = Tensor::from_slice(&with.iter().map(|&i| i as i64).collect::<Vec<_>>())
+            .to_device(norms.device());
+        let n = grads.len() as i64;
+        let opts = (Kind::Float, norms.device());
+        Ok(ClipStats {
+            norms: Tensor::zeros([n], opts).index_copy(0, &index, &norms),
+            coefs: Tensor::ones([n], opts).index_copy(0, &index, &coefs),
+        })
     }
 
     /// One AdamW step with the current gradients; parameters without a gradient are skipped.
     pub fn step(&mut self) {
+        let mut done = Vec::new();
+        if self.fused {
+            match self.step_fused(&mut done) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fused AdamW failed; using the op-for-op path");
+                    self.fused = false;
+                }
+            }
+        }
         let c = self.cfg;
         tch::no_grad(|| {
-            for s in &mut self.slots {
+            for (i, s) in self.slots.iter_mut().enumerate() {
+                s.dev_step = None;
+                // Groups the fused kernel updated before it failed are not updated twice.
+                if done.contains(&i) {
+                    continue;
+                }
                 let g = s.param.grad();
                 if !g.defined() {
                     continue;
@@ -207,6 +271,51 @@ impl AdamW {
                 let _ = s.param.addcdiv_(&(&s.exp_avg * -step_size), &denom);
             }
         });
+    }
+
+    /// [`AdamW::step`] with one fused kernel per (learning-rate scale, weight decay) group;
+    /// `done` collects the slots updated.
+    fn step_fused(&mut self, done: &mut Vec<usize>) -> Result<()> {
+        let c = self.cfg;
+        let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
+        for s in &mut self.slots {
+            if s.dev_step.is_none() {
+                let t = Tensor::from(s.step as f32).to_device(s.param.device());
+                s.dev_step = Some(t);
+            }
+        }
+        let mut groups: Vec<(f64, bool, Vec<usize>)> = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if !grads[i].defined() {
+                continue;
+            }
+            match groups
+                .iter_mut()
+                .find(|(scale, decay, _)| *scale == s.lr_scale && *decay == s.decay)
+            {
+                Some(g) => g.2.push(i),
+                None => groups.push((s.lr_scale, s.decay, vec![i])),
+            }
+        }
+        for (scale, decay, idx) in &groups {
+            let pick = |f: &dyn Fn(&Slot) -> &Tensor| -> Vec<&Tensor> {
+                idx.iter().map(|&i| f(&self.slots[i])).collect()
+            };
+            let group = fused::AdamWGroup {
+                params: pick(&|s| &s.param),
+                grads: idx.iter().map(|&i| &grads[i]).collect(),
+                exp_avgs: pick(&|s| &s.exp_avg),
+                exp_avg_sqs: pick(&|s| &s.exp_avg_sq),
+                steps: pick(&|s| s.dev_step.as_ref().expect("made above")),
+            };
+            let wd = if *decay { c.weight_decay } else { 0.0 };
+            fused::adamw_step(&group, c.lr * scale, c.beta1, c.beta2, wd, c.eps)?;
+            for &i in idx {
+                self.slots[i].step += 1;
+            }
+            done.extend(idx);
+        }
+        Ok(())
     }
 
     /// Optimizer state for checkpoints: `exp_avg.<name>`, `exp_avg_sq.<name>` and a [#params]
@@ -258,6 +367,7 @@ impl AdamW {
                     dst.copy_(src);
                 }
                 s.step = step;
+                s.dev_step = None;
             }
             Ok(())
         })
