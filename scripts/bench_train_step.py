@@ -24,7 +24,30 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
+try:
+    from timm.models.vision_transformer import Block
+except ImportError:  # a bare GPU machine has torch but not timm: the same block, written out
+
+    class Block(nn.Module):
+        """timm's pre-norm ViT block (fused scaled-dot-product attention, GELU MLP)."""
+
+        def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm):
+            super().__init__()
+            self.num_heads = num_heads
+            self.norm1 = norm_layer(dim)
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+            self.proj = nn.Linear(dim, dim)
+            self.norm2 = norm_layer(dim)
+            hidden = int(dim * mlp_ratio)
+            self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+            x = x + self.proj(a)
+            return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
@@ -90,12 +113,12 @@ class DropPosModel(nn.Module):
     def forward(self, imgs, smooth):
         n = imgs.shape[0]
         x = self.embed(imgs)
-        ids_keep, _, _, _ = self.masking(torch.rand(n, self.L), self.mask_ratio)
+        ids_keep, _, _, _ = self.masking(torch.rand(n, self.L, device=imgs.device), self.mask_ratio)
         k = ids_keep.shape[1]
         idx = ids_keep.unsqueeze(-1).expand(-1, -1, self.d)
         x = x.gather(1, idx)
         pe_vis = self.pos_embed[:, 1:].expand(n, -1, -1).gather(1, idx)
-        keep_pos, _, restore_pos, mask_pos = self.masking(torch.rand(n, k), self.pos_mask_ratio)
+        keep_pos, _, restore_pos, mask_pos = self.masking(torch.rand(n, k, device=imgs.device), self.pos_mask_ratio)
         kp = keep_pos.shape[1]
         pe = torch.cat([pe_vis.gather(1, keep_pos.unsqueeze(-1).expand(-1, -1, self.d)), self.mask_pos_token.expand(n, k - kp, -1)], 1)
         pe = pe.gather(1, restore_pos.unsqueeze(-1).expand(-1, -1, self.d))
@@ -119,38 +142,78 @@ class DropPosModel(nn.Module):
         return loss, acc1
 
 
+def step_flops(size, patch, img, batch, dec_dim=512, dec_depth=2, mask_ratio=0.75):
+    """Matmul FLOPs of one step (2 per multiply-add; backward = 2x forward, the patch
+    embedding's 1x; the guide pass forward only): the convention of `bench train-step`."""
+    d, depth, _ = SIZES[size]
+    L = (img // patch) ** 2
+    k = int(L * (1 - mask_ratio))
+    pix = 3 * patch * patch
+
+    def block(t, w):
+        return 2 * t * w * (4 * w + 2 * 4 * w) + 4 * t * t * w
+
+    pe = 2 * L * pix * d
+    enc = depth * block(k + 1, d)
+    dec = 2 * (k + 1) * d * dec_dim + dec_depth * block(k + 1, dec_dim) + 2 * (k + 1) * dec_dim * L
+    guide = depth * block(L + 1, d)
+    return batch * (guide + pe + enc + dec + pe + 2 * (enc + dec))
+
+
 def python_bench(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = DropPosModel(args.size, args.patch, args.img)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        # What `train` does on CUDA: TF32 matmuls, bf16 autocast around the forward.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = DropPosModel(args.size, args.patch, args.img).to(dev)
     model.guide_bf16 = args.guide_bf16
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
-    opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.05}], lr=1.5e-4, betas=(0.9, 0.95))
-    smooth = smoothing_map(model.L, args.sigma)
-    imgs = torch.randn(args.batch, 3, args.img, args.img)
+    # The fastest eager optimizer on CUDA (one fused kernel); the reference's loop on CPU.
+    opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.05}],
+                            lr=1.5e-4, betas=(0.9, 0.95), **({"fused": True} if cuda else {}))
+    smooth = smoothing_map(model.L, args.sigma).to(dev)
+    imgs = torch.randn(args.batch, 3, args.img, args.img, device=dev)
     times = []
     for i in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, acc1 = model(imgs, smooth)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss, acc1 = model(imgs, smooth)
         opt.zero_grad()
         loss.backward()
-        for p in model.parameters():
-            if p.grad is not None:
-                coef = 5.0 / (p.grad.norm(2) + 1e-6)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if cuda:
+            # Per-parameter clipping without a host round trip per parameter.
+            norms = torch.stack(torch._foreach_norm(grads))
+            coefs = (5.0 / (norms + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, list(coefs.unbind(0)))
+        else:
+            for g in grads:
+                coef = 5.0 / (g.norm(2) + 1e-6)
                 if coef < 1:
-                    p.grad.mul_(coef)
+                    g.mul_(coef)
         opt.step()
         loss.item()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+    mem = None
+    if cuda:
+        mem = {"max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+               "max_reserved_mib": torch.cuda.max_memory_reserved() / 2**20}
+    return statistics.median(times), times, mem
 
 
 def rust_bench(args):
     cmd = [args.rust_bin, "bench", "train-step", "--model", f"vit_{args.size}_patch{args.patch}_{args.img}",
            "--batch", str(args.batch), "--threads", str(args.threads), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--sigma", str(args.sigma), "--json"] + args.rust_arg
+           "--warmup", str(args.warmup), "--sigma", str(args.sigma), "--device", args.device,
+           "--json"] + args.rust_arg
     if args.guide_bf16:
         cmd.append("--guide-bf16")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -171,20 +234,41 @@ def main():
     ap.add_argument("--rust-bin", help="droppos-pipeline binary to compare against")
     ap.add_argument("--guide-bf16", action="store_true", help="run the attention guide's no-grad pass under CPU bf16 autocast (both sides)")
     ap.add_argument("--rust-arg", action="append", default=[], help="extra argument for the Rust bench (repeatable)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: bf16 autocast + TF32, fused AdamW, both sides)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="device peak for MFU (default on CUDA: 989.4, the H100/H200 dense bf16 peak)")
     args = ap.parse_args()
-    py, rs = [], []
+    if args.peak_tflops is None and args.device.startswith("cuda"):
+        args.peak_tflops = 989.4
+    py, rs, mem, rs_last = [], [], None, None
     for r in range(args.rounds):
-        med, _ = python_bench(args)
+        med, _, mem = python_bench(args)
         py.append(med)
         print(f"round {r}: pytorch {med * 1e3:.1f} ms/step", file=sys.stderr)
         if args.rust_bin:
             res = rust_bench(args)
+            rs_last = res
             rs.append(res["median_ms"] / 1e3)
             print(f"round {r}: ours    {res['median_ms']:.1f} ms/step ({res.get('attention')}, guide {res.get('guide_precision')})", file=sys.stderr)
-    result = {"torch": torch.__version__, "threads": args.threads, "batch": args.batch, "guide": "bf16" if args.guide_bf16 else "fp32", "pytorch_median_ms": round(statistics.median(py) * 1e3, 2)}
+    flops = step_flops(args.size, args.patch, args.img, args.batch)
+    pmed = statistics.median(py)
+    result = {"torch": torch.__version__, "device": args.device, "threads": args.threads, "batch": args.batch,
+              "guide": "bf16" if args.guide_bf16 else "fp32", "pytorch_median_ms": round(pmed * 1e3, 2),
+              "pytorch_images_per_s": round(args.batch / pmed, 1), "step_tflop": round(flops / 1e12, 6),
+              "pytorch_tflops": round(flops / pmed / 1e12, 3)}
+    if args.peak_tflops:
+        result["pytorch_mfu"] = round(flops / pmed / 1e12 / args.peak_tflops, 4)
+    if mem:
+        result["pytorch_memory"] = {k: round(v, 1) for k, v in mem.items()}
     if rs:
-        result["ours_median_ms"] = round(statistics.median(rs) * 1e3, 2)
-        result["ratio_ours_over_pytorch"] = round(statistics.median(rs) / statistics.median(py), 3)
+        rmed = statistics.median(rs)
+        result["ours_median_ms"] = round(rmed * 1e3, 2)
+        result["ours_images_per_s"] = round(args.batch / rmed, 1)
+        result["ratio_ours_over_pytorch"] = round(rmed / pmed, 3)
+        result["speedup_ours_vs_pytorch"] = round(pmed / rmed, 3)
+        for k in ("step_tflop", "mfu", "memory_mib", "precision", "optimizer"):
+            if rs_last and k in rs_last:
+                result[f"ours_{k}"] = rs_last[k]
     print(json.dumps(result))
 
 
