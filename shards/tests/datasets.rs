@@ -128,6 +128,72 @@ fn imagenet_default_order_and_caffe_val_list() {
     }
 }
 
+/// The same val labels from Kaggle's `LOC_val_solution.csv` (ImageIds without extension, the
+/// wnid first in PredictionString) and from a list with wnid labels as from Caffe's val.txt.
+#[test]
+fn imagenet_val_labels_from_kaggle_csv_and_wnid_lists() {
+    let root = data_root().join("imagenet");
+    let classes = root.join("synset_words.txt");
+    let wnids: Vec<String> = std::fs::read_to_string(&classes)
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    let text = std::fs::read_to_string(root.join("val.txt")).unwrap();
+    let want: Vec<(String, usize)> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, v)| (n.to_string(), v.parse().unwrap()))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("LOC_val_solution.csv");
+    let mut body = "ImageId,PredictionString\n".to_string();
+    let mut by_wnid = String::new();
+    for (name, label) in &want {
+        let stem = name.strip_suffix(".JPEG").unwrap();
+        let w = &wnids[*label];
+        body += &format!("{stem},{w} 10 20 200 220 {w} 5 5 50 60\n");
+        by_wnid += &format!("{name} {w}\n");
+    }
+    std::fs::write(&csv, body).unwrap();
+    let wnid_list = tmp.path().join("val_wnids.txt");
+    std::fs::write(&wnid_list, by_wnid).unwrap();
+    for list in [csv, wnid_list] {
+        let l = imagenet::list(&imagenet::ImagenetOptions {
+            root: root.join("val"),
+            classes: Some(classes.clone()),
+            list: Some(list.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(l.skipped.is_empty(), "{:?}", l.skipped);
+        assert_eq!(l.items.len(), want.len());
+        for item in &l.items {
+            let name = item.key.rsplit('/').next().unwrap();
+            let label = want.iter().find(|(n, _)| n == name).unwrap().1 as i32;
+            assert!(
+                matches!(item.target, droppos_shards::datasets::Target::Label(l) if l == label),
+                "{}: {:?} from {}",
+                item.key,
+                item.target,
+                list.display()
+            );
+        }
+    }
+    // An unknown label names the problem.
+    let bad = tmp.path().join("bad.txt");
+    std::fs::write(&bad, "ILSVRC2012_val_00000010.JPEG n99999999\n").unwrap();
+    let e = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.join("val"),
+        classes: Some(classes),
+        list: Some(bad),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("n99999999") && e.contains("class id"), "{e}");
+}
+
 #[test]
 fn coco_round_trip_keeps_every_annotation() {
     let root = data_root().join("coco");

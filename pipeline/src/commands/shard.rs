@@ -33,7 +33,8 @@ enum ShardCommand {
         #[arg(long)]
         classes: Option<PathBuf>,
         /// Label list: `relative/path label` lines (MAE train.txt/val.txt; Caffe val.txt with
-        /// bare file names works too).
+        /// bare file names works too); a label is an index or a class id of --classes (a wnid);
+        /// Kaggle's LOC_val_solution.csv is read as such a list.
         #[arg(long)]
         list: Option<PathBuf>,
         /// Split name recorded in the manifest (default: the root folder's name).

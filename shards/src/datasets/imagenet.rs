@@ -4,7 +4,8 @@
 //! (`synset_words.txt`, `LOC_synset_mapping.txt`: first token = class id, 0-based line number =
 //! label) fixes the order instead. A label list (`relative/path label` lines, as MAE-style
 //! train.txt/val.txt; Caffe's val.txt with bare file names also works: names are matched to
-//! files anywhere under the root) gives labels per file.
+//! files anywhere under the root; a label may also be a class id such as a wnid; Kaggle's
+//! `LOC_val_solution.csv` is read as such a list) gives labels per file.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -102,19 +103,53 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
         let text = std::fs::read_to_string(list_path).map_err(|e| ShardError::io(list_path, e))?;
         // Bare names (Caffe val.txt) are matched against every file under the root.
         let mut by_name: Option<HashMap<String, Vec<PathBuf>>> = None;
+        let class_index: HashMap<&str, i64> = classes
+            .iter()
+            .map(|c| (c.id.as_str(), c.index as i64))
+            .collect();
+        // Kaggle's LOC_val_solution.csv: `ImageId,PredictionString` with the image's wnid first.
+        let mut kaggle_csv = false;
         for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
+            let line = line.trim().trim_start_matches('\u{feff}');
             if line.is_empty() {
+                continue;
+            }
+            if n == 0 && line.eq_ignore_ascii_case("ImageId,PredictionString") {
+                kaggle_csv = true;
                 continue;
             }
             let bad = |msg: &str| {
                 ShardError::dataset(list_path, format!("line {}: {msg}: {line:?}", n + 1))
             };
-            let (rel, label) = line
-                .rsplit_once(char::is_whitespace)
-                .ok_or_else(|| bad("expected `path label`"))?;
+            let (rel, label) = if kaggle_csv {
+                let (id, pred) = line
+                    .split_once(',')
+                    .ok_or_else(|| bad("expected `ImageId,PredictionString`"))?;
+                let wnid = pred
+                    .split_whitespace()
+                    .next()
+                    .ok_or_else(|| bad("empty PredictionString"))?;
+                (id.trim(), wnid)
+            } else {
+                line.rsplit_once(char::is_whitespace)
+                    .ok_or_else(|| bad("expected `path label`"))?
+            };
             let rel = rel.trim();
-            let label: i64 = label.parse().map_err(|_| bad("label is not an integer"))?;
+            // An integer label, or a class id of the class list (a wnid).
+            let label: i64 = match (label.parse::<i64>(), class_index.get(label)) {
+                (Ok(v), _) => v,
+                (Err(_), Some(&i)) => i,
+                (Err(_), None) => {
+                    return Err(bad(&format!(
+                        "label `{label}` is neither an integer nor a class id of {}",
+                        if opts.classes.is_some() {
+                            "the class list"
+                        } else {
+                            "the root's folders (pass --classes FILE)"
+                        }
+                    )))
+                }
+            };
             if label < 0 || label >= classes.len() as i64 {
                 let hint = if opts.classes.is_none() {
                     format!(
@@ -144,7 +179,13 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
                         by_name.insert(m)
                     }
                 };
-                match index.get(rel).map(|v| v.as_slice()) {
+                // Kaggle's ImageIds carry no extension.
+                let found = index
+                    .get(rel)
+                    .or_else(|| index.get(&format!("{rel}.JPEG")))
+                    .or_else(|| index.get(&format!("{rel}.jpeg")))
+                    .or_else(|| index.get(&format!("{rel}.jpg")));
+                match found.map(|v| v.as_slice()) {
                     Some([one]) => one.clone(),
                     Some(many) if many.len() > 1 => {
                         return Err(bad(&format!(
