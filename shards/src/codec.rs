@@ -780,9 +780,12 @@ pub fn prepare_image(
             conversion,
         });
     }
-    if info.is_storable_as_is() {
-        // PNGs are always decoded (rare in these datasets, and a chunk walk would need CRCs
-        // anyway); JPEGs get the structural walk, or a full decode on request.
+    // A PNG whose chunk CRCs do not match is re-encoded: Pillow refuses one with a bad ancillary
+    // chunk and libpng one with a bad critical chunk, even when the pixels decode.
+    let intact = info.format != ImageFormat::Png || png_crcs_match(&bytes);
+    if info.is_storable_as_is() && intact {
+        // PNGs are always decoded (rare in these datasets); JPEGs get the structural walk, or a
+        // full decode on request.
         match (info.format, policy.validation) {
             (ImageFormat::Jpeg, Validation::Structure) => check_jpeg_structure(&bytes)?,
             _ => {
@@ -809,6 +812,11 @@ pub fn prepare_image(
     let px = decode_with(&bytes, &info, None)?;
     let out = encode_png(&px)?;
     let to = format!("png {}8", if px.channels == 1 { "gray" } else { "rgb" });
+    let from = if intact {
+        info.describe()
+    } else {
+        format!("{} with bad chunk CRCs", info.describe())
+    };
     Ok(PreparedImage {
         bytes: out,
         width: px.width,
@@ -816,8 +824,29 @@ pub fn prepare_image(
         orig_width: ow,
         orig_height: oh,
         channels: px.channels,
-        conversion: Some((info.describe(), to)),
+        conversion: Some((from, to)),
     })
+}
+
+/// Whether every chunk's CRC (over its type and data) matches, up to IEND. A file that ends
+/// early counts as intact here: decoding reports the truncation.
+fn png_crcs_match(b: &[u8]) -> bool {
+    let mut i = 8;
+    while i + 12 <= b.len() {
+        let len = u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
+        let Some(end) = (i + 8).checked_add(len).filter(|&e| e + 4 <= b.len()) else {
+            return true;
+        };
+        let stored = u32::from_be_bytes([b[end], b[end + 1], b[end + 2], b[end + 3]]);
+        if crc32fast::hash(&b[i + 4..end]) != stored {
+            return false;
+        }
+        if &b[i + 4..i + 8] == b"IEND" {
+            return true;
+        }
+        i = end + 4;
+    }
+    true
 }
 
 /// A decoded 8-bit single-channel mask (ADE20K annotation PNG).
@@ -1174,6 +1203,39 @@ mod tests {
             assert!(decode(cut, DEFAULT_MAX_PIXELS).is_err());
             assert!(prepare_image(cut.to_vec(), &resize).is_err());
         }
+    }
+
+    /// A PNG with a bad CRC in an ancillary chunk decodes here, but Pillow refuses to open it:
+    /// it is re-encoded (same pixels, listed as a conversion); an intact PNG is kept as is.
+    #[test]
+    fn pngs_with_bad_chunk_crcs_are_reencoded() {
+        let px = Pixels {
+            width: 20,
+            height: 10,
+            channels: 3,
+            data: (0..600u32).map(|i| (i * 13) as u8).collect(),
+        };
+        let png = encode_png(&px).unwrap();
+        let kept = prepare_image(png.clone(), &ImagePolicy::default()).unwrap();
+        assert_eq!(
+            (kept.bytes.as_slice(), kept.conversion),
+            (png.as_slice(), None)
+        );
+        // A tEXt chunk with a wrong CRC right after IHDR (8 + 25 bytes).
+        let mut text = vec![0, 0, 0, 3];
+        text.extend_from_slice(b"tEXtk\0v");
+        text.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        let bad = [&png[..33], &text[..], &png[33..]].concat();
+        assert!(png_crcs_match(&png) && !png_crcs_match(&bad));
+        let p = prepare_image(bad.clone(), &ImagePolicy::default()).unwrap();
+        assert_ne!(p.bytes, bad);
+        assert!(png_crcs_match(&p.bytes));
+        assert_eq!(decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap(), px);
+        let (from, to) = p.conversion.unwrap();
+        assert!(
+            from.contains("bad chunk CRCs") && to == "png rgb8",
+            "{from} -> {to}"
+        );
     }
 
     /// `src` with `junk` inserted after its first segment (APP0 / the first marker segment).
