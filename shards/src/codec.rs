@@ -808,8 +808,13 @@ pub fn prepare_image(
             conversion: None,
         });
     }
-    // Convert losslessly to an 8-bit PNG of the decoded pixels.
-    let px = decode_with(&bytes, &info, None)?;
+    // Convert losslessly to an 8-bit PNG of the decoded pixels (a PNG with bad CRCs decoded as
+    // Pillow reads its image data: checksums ignored).
+    let px = if intact {
+        decode_with(&bytes, &info, None)?
+    } else {
+        decode_with(&png_with_crcs_fixed(&bytes), &info, None)?
+    };
     let out = encode_png(&px)?;
     let to = format!("png {}8", if px.channels == 1 { "gray" } else { "rgb" });
     let from = if intact {
@@ -826,6 +831,25 @@ pub fn prepare_image(
         channels: px.channels,
         conversion: Some((from, to)),
     })
+}
+
+/// `b` with every chunk's CRC recomputed (up to IEND or the end of the data).
+fn png_with_crcs_fixed(b: &[u8]) -> Vec<u8> {
+    let mut out = b.to_vec();
+    let mut i = 8;
+    while i + 12 <= out.len() {
+        let len = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
+        let Some(end) = (i + 8).checked_add(len).filter(|&e| e + 4 <= out.len()) else {
+            break;
+        };
+        let crc = crc32fast::hash(&out[i + 4..end]);
+        out[end..end + 4].copy_from_slice(&crc.to_be_bytes());
+        if &out[i + 4..i + 8] == b"IEND" {
+            break;
+        }
+        i = end + 4;
+    }
+    out
 }
 
 /// Whether every chunk's CRC (over its type and data) matches, up to IEND. A file that ends
@@ -1205,8 +1229,9 @@ mod tests {
         }
     }
 
-    /// A PNG with a bad CRC in an ancillary chunk decodes here, but Pillow refuses to open it:
-    /// it is re-encoded (same pixels, listed as a conversion); an intact PNG is kept as is.
+    /// A PNG with a bad CRC in an ancillary chunk decodes here, but Pillow refuses to open it,
+    /// and libpng one with a bad IDAT CRC: both are re-encoded (same pixels, listed as a
+    /// conversion); an intact PNG is kept as is.
     #[test]
     fn pngs_with_bad_chunk_crcs_are_reencoded() {
         let px = Pixels {
@@ -1236,6 +1261,14 @@ mod tests {
             from.contains("bad chunk CRCs") && to == "png rgb8",
             "{from} -> {to}"
         );
+        // A bad IDAT CRC: Pillow ignores it and reads the pixels; so does the conversion.
+        let idat = png.windows(4).position(|w| w == b"IDAT").unwrap() - 4;
+        let len = u32::from_be_bytes(png[idat..idat + 4].try_into().unwrap()) as usize;
+        let mut bad = png.clone();
+        bad[idat + 8 + len] ^= 0xFF;
+        let p = prepare_image(bad, &ImagePolicy::default()).unwrap();
+        assert_eq!(decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap(), px);
+        assert!(p.conversion.is_some());
     }
 
     /// `src` with `junk` inserted after its first segment (APP0 / the first marker segment).
