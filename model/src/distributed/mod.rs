@@ -13,7 +13,8 @@
 //! or hangs gives an error on the other ranks, never a hang.
 
 mod error;
-mod ffi;
+/// Also the home of the shim's error and handle helpers that `optim::fused` shares.
+pub(crate) mod ffi;
 mod grad_sync;
 mod group;
 pub mod launch;

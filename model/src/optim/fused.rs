@@ -6,17 +6,14 @@
 //! rounding (a different summation order in the norms, fused arithmetic in the update), so the
 //! CPU default stays the reference's op-for-op path that the golden fixtures pin.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 
 use tch::Tensor;
-use torch_sys::C_tensor;
 
+use crate::distributed::ffi::{handles, take_error, Tensor as Handle};
 use crate::error::{ModelError, Result};
 
-type Handle = *mut C_tensor;
-
 extern "C" {
-    fn dd_error_free(err: *mut c_char);
     fn do_fused_adamw(
         params: *mut Handle,
         grads: *mut Handle,
@@ -39,21 +36,12 @@ extern "C" {
     ) -> *mut c_char;
 }
 
+/// The shim's error string (freed by [`take_error`]) as a model error.
 fn check(err: *mut c_char, what: &str) -> Result<()> {
-    if err.is_null() {
-        return Ok(());
+    match take_error(err) {
+        None => Ok(()),
+        Some(msg) => Err(ModelError::Config(format!("{what}: {msg}"))),
     }
-    // SAFETY: a non-null result is a NUL-terminated malloc'd message that we free once.
-    let msg = unsafe {
-        let m = CStr::from_ptr(err).to_string_lossy().into_owned();
-        dd_error_free(err);
-        m
-    };
-    Err(ModelError::Config(format!("{what}: {msg}")))
-}
-
-fn handles(ts: &[&Tensor]) -> Vec<Handle> {
-    ts.iter().map(|t| t.as_ptr() as Handle).collect()
 }
 
 /// The tensors of one fused AdamW call (one learning rate and weight decay).
