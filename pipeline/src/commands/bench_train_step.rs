@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use droppos_model::config::{AttentionImpl, DecoderConfig, DropPosConfig, VitConfig};
 use droppos_model::optim::{AdamW, AdamWConfig};
 use droppos_model::DropPos;
@@ -75,8 +75,8 @@ pub struct Args {
     /// `cpu`, `cuda`, `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Step numerics: `auto` is the trainer's choice (CUDA: bf16 autocast around the forward,
-    /// TF32 matmuls; CPU: fp32); `fp32` keeps CUDA in fp32 (TF32 off).
+    /// Step numerics, as `runtime.precision` of `train`: `auto` (CUDA: bf16 autocast around the
+    /// forward; CPU: fp32), `fp32`, `bf16` (CUDA only); on CUDA matmuls use TF32 either way.
     #[arg(long, value_enum, default_value = "auto")]
     precision: Precision,
     /// Peak FLOP/s of the device in TFLOP/s, for the MFU figure (default on CUDA: 989.4, the
@@ -110,7 +110,7 @@ struct Report {
     images_per_s: f64,
     /// Medians of the phases, measured on separate extra steps (each phase synchronised).
     phase_median_ms: Phases,
-    /// `fp32`, or `bf16 autocast + TF32` (CUDA).
+    /// `fp32`, or on CUDA `fp32 + TF32` / `bf16 autocast + TF32`.
     precision: &'static str,
     /// `fused` or `exact` optimizer kernels.
     optimizer: &'static str,
@@ -133,17 +133,6 @@ struct Phases {
     clip_and_step: f64,
 }
 
-fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:") {
-            Some(i) => Device::Cuda(i.parse().context("cuda device index")?),
-            None => bail!("unknown device {other:?} (cpu, cuda, cuda:N)"),
-        },
-    })
-}
-
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
@@ -164,26 +153,21 @@ pub fn run(args: Args) -> Result<()> {
     if args.steps == 0 || args.batch <= 0 || args.threads <= 0 {
         bail!("--steps, --batch and --threads must be positive");
     }
-    let device = parse_device(&args.device)?;
-    if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() {
-        bail!("CUDA is not available to libtorch here (see `droppos-pipeline doctor`)");
-    }
-    let bf16 = match (args.precision, device) {
-        (Precision::Auto | Precision::Bf16, Device::Cuda(_)) => true,
-        (Precision::Fp32 | Precision::Auto, _) => false,
-        (Precision::Bf16, _) => bail!(
-            "--precision bf16 is a CUDA setting (the CPU trainer runs fp32; --guide-bf16 puts \
-             the attention guide's pass under CPU bf16 autocast)"
-        ),
-    };
-    if let Device::Cuda(_) = device {
-        use droppos_model::trainer::precision;
-        precision::allow_tf32(bf16).map_err(anyhow::Error::msg)?;
-        if bf16 {
-            precision::set_cuda_autocast_bf16().map_err(anyhow::Error::msg)?;
+    // The trainer's resolution of device and numerics (threads; on CUDA TF32 and the bf16
+    // autocast dtype), so that the bench times the step `train` runs.
+    let rt = crate::config::RuntimeConfig {
+        device: args.device.clone(),
+        precision: match args.precision {
+            Precision::Auto => "auto",
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
         }
-    }
-    tch::set_num_threads(args.threads);
+        .into(),
+        threads: args.threads as u64,
+        ..crate::config::RuntimeConfig::default()
+    };
+    let placement = crate::train::device::Placement::resolve(&rt, 0)?;
+    let (device, bf16) = (placement.device, placement.bf16_autocast);
     tch::manual_seed(0);
     let mut encoder = VitConfig::from_name(&args.model)?;
     encoder.attention = match args.attention {
@@ -214,13 +198,8 @@ pub fn run(args: Args) -> Result<()> {
     let mut step = |phases: Option<&mut Phases>| -> Result<f64> {
         let t0 = Instant::now();
         let (noise_patch, noise_pos) = model.sample_noise(args.batch);
-        let out = if bf16 {
-            tch::autocast(true, || {
-                model.forward_train(&images, &noise_patch, &noise_pos, &smooth)
-            })?
-        } else {
-            model.forward_train(&images, &noise_patch, &noise_pos, &smooth)?
-        };
+        let out = placement
+            .autocast(|| model.forward_train(&images, &noise_patch, &noise_pos, &smooth))?;
         let t1 = phases.as_ref().map(|_| {
             sync(device);
             Instant::now()
@@ -304,7 +283,11 @@ pub fn run(args: Args) -> Result<()> {
             backward: median(&mut b),
             clip_and_step: median(&mut s),
         },
-        precision: if bf16 { "bf16 autocast + TF32" } else { "fp32" },
+        precision: match (bf16, device.is_cuda()) {
+            (true, _) => "bf16 autocast + TF32",
+            (false, true) => "fp32 + TF32",
+            (false, false) => "fp32",
+        },
         optimizer: if opt.is_fused() { "fused" } else { "exact" },
         step_tflop: round(step_tflop, 6),
         achieved_tflops: round(achieved, 3),
