@@ -833,18 +833,19 @@ pub fn prepare_image(
     })
 }
 
-/// `b` with every chunk's CRC recomputed (up to IEND or the end of the data).
-fn png_with_crcs_fixed(b: &[u8]) -> Vec<u8> {
-    let mut out = b.to_vec();
+/// Each PNG chunk up to IEND as (start of its type, start of its CRC): the CRC covers
+/// `b[type..crc]`. A chunk that runs past the data ends the walk (decoding reports the
+/// truncation).
+fn png_chunk_crcs(b: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
     let mut i = 8;
-    while i + 12 <= out.len() {
-        let len = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
-        let Some(end) = (i + 8).checked_add(len).filter(|&e| e + 4 <= out.len()) else {
+    while i + 12 <= b.len() {
+        let len = u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
+        let Some(end) = (i + 8).checked_add(len).filter(|&e| e + 4 <= b.len()) else {
             break;
         };
-        let crc = crc32fast::hash(&out[i + 4..end]);
-        out[end..end + 4].copy_from_slice(&crc.to_be_bytes());
-        if &out[i + 4..i + 8] == b"IEND" {
+        out.push((i + 4, end));
+        if &b[i + 4..i + 8] == b"IEND" {
             break;
         }
         i = end + 4;
@@ -852,25 +853,20 @@ fn png_with_crcs_fixed(b: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Whether every chunk's CRC (over its type and data) matches, up to IEND. A file that ends
-/// early counts as intact here: decoding reports the truncation.
+/// Whether every chunk's stored CRC matches its type and data.
 fn png_crcs_match(b: &[u8]) -> bool {
-    let mut i = 8;
-    while i + 12 <= b.len() {
-        let len = u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
-        let Some(end) = (i + 8).checked_add(len).filter(|&e| e + 4 <= b.len()) else {
-            return true;
-        };
-        let stored = u32::from_be_bytes([b[end], b[end + 1], b[end + 2], b[end + 3]]);
-        if crc32fast::hash(&b[i + 4..end]) != stored {
-            return false;
-        }
-        if &b[i + 4..i + 8] == b"IEND" {
-            return true;
-        }
-        i = end + 4;
+    png_chunk_crcs(b)
+        .into_iter()
+        .all(|(t, c)| crc32fast::hash(&b[t..c]).to_be_bytes() == b[c..c + 4])
+}
+
+/// `b` with every chunk's CRC recomputed.
+fn png_with_crcs_fixed(b: &[u8]) -> Vec<u8> {
+    let mut out = b.to_vec();
+    for (t, c) in png_chunk_crcs(b) {
+        out[c..c + 4].copy_from_slice(&crc32fast::hash(&b[t..c]).to_be_bytes());
     }
-    true
+    out
 }
 
 /// A decoded 8-bit single-channel mask (ADE20K annotation PNG).
