@@ -428,8 +428,7 @@ fn decode_jpeg_turbo(
         _ => (raw::TJPF_TJPF_RGB, 3u8),
     };
     let denom = min_short.map_or(1, |t| dct_denom(header.width.min(header.height), t));
-    d.set_scale(denom).map_err(|e| corrupt("jpeg", e))?;
-    let (w, h) = (header.width.div_ceil(denom), header.height.div_ceil(denom));
+    let (w, h) = d.set_scale(denom).map_err(|e| corrupt("jpeg", e))?;
     let pitch = w * channels as usize;
     let mut data = vec![0u8; pitch * h];
     d.decompress8(bytes, &mut data, pitch, pf)
@@ -476,8 +475,7 @@ fn resize_jpeg_ycbcr(
         return Ok(None);
     }
     let denom = dct_denom(header.width.min(header.height), tw.min(th));
-    d.set_scale(denom).map_err(|e| corrupt("jpeg", e))?;
-    let (sw, sh) = (header.width.div_ceil(denom), header.height.div_ceil(denom));
+    let (sw, sh) = d.set_scale(denom).map_err(|e| corrupt("jpeg", e))?;
     let src = YuvImage {
         pixels: (),
         width: sw,

@@ -155,8 +155,9 @@ impl Decompressor {
         Ok(())
     }
 
-    /// Decodes at 1/`denom` (1, 2, 4 or 8) from now on.
-    pub fn set_scale(&mut self, denom: usize) -> Result<(), String> {
+    /// Decodes at 1/`denom` (1, 2, 4 or 8) from now on; returns the size the header last read
+    /// decodes to at that scale (before cropping).
+    pub fn set_scale(&mut self, denom: usize) -> Result<(usize, usize), String> {
         let sf = raw::tjscalingfactor {
             num: 1,
             denom: denom as CInt,
@@ -166,7 +167,8 @@ impl Decompressor {
             return Err(self.error());
         }
         self.denom = denom;
-        Ok(())
+        self.scaled_size()
+            .ok_or_else(|| "set_scale before a header was read".into())
     }
 
     /// Decodes `bytes` to 8-bit pixels of format `pf` (a `TJPF_*` code) into `out`, rows `pitch`

@@ -212,11 +212,6 @@ impl Decoder {
                 if let Some((cols, rows)) = lay.window_for(src, lay.mcu_w.max(lay.mcu_h)) {
                     let mut cut = std::mem::take(&mut self.window);
                     let (xo, yo, ww, wh) = lay.window(bytes, cols, rows, &mut cut);
-                    let sub = Header {
-                        width: ww,
-                        height: wh,
-                        kind: hdr.kind,
-                    };
                     // Window and region come from the same frame size, so the region lies
                     // inside the window (the shared margin logic above keeps it so).
                     let inner = if denom == 1 {
@@ -226,7 +221,7 @@ impl Decoder {
                     };
                     debug_assert!(inner.0 + inner.2 <= ww.div_ceil(denom));
                     debug_assert!(inner.1 + inner.3 <= wh.div_ceil(denom));
-                    let r = self.decode_jpeg_at(&cut, &sub, colorspace, inner, denom, out);
+                    let r = self.decode_jpeg_at(&cut, colorspace, inner, denom, out);
                     self.window = cut;
                     r?;
                     out.x0 += xo / denom;
@@ -235,7 +230,7 @@ impl Decoder {
                 }
             }
         }
-        self.decode_jpeg_at(bytes, hdr, colorspace, region, denom, out)
+        self.decode_jpeg_at(bytes, colorspace, region, denom, out)
     }
 
     /// Decodes the scaled region (x0, y0, w, h) of `bytes` at 1/`denom` (the whole image when
@@ -243,16 +238,13 @@ impl Decoder {
     fn decode_jpeg_at(
         &mut self,
         bytes: &[u8],
-        hdr: &Header,
         colorspace: i32,
         region: (usize, usize, usize, usize),
         denom: usize,
         out: &mut Decoded,
     ) -> Result<(), DecodeError> {
         self.tj.read_header(bytes).map_err(DecodeError::Jpeg)?;
-        self.tj.set_scale(denom).map_err(DecodeError::Jpeg)?;
-        let sw = hdr.width.div_ceil(denom);
-        let sh = hdr.height.div_ceil(denom);
+        let (sw, sh) = self.tj.set_scale(denom).map_err(DecodeError::Jpeg)?;
         let whole = (0, 0, sw, sh);
         let crop = (region != whole).then_some(region);
         // Some layouts refuse a cropping region; decode the whole (scaled) image instead.
