@@ -310,7 +310,6 @@ pub fn sync_dir(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     #[test]
