@@ -672,8 +672,8 @@ impl ShardCtx<'_> {
 
     /// Reads, checks and converts one input (runs on the rayon pool).
     fn prepare<'b>(&self, item: &'b InputItem) -> std::result::Result<Row<'b>, ImageRejection> {
-        let bytes =
-            std::fs::read(&item.path).map_err(|e| ImageRejection::Unreadable(e.to_string()))?;
+        let bytes = std::fs::read(&item.path)
+            .map_err(|e| ImageRejection::Unreadable(crate::datasets::read_error(&item.path, &e)))?;
         let img = codec::prepare_image(bytes, &self.opts.image)?;
         let mut conversions = Vec::new();
         if let Some((from, to)) = &img.conversion {
@@ -701,7 +701,11 @@ impl ShardCtx<'_> {
             }
             Target::Mask(mask_path) => {
                 let mbytes = std::fs::read(mask_path).map_err(|e| {
-                    ImageRejection::BadMask(format!("{}: {e}", mask_path.display()))
+                    ImageRejection::BadMask(format!(
+                        "{}: {}",
+                        mask_path.display(),
+                        crate::datasets::read_error(mask_path, &e)
+                    ))
                 })?;
                 let m = codec::decode_mask(&mbytes, self.opts.image.max_pixels)?;
                 if (m.width, m.height) != (img.orig_width, img.orig_height) {

@@ -229,6 +229,71 @@ fn bad_inputs_are_skipped_and_listed_or_fail_naming_the_file() {
     assert!(!out2.join("manifest.json").exists());
 }
 
+#[cfg(unix)]
+#[test]
+fn dangling_symlinks_are_skipped_with_their_reason_not_fatal() {
+    // Link farms are common for datasets; one link whose target is gone must not stop a
+    // 1.28 M-image run, nor be lost: it is skipped (or fails) under the policy, named.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("train");
+    let class = root.join("n00000001");
+    std::fs::create_dir_all(&class).unwrap();
+    let img = encode_jpeg(
+        &Pixels {
+            width: 16,
+            height: 16,
+            channels: 3,
+            data: vec![128; 16 * 16 * 3],
+        },
+        90,
+    )
+    .unwrap();
+    std::fs::write(class.join("ok.JPEG"), img).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("gone.JPEG"), class.join("link.JPEG")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("gone"), root.join("n00000002")).unwrap();
+    let listing = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        listing.classes.len(),
+        1,
+        "a dangling link is no class folder"
+    );
+    let out = tmp.path().join("out");
+    let s = write(&listing, &out, |_| {});
+    assert_eq!(s.manifest.num_rows, 1);
+    let reasons: std::collections::HashMap<&str, &str> = s
+        .manifest
+        .skipped
+        .iter()
+        .map(|e| (e.path.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons["n00000001/link.JPEG"].contains("broken symbolic link"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["n00000002"].contains("broken symbolic link"),
+        "{reasons:?}"
+    );
+
+    let err = write_dataset(
+        &listing,
+        &WriteOptions {
+            out: tmp.path().join("out2"),
+            on_error: OnError::Fail,
+            threads: 1,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("link.JPEG"), "{err}");
+}
+
 #[test]
 fn verify_catches_a_flipped_byte_and_partial_shards() {
     let listing = imagenet_train();

@@ -246,9 +246,13 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
         }
         // Files directly under the root belong to no class.
         for (_, path, _) in files_in(root)? {
+            let reason = match std::fs::metadata(&path) {
+                Err(e) => super::read_error(&path, &e),
+                Ok(_) => "not inside a class folder".into(),
+            };
             skipped.push(SkippedEntry {
                 path: rel_key(root, &path),
-                reason: "not inside a class folder".into(),
+                reason,
             });
         }
     }

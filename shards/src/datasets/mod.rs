@@ -130,6 +130,39 @@ pub(crate) fn require_dir(dir: &Path, what: &str) -> Result<()> {
     }
 }
 
+enum EntryKind {
+    Dir,
+    /// A regular file (size in bytes), or a dangling symlink (size 0): the latter is listed so
+    /// that reading it fails under the `--on-error` policy with a reason, not lost silently.
+    File(u64),
+    /// Sockets, FIFOs, devices: never dataset files.
+    Other,
+}
+
+/// What `path` is, following symlinks (datasets are often linked farms).
+fn kind_of(path: &Path) -> Result<EntryKind> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(EntryKind::Dir),
+        Ok(m) if m.is_file() => Ok(EntryKind::File(m.len())),
+        Ok(_) => Ok(EntryKind::Other),
+        Err(e) => match std::fs::symlink_metadata(path) {
+            Ok(l) if l.file_type().is_symlink() => Ok(EntryKind::File(0)),
+            _ => Err(ShardError::io(path, e)),
+        },
+    }
+}
+
+/// Why `path` could not be read: a dangling symlink says where it points.
+pub(crate) fn read_error(path: &Path, e: &std::io::Error) -> String {
+    match std::fs::read_link(path) {
+        Ok(target) if std::fs::metadata(path).is_err() => format!(
+            "broken symbolic link (its target {} does not exist)",
+            target.display()
+        ),
+        _ => e.to_string(),
+    }
+}
+
 /// Regular files under `dir`, recursively, sorted by path. Hidden entries are included (they
 /// are reported as skipped later if they are not images, never silently dropped).
 pub(crate) fn walk_files(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
@@ -140,12 +173,10 @@ pub(crate) fn walk_files(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
         for entry in rd {
             let entry = entry.map_err(|e| ShardError::io(&d, e))?;
             let path = entry.path();
-            // Follow symlinks (datasets are often linked farms).
-            let meta = std::fs::metadata(&path).map_err(|e| ShardError::io(&path, e))?;
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file() {
-                out.push((path, meta.len()));
+            match kind_of(&path)? {
+                EntryKind::Dir => stack.push(path),
+                EntryKind::File(len) => out.push((path, len)),
+                EntryKind::Other => {}
             }
         }
     }
@@ -160,10 +191,7 @@ pub(crate) fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     for entry in rd {
         let entry = entry.map_err(|e| ShardError::io(dir, e))?;
         let path = entry.path();
-        if std::fs::metadata(&path)
-            .map(|m| m.is_dir())
-            .unwrap_or(false)
-        {
+        if matches!(kind_of(&path)?, EntryKind::Dir) {
             out.push((entry.file_name().to_string_lossy().into_owned(), path));
         }
     }
@@ -178,13 +206,8 @@ pub(crate) fn files_in(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
     for entry in rd {
         let entry = entry.map_err(|e| ShardError::io(dir, e))?;
         let path = entry.path();
-        let meta = std::fs::metadata(&path).map_err(|e| ShardError::io(&path, e))?;
-        if meta.is_file() {
-            out.push((
-                entry.file_name().to_string_lossy().into_owned(),
-                path,
-                meta.len(),
-            ));
+        if let EntryKind::File(len) = kind_of(&path)? {
+            out.push((entry.file_name().to_string_lossy().into_owned(), path, len));
         }
     }
     out.sort();
