@@ -23,6 +23,23 @@ fn imagenet_train() -> Listing {
     .unwrap()
 }
 
+/// An ImageFolder tree with labels from its folder names.
+fn folder_listing(root: &Path) -> Listing {
+    imagenet::list(&imagenet::ImagenetOptions {
+        root: root.to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// The manifest's skipped entries, path -> reason.
+fn skip_reasons(m: &droppos_shards::manifest::Manifest) -> std::collections::HashMap<&str, &str> {
+    m.skipped
+        .iter()
+        .map(|e| (e.path.as_str(), e.reason.as_str()))
+        .collect()
+}
+
 #[test]
 fn identical_bytes_for_any_thread_count() {
     let listing = imagenet_train();
@@ -184,20 +201,11 @@ fn bad_inputs_are_skipped_and_listed_or_fail_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("train");
     bad_inputs_root(&root);
-    let listing = imagenet::list(&imagenet::ImagenetOptions {
-        root: root.clone(),
-        ..Default::default()
-    })
-    .unwrap();
+    let listing = folder_listing(&root);
     let out = tmp.path().join("out");
     let s = write(&listing, &out, |_| {});
     assert_eq!(s.manifest.num_rows, 1);
-    let reasons: std::collections::HashMap<&str, &str> = s
-        .manifest
-        .skipped
-        .iter()
-        .map(|e| (e.path.as_str(), e.reason.as_str()))
-        .collect();
+    let reasons = skip_reasons(&s.manifest);
     assert_eq!(reasons.len(), 5, "{reasons:?}");
     assert_eq!(reasons["n00000001/empty.JPEG"], "empty file");
     assert!(reasons["n00000001/notes.JPEG"].starts_with("not an image"));
@@ -251,11 +259,7 @@ fn dangling_symlinks_are_skipped_with_their_reason_not_fatal() {
     std::fs::write(class.join("ok.JPEG"), img).unwrap();
     std::os::unix::fs::symlink(tmp.path().join("gone.JPEG"), class.join("link.JPEG")).unwrap();
     std::os::unix::fs::symlink(tmp.path().join("gone"), root.join("n00000002")).unwrap();
-    let listing = imagenet::list(&imagenet::ImagenetOptions {
-        root: root.clone(),
-        ..Default::default()
-    })
-    .unwrap();
+    let listing = folder_listing(&root);
     assert_eq!(
         listing.classes.len(),
         1,
@@ -264,12 +268,7 @@ fn dangling_symlinks_are_skipped_with_their_reason_not_fatal() {
     let out = tmp.path().join("out");
     let s = write(&listing, &out, |_| {});
     assert_eq!(s.manifest.num_rows, 1);
-    let reasons: std::collections::HashMap<&str, &str> = s
-        .manifest
-        .skipped
-        .iter()
-        .map(|e| (e.path.as_str(), e.reason.as_str()))
-        .collect();
+    let reasons = skip_reasons(&s.manifest);
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(
         reasons["n00000001/link.JPEG"].contains("broken symbolic link"),
