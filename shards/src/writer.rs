@@ -1010,15 +1010,41 @@ pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
         if p.num_workers != info.num_workers || p.total_shards != info.total_shards {
             return Err(bad("parts come from runs with different worker counts"));
         }
-        if m.dataset != first.dataset
-            || m.split != first.split
-            || m.options != first.options
-            || m.inputs != first.inputs
-            || m.classes != first.classes
-            || m.patch_size != first.patch_size
-            || m.tool_version != first.tool_version
-        {
-            return Err(bad("parts come from different inputs or options"));
+        let mut differ: Vec<String> = Vec::new();
+        if m.dataset != first.dataset {
+            differ.push("dataset".into());
+        }
+        if m.split != first.split {
+            differ.push("split".into());
+        }
+        if m.options != first.options {
+            // Name the settings, so a user merging many parts sees which command line differed.
+            let keys = m.options.keys().chain(first.options.keys());
+            let mut names: Vec<&String> = keys
+                .filter(|k| m.options.get(*k) != first.options.get(*k))
+                .collect();
+            names.sort();
+            names.dedup();
+            differ.extend(names.iter().map(|k| format!("option `{k}`")));
+        }
+        if m.inputs != first.inputs {
+            differ.push("inputs (the listed files, sizes or labels)".into());
+        }
+        if m.classes != first.classes {
+            differ.push("classes".into());
+        }
+        if m.patch_size != first.patch_size {
+            differ.push("patch_size".into());
+        }
+        if m.tool_version != first.tool_version {
+            differ.push("tool version".into());
+        }
+        if !differ.is_empty() {
+            return Err(bad(&format!(
+                "parts come from different inputs or options; differing from {}: {}",
+                first.dir.display(),
+                differ.join(", ")
+            )));
         }
         if std::mem::replace(&mut seen[p.worker_index as usize], true) {
             return Err(bad(&format!("worker {} given twice", p.worker_index)));

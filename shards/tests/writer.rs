@@ -342,8 +342,20 @@ fn worker_parts_merge_to_the_single_run() {
         o.num_workers = 2;
         o.worker_index = 0;
     });
-    let err = merge_parts(&parts.path().join("merged"), &[other]).unwrap_err();
+    let err = merge_parts(&parts.path().join("merged"), std::slice::from_ref(&other)).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
+    // A part written with other settings is refused, naming the setting.
+    let odd = parts.path().join("odd");
+    write(&listing, &odd, |o| {
+        set(o);
+        o.num_workers = 2;
+        o.worker_index = 1;
+        o.image.resize_short_side = Some(64);
+    });
+    let err = merge_parts(&parts.path().join("merged2"), &[other, odd]).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("option `resize_short_side`"), "{msg}");
+    assert!(!msg.contains("option `seed`"), "{msg}");
 }
 
 #[test]
