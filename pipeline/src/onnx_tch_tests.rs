@@ -432,6 +432,45 @@ fn classifier_needs_a_head_and_droppos_keeps_its_grid() {
     assert!(err.contains("--img-size 32"), "{err}");
 }
 
+/// Parameters a graph would leave out are refused by name, never dropped: a decoder position
+/// embedding or q/k norm for `droppos`, half of a LayerNorm for `classifier`.
+#[test]
+fn parameters_a_graph_would_ignore_are_refused() {
+    use droppos_model::onnx::{HostTensor, Weights};
+    let _rng = crate::torch_rng_lock();
+    let (_vs, model, cfg) = tiny_model(5);
+    let w = weights(&model);
+    let t = |dims: Vec<i64>| {
+        let n = dims.iter().product::<i64>() as usize;
+        HostTensor::new(dims, vec![0.5; n]).unwrap()
+    };
+    for (name, dims) in [
+        ("decoder_pos_embed", vec![1, 17, 32]),
+        ("decoder_blocks.0.attn.q_norm.weight", vec![8]),
+    ] {
+        let mut odd = w.clone();
+        odd.insert(name, t(dims));
+        let err = export::build(&odd, &hints(&cfg), What::Droppos, 32, Opset::V17)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name), "{err}");
+    }
+    let mut with_head = w.clone();
+    with_head.insert("head.weight", t(vec![10, 48]));
+    with_head.insert("head.bias", t(vec![10]));
+    assert!(export::build(&with_head, &hints(&cfg), What::Classifier, 32, Opset::V17).is_ok());
+    for missing in ["norm.weight", "norm.bias"] {
+        let mut half = Weights::new();
+        for n in with_head.names().filter(|n| *n != missing) {
+            half.insert(n, with_head.get(n).unwrap().clone());
+        }
+        let err = export::build(&half, &hints(&cfg), What::Classifier, 32, Opset::V17)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(missing), "{err}");
+    }
+}
+
 /// `--img-size` other than the trained size: pos_embed resampled like MAE's
 /// `interpolate_pos_embed`, checked against a tch model built at the new size with that table.
 #[test]

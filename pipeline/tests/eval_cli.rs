@@ -199,6 +199,25 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
         &[("--data", &val)],
     ));
     assert_eq!(again["scores"], r["scores"]);
+    // Masks are drawn per image: the batch size changes nothing (39 train images, 5 vs 8).
+    let by_batch = |size: &str| {
+        let mut c = bin();
+        c.args([
+            "eval",
+            "position",
+            "--json",
+            "--no-progress",
+            "--threads",
+            "1",
+        ])
+        .args(["--batch-size", size, "--mask-ratio", "0.75", "--seed", "3"])
+        .arg("--model")
+        .arg(&dp)
+        .arg("--data")
+        .arg(&train);
+        json(&mut c)["scores"].clone()
+    };
+    assert_eq!(by_batch("5"), by_batch("8"));
     // Three mask draws per image: three times the predictions.
     let r = json(&mut eval(
         "position",

@@ -33,6 +33,8 @@ pub enum OnnxError {
     Invalid(String),
     #[error("writing {0}: {1}")]
     Io(String, #[source] std::io::Error),
+    #[error("reading {0}: {1}")]
+    Read(String, #[source] std::io::Error),
     #[error("reading tensors: {0}")]
     Tch(String),
 }

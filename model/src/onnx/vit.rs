@@ -121,6 +121,29 @@ const BLOCK_PARAMS: [&str; 14] = [
     "ls2.gamma",
 ];
 
+/// Whether `name` is outside the part made of `blocks` (e.g. `blocks.`) and the single
+/// parameters `known`.
+fn is_unknown(name: &str, blocks: &str, known: &[&str]) -> bool {
+    match name.strip_prefix(blocks) {
+        Some(rest) => !BLOCK_PARAMS.contains(&rest.split_once('.').map_or("", |(_, p)| p)),
+        None => !known.contains(&name),
+    }
+}
+
+/// The error listing (the first 8 of) `unknown`, or Ok when there are none.
+fn refuse_unknown(mut unknown: Vec<&str>, part: &str, supported: &str) -> Result<(), OnnxError> {
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort_unstable();
+    unknown.truncate(8);
+    Err(OnnxError::Invalid(format!(
+        "the weights hold {part} parameters this exporter does not implement: {} (supported: \
+         {supported})",
+        unknown.join(", ")
+    )))
+}
+
 /// Fails on encoder parameters the graphs would otherwise ignore (register tokens, q/k norms, a
 /// pre-norm, attention pooling...): exporting such a model would silently compute something
 /// else than timm does.
@@ -135,31 +158,47 @@ pub fn check_supported(w: &Weights) -> Result<(), OnnxError> {
         "fc_norm.",
         "norm.",
     ];
-    let mut unknown: Vec<&str> = w
+    let known = [
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+    ];
+    let unknown = w
         .names()
-        .filter(|n| {
-            if let Some(rest) = n.strip_prefix("blocks.") {
-                let param = rest.split_once('.').map_or("", |(_, p)| p);
-                !BLOCK_PARAMS.contains(&param)
-            } else {
-                !matches!(
-                    *n,
-                    "cls_token" | "pos_embed" | "patch_embed.proj.weight" | "patch_embed.proj.bias"
-                ) && !other_parts.iter().any(|p| n.starts_with(p))
-            }
-        })
+        .filter(|n| !other_parts.iter().any(|p| n.starts_with(p)))
+        .filter(|n| is_unknown(n, "blocks.", &known))
         .collect();
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    unknown.sort_unstable();
-    unknown.truncate(8);
-    Err(OnnxError::Invalid(format!(
-        "the weights hold encoder parameters this exporter does not implement: {} (supported: \
-         timm's plain ViT blocks with optional qkv bias and LayerScale, class token, absolute \
-         pos_embed)",
-        unknown.join(", ")
-    )))
+    refuse_unknown(
+        unknown,
+        "encoder",
+        "timm's plain ViT blocks with optional qkv bias and LayerScale, class token, absolute \
+         pos_embed",
+    )
+}
+
+/// Fails on position-decoder parameters the graph would otherwise ignore (a decoder position
+/// embedding, q/k norms...), as [`check_supported`] does for the encoder.
+fn check_decoder_supported(w: &Weights) -> Result<(), OnnxError> {
+    let known = [
+        "decoder_embed.weight",
+        "decoder_embed.bias",
+        "decoder_norm.weight",
+        "decoder_norm.bias",
+        "decoder_pred.weight",
+        "decoder_pred.bias",
+    ];
+    let unknown = w
+        .names()
+        .filter(|n| n.starts_with("decoder_"))
+        .filter(|n| is_unknown(n, "decoder_blocks.", &known))
+        .collect();
+    refuse_unknown(
+        unknown,
+        "position-decoder",
+        "DropPos's decoder: decoder_embed, plain ViT blocks, decoder_norm, decoder_pred; no \
+         position embedding",
+    )
 }
 
 /// The DropPos position decoder (no positional embedding; predicts one of L positions).
@@ -183,6 +222,7 @@ impl DecoderSpec {
         if depth == 0 {
             return Err(OnnxError::MissingWeight("decoder_blocks.0.*".into()));
         }
+        check_decoder_supported(w)?;
         let mlp_hidden = w.get("decoder_blocks.0.mlp.fc1.weight")?.dims[0];
         Ok(Self {
             embed_dim,
@@ -666,6 +706,15 @@ impl HeadSpec {
                 expected: vec![c.max(1), s.embed_dim],
                 got: hw.dims.clone(),
             });
+        }
+        // A LayerNorm is all or nothing: half of one would be dropped without a word.
+        for norm in ["norm", "fc_norm"] {
+            let (weight, bias) = (format!("{norm}.weight"), format!("{norm}.bias"));
+            match (w.contains(&weight), w.contains(&bias)) {
+                (true, false) => return Err(OnnxError::MissingWeight(bias)),
+                (false, true) => return Err(OnnxError::MissingWeight(weight)),
+                _ => {}
+            }
         }
         let fc_norm = w.contains("fc_norm.weight");
         Ok(Self {

@@ -96,18 +96,18 @@ impl Weights {
     ) -> Result<std::collections::HashMap<String, String>, OnnxError> {
         use std::io::Read;
         let bad = |m: String| OnnxError::Invalid(format!("{}: {m}", path.display()));
-        let mut f =
-            std::fs::File::open(path).map_err(|e| OnnxError::Io(path.display().to_string(), e))?;
+        let mut f = std::fs::File::open(path)
+            .map_err(|e| OnnxError::Read(path.display().to_string(), e))?;
         let mut len = [0u8; 8];
         f.read_exact(&mut len)
-            .map_err(|e| OnnxError::Io(path.display().to_string(), e))?;
+            .map_err(|e| OnnxError::Read(path.display().to_string(), e))?;
         let len = u64::from_le_bytes(len);
         if len > 100 << 20 {
             return Err(bad(format!("safetensors header of {len} bytes")));
         }
         let mut header = vec![0u8; len as usize];
         f.read_exact(&mut header)
-            .map_err(|e| OnnxError::Io(path.display().to_string(), e))?;
+            .map_err(|e| OnnxError::Read(path.display().to_string(), e))?;
         let v: serde_json::Value =
             serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
         Ok(v.get("__metadata__")

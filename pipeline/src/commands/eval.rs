@@ -338,17 +338,20 @@ fn run_position(a: PositionArgs) -> Result<()> {
         .iter()
         .map(|&r| position::PositionCounter::new(r, a.pos_mask_ratio))
         .collect::<Result<Vec<_>>>()?;
-    let mut batch_index = 0i64;
+    let mut first_sample = 0i64;
     let feed = a.common.feed();
     let images = eval::for_each_batch(&a.data, img, &feed, Need::Images, "position", |x, b| {
-        for _ in 0..a.repeats {
+        let n = b.labels.len();
+        for draw in 0..a.repeats {
             for (i, c) in counters.iter_mut().enumerate() {
-                // One seed per (run seed, batch and draw, ratio): the same masks on every run.
-                let seed = position::batch_seed(a.seed, batch_index, i);
-                c.add_batch(&mut model, x, b.labels.len(), img, l, seed)?;
+                // One seed per (run seed, image, draw, ratio): the same masks on every run,
+                // whatever the batch size.
+                let seeds =
+                    |j: usize| position::sample_seed(a.seed, first_sample + j as i64, draw, i);
+                c.add_batch(&mut model, x, n, img, l, seeds)?;
             }
-            batch_index += 1;
         }
+        first_sample += n as i64;
         Ok(())
     })?;
     let scores: Vec<_> = counters.iter().map(|c| c.score()).collect();

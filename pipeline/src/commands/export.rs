@@ -233,6 +233,26 @@ pub fn trained_img_size(w: &Weights) -> Result<i64> {
     Ok(g * p)
 }
 
+/// The encoder's head count: the checkpoint's config or `--num-heads`, else the standard one for
+/// its width (with a warning).
+pub fn encoder_heads(w: &Weights, hints: &ArchHints) -> Result<i64> {
+    if let Some(h) = hints.num_heads {
+        return Ok(h);
+    }
+    let d = w.get("patch_embed.proj.weight")?.dims[0];
+    let h = standard_heads(d).ok_or_else(|| {
+        anyhow!(
+            "the encoder's head count is unknown (no config in the checkpoint, width {d} is not \
+             a standard ViT width): pass --num-heads"
+        )
+    })?;
+    tracing::warn!(
+        "no head count in the checkpoint: using {h} heads, the standard for width {d} (timm \
+         ViT-Ti/S/B/L/H); pass --num-heads if this model differs"
+    );
+    Ok(h)
+}
+
 /// Builds the ONNX model for `what` at image size `img` (the size pos_embed was made for).
 pub fn build(
     w: &Weights,
@@ -241,23 +261,7 @@ pub fn build(
     img: i64,
     opset: Opset,
 ) -> Result<onnx::proto::ModelProto> {
-    let heads = match hints.num_heads {
-        Some(h) => h,
-        None => {
-            let d = w.get("patch_embed.proj.weight")?.dims[0];
-            let h = standard_heads(d).ok_or_else(|| {
-                anyhow!(
-                    "the encoder's head count is unknown (no config in the checkpoint, width {d} \
-                     is not a standard ViT width): pass --num-heads"
-                )
-            })?;
-            tracing::warn!(
-                "no head count in the checkpoint: using {h} heads, the standard for width {d} \
-                 (timm ViT-Ti/S/B/L/H); pass --num-heads if this model differs"
-            );
-            h
-        }
-    };
+    let heads = encoder_heads(w, hints)?;
     let spec = onnx::EncoderSpec::infer(w, img, heads)?;
     let trained = trained_img_size(w)?;
     let mut w = w.clone();
@@ -432,6 +436,8 @@ pub fn run(args: Args) -> Result<()> {
         None => trained_img_size(&weights)?,
     };
     let opset = Opset::from_version(args.opset)?;
+    // Resolved once, so that the report says what the graph uses.
+    hints.num_heads = Some(encoder_heads(&weights, &hints)?);
     let model = build(&weights, &hints, args.what, img, opset)?;
     let policy = match args.external_data {
         ExternalArg::Auto => ExternalData::Auto,

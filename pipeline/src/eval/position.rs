@@ -30,11 +30,19 @@ pub struct PositionScore {
     pub chance: f64,
 }
 
-/// The mask seed of batch `batch` for ratio number `ratio` of a run seeded with `seed`.
-pub fn batch_seed(seed: i64, batch: i64, ratio: usize) -> i64 {
-    seed.wrapping_mul(1_000_003)
-        .wrapping_add(batch.wrapping_mul(31))
-        .wrapping_add(ratio as i64)
+/// The mask seed of one image: sample `sample` (its place in the evaluation order), draw `draw`
+/// of `--repeats`, ratio number `ratio`, in a run seeded with `seed`. Per image, not per batch,
+/// so the masks (and the scores) do not depend on `--batch-size`.
+pub fn sample_seed(seed: i64, sample: i64, draw: u32, ratio: usize) -> i64 {
+    // SplitMix64 finaliser over the packed coordinates: nearby samples get unrelated streams.
+    let mut z = (seed as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((sample as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9))
+        .wrapping_add(u64::from(draw).wrapping_mul(0x94D0_49BB_1331_11EB))
+        .wrapping_add(ratio as u64);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
 }
 
 /// Running counts for one ratio pair.
@@ -69,7 +77,8 @@ impl PositionCounter {
         })
     }
 
-    /// Scores one batch: `images` [n, 3, S, S]; `seed` fixes the masks of this batch.
+    /// Scores one batch: `images` [n, 3, S, S]; image j's masks come from
+    /// `seeds(j)` alone (see [`sample_seed`]).
     pub fn add_batch(
         &mut self,
         model: &mut OrtModel,
@@ -77,25 +86,30 @@ impl PositionCounter {
         n: usize,
         img: usize,
         num_patches: i64,
-        seed: i64,
+        seeds: impl Fn(usize) -> i64,
     ) -> Result<()> {
-        let n = n as i64;
-        tch::manual_seed(seed);
-        let patch = random_masking(
-            &Tensor::rand([n, num_patches], (Kind::Float, tch::Device::Cpu)),
+        // K from the reference's rule, before drawing any noise.
+        let k = random_masking(
+            &Tensor::zeros([1, num_patches], (Kind::Float, tch::Device::Cpu)),
             self.mask_ratio,
-        )?;
-        let k = patch.keep();
+        )?
+        .keep();
         if k == 0 {
             bail!(
                 "mask ratio {} leaves no visible patch of {num_patches}",
                 self.mask_ratio
             );
         }
-        let pos = random_masking(
-            &Tensor::rand([n, k], (Kind::Float, tch::Device::Cpu)),
-            self.pos_mask_ratio,
-        )?;
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let (mut patch_noise, mut pos_noise) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for j in 0..n {
+            tch::manual_seed(seeds(j));
+            patch_noise.push(Tensor::rand([1, num_patches], opts));
+            pos_noise.push(Tensor::rand([1, k], opts));
+        }
+        let patch = random_masking(&Tensor::cat(&patch_noise, 0), self.mask_ratio)?;
+        let pos = random_masking(&Tensor::cat(&pos_noise, 0), self.pos_mask_ratio)?;
+        let n = n as i64;
         let ids: Vec<i64> = Vec::try_from(patch.ids_keep.reshape([-1]))?;
         let mask: Vec<f32> = Vec::try_from(pos.mask.to_kind(Kind::Float).reshape([-1]))?;
         let ishape = [n, 3, img as i64, img as i64];
