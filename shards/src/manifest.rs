@@ -113,6 +113,10 @@ pub struct PartInfo {
 pub struct InputsInfo {
     pub count: u64,
     pub sha256: String,
+    /// sha256 over the inputs' modification times (see `Listing::fingerprint`); resume
+    /// reuses a shard only when it matches, `shard merge` ignores it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stamp: String,
 }
 
 /// The content of `manifest.json`.
@@ -362,6 +366,7 @@ mod tests {
             inputs: InputsInfo {
                 count: 4,
                 sha256: "00".into(),
+                stamp: String::new(),
             },
             part: None,
             dir: PathBuf::new(),

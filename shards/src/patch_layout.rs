@@ -45,6 +45,40 @@ pub fn patch_labels(map: &[u8], w: u32, h: u32, p: u32) -> Vec<i32> {
     out
 }
 
+/// [`patch_labels`] for maps with more than 255 labels (COCO-format datasets with many
+/// categories, e.g. LVIS or Objects365); the same rule. Maps whose values all fit a byte take
+/// the histogram path, so their output is that of [`patch_labels`].
+pub fn patch_labels_wide(map: &[u16], w: u32, h: u32, p: u32) -> Vec<i32> {
+    assert_eq!(map.len(), w as usize * h as usize);
+    assert!(p > 0);
+    if map.iter().all(|&v| v < 256) {
+        let narrow: Vec<u8> = map.iter().map(|&v| v as u8).collect();
+        return patch_labels(&narrow, w, h, p);
+    }
+    let (gw, gh) = (grid_cells(w, p) as usize, grid_cells(h, p) as usize);
+    let (w, h, p) = (w as usize, h as usize, p as usize);
+    let mut out = Vec::with_capacity(gw * gh);
+    let mut cell = Vec::with_capacity(p * p);
+    for gy in 0..gh {
+        for gx in 0..gw {
+            cell.clear();
+            for y in gy * p..((gy + 1) * p).min(h) {
+                cell.extend_from_slice(&map[y * w + gx * p..y * w + ((gx + 1) * p).min(w)]);
+            }
+            cell.sort_unstable();
+            // Longest run of the sorted values; the first (smallest) wins ties.
+            let (mut best, mut best_len) = (cell[0], 0usize);
+            for run in cell.chunk_by(|a, b| a == b) {
+                if run.len() > best_len {
+                    (best, best_len) = (run[0], run.len());
+                }
+            }
+            out.push(i32::from(best));
+        }
+    }
+    out
+}
+
 /// Run-length decoding of pycocotools' compressed RLE string.
 pub fn rle_from_string(s: &str) -> Result<Vec<u32>, String> {
     let bytes = s.as_bytes();
@@ -247,16 +281,16 @@ fn check_size(size: &[u32; 2], h: u32, w: u32) -> Result<(), String> {
 
 /// Dense COCO label map (`h`×`w`, row-major): category index + 1, 0 = background; larger
 /// instances painted first.
-pub fn coco_dense_map(anns: &[CocoAnnotation], h: u32, w: u32) -> Result<Vec<u8>, String> {
+pub fn coco_dense_map(anns: &[CocoAnnotation], h: u32, w: u32) -> Result<Vec<u16>, String> {
     let mut order: Vec<usize> = (0..anns.len()).collect();
     // Stable: equal areas keep json order.
     order.sort_by(|&a, &b| anns[b].area.total_cmp(&anns[a].area));
-    let mut map = vec![0u8; h as usize * w as usize];
+    let mut map = vec![0u16; h as usize * w as usize];
     for i in order {
         let a = &anns[i];
-        let value = u8::try_from(a.category_index + 1).map_err(|_| {
+        let value = u16::try_from(a.category_index + 1).map_err(|_| {
             format!(
-                "category index {} does not fit the u8 map",
+                "category index {} is beyond the 65,535 categories the dense map holds",
                 a.category_index
             )
         })?;
@@ -272,7 +306,7 @@ pub fn coco_dense_map(anns: &[CocoAnnotation], h: u32, w: u32) -> Result<Vec<u8>
 }
 
 /// Nearest-neighbour resize of a label map (used when images are stored resized).
-pub fn resize_nearest(map: &[u8], w: u32, h: u32, ow: u32, oh: u32) -> Vec<u8> {
+pub fn resize_nearest<T: Copy>(map: &[T], w: u32, h: u32, ow: u32, oh: u32) -> Vec<T> {
     let (w, h, ow, oh) = (w as usize, h as usize, ow as usize, oh as usize);
     let xs: Vec<usize> = (0..ow)
         .map(|x| ((x * 2 + 1) * w / (ow * 2)).min(w - 1))
@@ -297,6 +331,22 @@ mod tests {
         assert_eq!(patch_labels(&map, 3, 2, 2), vec![3, 9]);
         let map = [7, 7, 2, 2];
         assert_eq!(patch_labels(&map, 2, 2, 2), vec![2]);
+    }
+
+    #[test]
+    fn wide_maps_follow_the_same_rule() {
+        // Byte-sized values: identical to the histogram path, partial edge cells included.
+        let small: Vec<u8> = (0..35u32).map(|i| ((i * 7) % 5) as u8).collect();
+        let wide: Vec<u16> = small.iter().map(|&v| u16::from(v)).collect();
+        assert_eq!(
+            patch_labels_wide(&wide, 7, 5, 3),
+            patch_labels(&small, 7, 5, 3)
+        );
+        // Labels past 255 (e.g. LVIS's 1,203 categories): mode, ties to the smaller value.
+        let map = [300u16, 300, 1204, 1204, 7, 300, 1204, 0];
+        assert_eq!(patch_labels_wide(&map, 4, 2, 2), vec![300, 1204]);
+        let map = [1204u16, 300, 300, 1204];
+        assert_eq!(patch_labels_wide(&map, 2, 2, 2), vec![300]);
     }
 
     #[test]

@@ -37,7 +37,9 @@ use crate::codec::{self, ImagePolicy};
 use crate::datasets::{CocoAnnotation, InputItem, Listing, Segmentation, Target};
 use crate::error::{ImageRejection, Result, ShardError};
 use crate::format::{self, columns, Dataset, FORMAT_VERSION, MANIFEST_FILE};
-use crate::manifest::{self, ConversionEntry, Manifest, PartInfo, ShardEntry, SkippedEntry};
+use crate::manifest::{
+    self, ConversionEntry, InputsInfo, Manifest, PartInfo, ShardEntry, SkippedEntry,
+};
 use crate::patch_layout;
 
 /// What to do with an input that cannot be stored.
@@ -242,7 +244,7 @@ pub fn write_dataset(
         &listing.split,
         &listing.classes,
         &options,
-        &inputs.sha256,
+        &inputs,
         total_shards,
     );
     let mine: Vec<u32> = (0..total_shards)
@@ -400,7 +402,7 @@ fn fingerprint_of(
     split: &str,
     classes: &[crate::manifest::ClassEntry],
     options: &serde_json::Map<String, serde_json::Value>,
-    inputs_sha256: &str,
+    inputs: &InputsInfo,
     total_shards: u32,
 ) -> String {
     let mut h = Sha256::new();
@@ -413,7 +415,9 @@ fn fingerprint_of(
     h.update([0]);
     h.update(serde_json::to_vec(classes).unwrap_or_default());
     h.update(serde_json::to_vec(options).unwrap_or_default());
-    h.update(inputs_sha256.as_bytes());
+    h.update(inputs.sha256.as_bytes());
+    h.update([0]);
+    h.update(inputs.stamp.as_bytes());
     h.update(total_shards.to_le_bytes());
     hex::encode(h.finalize())
 }
@@ -432,7 +436,7 @@ fn seed_journal_from(old: &Manifest, out: &Path, fingerprint: &str) {
         &old.split,
         &old.classes,
         &old.options,
-        &old.inputs.sha256,
+        &old.inputs,
         total,
     );
     if fp != fingerprint || old.format_version != FORMAT_VERSION {
@@ -697,7 +701,7 @@ impl ShardCtx<'_> {
                 } else {
                     map
                 };
-                (None, Some(patch_layout::patch_labels(&map, w, h, p)))
+                (None, Some(patch_layout::patch_labels_wide(&map, w, h, p)))
             }
             Target::Mask(mask_path) => {
                 let mbytes = std::fs::read(mask_path).map_err(|e| {
@@ -1027,7 +1031,8 @@ pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
             names.dedup();
             differ.extend(names.iter().map(|k| format!("option `{k}`")));
         }
-        if m.inputs != first.inputs {
+        // Not the stamp: each node's copy of a dataset has its own modification times.
+        if (m.inputs.count, &m.inputs.sha256) != (first.inputs.count, &first.inputs.sha256) {
             differ.push("inputs (the listed files, sizes or labels)".into());
         }
         if m.classes != first.classes {

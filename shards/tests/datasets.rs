@@ -156,9 +156,15 @@ fn imagenet_val_labels_from_kaggle_csv_and_wnid_lists() {
         by_wnid += &format!("{name} {w}\n");
     }
     std::fs::write(&csv, body).unwrap();
+    // A class file saved with a byte-order mark reads the same.
+    let classes_bom = tmp.path().join("synset_words_bom.txt");
+    let mut bom = "\u{feff}".to_string();
+    bom += &std::fs::read_to_string(&classes).unwrap();
+    std::fs::write(&classes_bom, bom).unwrap();
+    let classes = classes_bom;
     let wnid_list = tmp.path().join("val_wnids.txt");
     std::fs::write(&wnid_list, by_wnid).unwrap();
-    for list in [csv, wnid_list] {
+    for list in [csv, wnid_list.clone()] {
         let l = imagenet::list(&imagenet::ImagenetOptions {
             root: root.join("val"),
             classes: Some(classes.clone()),
@@ -180,6 +186,20 @@ fn imagenet_val_labels_from_kaggle_csv_and_wnid_lists() {
             );
         }
     }
+    // Files the list leaves out are counted, not silently dropped.
+    let text = std::fs::read_to_string(&wnid_list).unwrap();
+    let lines: Vec<&str> = text.lines().skip(1).collect();
+    let partial = tmp.path().join("partial.txt");
+    std::fs::write(&partial, lines.join("\n")).unwrap();
+    let l = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.join("val"),
+        classes: Some(classes.clone()),
+        list: Some(partial),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(l.items.len(), want.len() - 1);
+    assert_eq!(l.options["unlisted_files"], 1);
     // An unknown label names the problem.
     let bad = tmp.path().join("bad.txt");
     std::fs::write(&bad, "ILSVRC2012_val_00000010.JPEG n99999999\n").unwrap();
@@ -329,18 +349,34 @@ fn ade20k_masks_unchanged_and_patch_layout() {
 }
 
 #[test]
-fn missing_annotation_png_and_unreadable_roots_are_clear_errors() {
+fn missing_annotation_png_is_skipped_and_unreadable_roots_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ADE");
-    std::fs::create_dir_all(root.join("images/validation")).unwrap();
-    std::fs::create_dir_all(root.join("annotations/validation")).unwrap();
+    std::fs::create_dir_all(root.join("images/validation/sub")).unwrap();
+    std::fs::create_dir_all(root.join("annotations/validation/sub")).unwrap();
     std::fs::write(root.join("images/validation/ADE_val_1.jpg"), b"x").unwrap();
-    let err = ade20k::list(&ade20k::Ade20kOptions {
+    std::fs::write(root.join("images/validation/Thumbs.db"), b"x").unwrap();
+    // An image in a subfolder pairs with the annotation in the same subfolder.
+    std::fs::write(root.join("images/validation/sub/ADE_val_2.jpg"), b"x").unwrap();
+    std::fs::write(root.join("annotations/validation/sub/ADE_val_2.png"), b"x").unwrap();
+    let l = ade20k::list(&ade20k::Ade20kOptions {
         root: root.clone(),
         split: "validation".into(),
     })
-    .unwrap_err();
-    assert!(err.to_string().contains("ADE_val_1.png"), "{err}");
+    .unwrap();
+    let keys: Vec<&str> = l.items.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, ["images/validation/sub/ADE_val_2.jpg"]);
+    let reasons: HashMap<&str, &str> = l
+        .skipped
+        .iter()
+        .map(|e| (e.path.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons["images/validation/ADE_val_1.jpg"].contains("annotations/validation/ADE_val_1.png"),
+        "{reasons:?}"
+    );
+    assert!(reasons["images/validation/Thumbs.db"].contains("no annotation PNG"));
     let err = imagenet::list(&imagenet::ImagenetOptions {
         root: tmp.path().join("nope"),
         ..Default::default()

@@ -246,17 +246,7 @@ fn dangling_symlinks_are_skipped_with_their_reason_not_fatal() {
     let root = tmp.path().join("train");
     let class = root.join("n00000001");
     std::fs::create_dir_all(&class).unwrap();
-    let img = encode_jpeg(
-        &Pixels {
-            width: 16,
-            height: 16,
-            channels: 3,
-            data: vec![128; 16 * 16 * 3],
-        },
-        90,
-    )
-    .unwrap();
-    std::fs::write(class.join("ok.JPEG"), img).unwrap();
+    std::fs::write(class.join("ok.JPEG"), tagged_jpeg(b"OKOK")).unwrap();
     std::os::unix::fs::symlink(tmp.path().join("gone.JPEG"), class.join("link.JPEG")).unwrap();
     std::os::unix::fs::symlink(tmp.path().join("gone"), root.join("n00000002")).unwrap();
     let listing = folder_listing(&root);
@@ -356,6 +346,93 @@ fn worker_parts_merge_to_the_single_run() {
     let msg = err.to_string();
     assert!(msg.contains("option `resize_short_side`"), "{msg}");
     assert!(!msg.contains("option `seed`"), "{msg}");
+}
+
+/// A JPEG whose COM segment holds `tag`: same size, other bytes, still a valid image.
+fn tagged_jpeg(tag: &[u8; 4]) -> Vec<u8> {
+    let body = encode_jpeg(
+        &Pixels {
+            width: 16,
+            height: 16,
+            channels: 3,
+            data: vec![90; 16 * 16 * 3],
+        },
+        90,
+    )
+    .unwrap();
+    let mut out = vec![0xFF, 0xD8, 0xFF, 0xFE, 0x00, 0x06];
+    out.extend_from_slice(tag);
+    out.extend_from_slice(&body[2..]);
+    out
+}
+
+#[test]
+fn rerunning_after_inputs_change_in_place_redoes_their_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("train");
+    let class = root.join("n00000001");
+    std::fs::create_dir_all(&class).unwrap();
+    for i in 0..4 {
+        std::fs::write(class.join(format!("{i}.JPEG")), tagged_jpeg(b"AAAA")).unwrap();
+    }
+    let out = tmp.path().join("out");
+    let set = |o: &mut WriteOptions| {
+        o.shard_rows = 2;
+        o.shuffle = false;
+    };
+    write(&folder_listing(&root), &out, set);
+    // The same size, new bytes (and, as any rewrite does, a new modification time).
+    let edited = class.join("3.JPEG");
+    std::fs::write(&edited, tagged_jpeg(b"BBBB")).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+    std::fs::File::options()
+        .write(true)
+        .open(&edited)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let again = write(&folder_listing(&root), &out, set);
+    assert!(
+        again.reused_shards < 2,
+        "the changed input's shard must be redone"
+    );
+    let (_, rows) = read_all(&out);
+    let row = rows.iter().find(|r| r.key.ends_with("3.JPEG")).unwrap();
+    assert_eq!(row.image, tagged_jpeg(b"BBBB"));
+    // Untouched inputs: everything is reused.
+    let third = write(&folder_listing(&root), &out, set);
+    assert_eq!(third.reused_shards, 2);
+
+    // An edited COCO annotation (same ids, new box) is new input too.
+    let coco_root = data_root().join("coco");
+    let json_path = tmp.path().join("instances_val2017.json");
+    let mut json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(coco_root.join("annotations/instances_val2017.json")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(&json_path, serde_json::to_vec(&json).unwrap()).unwrap();
+    let coco_listing = || {
+        droppos_shards::datasets::coco::list(&droppos_shards::datasets::coco::CocoOptions {
+            images: coco_root.join("val2017"),
+            annotations: json_path.clone(),
+            split: None,
+        })
+        .unwrap()
+    };
+    let coco_out = tmp.path().join("coco");
+    write(&coco_listing(), &coco_out, |_| {});
+    let ann = &mut json["annotations"][0];
+    let id = ann["id"].as_i64().unwrap();
+    ann["bbox"] = serde_json::json!([1.0, 2.0, 3.0, 4.0]);
+    std::fs::write(&json_path, serde_json::to_vec(&json).unwrap()).unwrap();
+    write(&coco_listing(), &coco_out, |_| {});
+    let (_, rows) = read_all(&coco_out);
+    let got = rows
+        .iter()
+        .flat_map(|r| r.annotations.iter().flatten())
+        .find(|a| a.id == id)
+        .unwrap();
+    assert_eq!(got.bbox, [1.0, 2.0, 3.0, 4.0]);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{files_in, rel_key, require_dir, InputItem, Listing, Target};
+use super::{rel_key, require_dir, walk_files, InputItem, Listing, Target};
 use crate::error::{Result, ShardError};
 use crate::format::Dataset;
 use crate::manifest::{ClassEntry, SkippedEntry};
@@ -81,24 +81,30 @@ pub fn list(opts: &Ade20kOptions) -> Result<Listing> {
     };
     let mut items = Vec::new();
     let mut skipped = Vec::new();
-    for (name, path, size) in files_in(&img_dir)? {
-        let stem = match name.rsplit_once('.') {
-            Some((s, _)) => s,
-            None => name.as_str(),
-        };
-        let mask = ann_dir.join(format!("{stem}.png"));
+    // Recursive, like the ImageNet walk: an image in a subfolder is found (its annotation sits
+    // in the same subfolder under annotations/<split>), never silently left out.
+    for (path, size) in walk_files(&img_dir)? {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let rel = path.strip_prefix(&img_dir).unwrap_or(&path);
+        let mask = ann_dir.join(rel).with_extension("png");
+        if name.starts_with('.') && !mask.is_file() {
+            skipped.push(SkippedEntry {
+                path: rel_key(root, &path),
+                reason: "hidden file".into(),
+            });
+            continue;
+        }
         if !mask.is_file() {
-            if name.starts_with('.') {
-                skipped.push(SkippedEntry {
-                    path: rel_key(root, &path),
-                    reason: "hidden file".into(),
-                });
-                continue;
-            }
-            return Err(ShardError::dataset(
-                &mask,
-                format!("annotation PNG missing for {}", rel_key(root, &path)),
-            ));
+            // A stray Thumbs.db or an image without its label: bad input, listed with the
+            // reason (the summary counts it), as unreadable images are.
+            skipped.push(SkippedEntry {
+                path: rel_key(root, &path),
+                reason: format!("no annotation PNG (expected {})", rel_key(root, &mask)),
+            });
+            continue;
         }
         items.push(InputItem {
             key: rel_key(root, &path),

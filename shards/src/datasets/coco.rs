@@ -114,6 +114,13 @@ pub fn list(opts: &CocoOptions) -> Result<Listing> {
     let mut cat_index = HashMap::new();
     let mut classes = Vec::new();
     for (i, c) in cats.iter().enumerate() {
+        // Stored as int32 (as in every COCO-format dataset we know): refuse, never wrap.
+        if i32::try_from(c.id).is_err() {
+            return Err(ShardError::dataset(
+                path,
+                format!("category id {} does not fit a 32-bit integer", c.id),
+            ));
+        }
         if cat_index.insert(c.id, i as i32).is_some() {
             return Err(ShardError::dataset(
                 path,
@@ -161,6 +168,8 @@ pub fn list(opts: &CocoOptions) -> Result<Listing> {
                 }
             }
         };
+        let iscrowd = i32::try_from(a.iscrowd)
+            .map_err(|_| bad(format!("iscrowd {} is not 0 or 1", a.iscrowd)))?;
         let extra = if a.extra.is_empty() {
             None
         } else {
@@ -172,7 +181,7 @@ pub fn list(opts: &CocoOptions) -> Result<Listing> {
             category_index,
             bbox: a.bbox,
             area: a.area,
-            iscrowd: a.iscrowd as i32,
+            iscrowd,
             segmentation,
             extra,
         });

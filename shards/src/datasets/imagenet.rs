@@ -30,6 +30,8 @@ pub struct ImagenetOptions {
 /// Reads a class file: one class per non-empty line, `id rest-of-line-as-name`.
 pub fn read_class_file(path: &Path) -> Result<Vec<ClassEntry>> {
     let text = std::fs::read_to_string(path).map_err(|e| ShardError::io(path, e))?;
+    // Editors on Windows save a byte-order mark, which would become part of the first id.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut classes = Vec::new();
     let mut seen = HashMap::new();
     for (n, line) in text.lines().enumerate() {
@@ -101,7 +103,9 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
             format!("list:{}", file_name_of(list_path)).into(),
         );
         let text = std::fs::read_to_string(list_path).map_err(|e| ShardError::io(list_path, e))?;
-        // Bare names (Caffe val.txt) are matched against every file under the root.
+        // Every file under the root: bare names (Caffe val.txt) are matched against it, and
+        // files the list leaves out are counted (a subset list is legitimate, but never silent).
+        let all_files = walk_files(root)?;
         let mut by_name: Option<HashMap<String, Vec<PathBuf>>> = None;
         let class_index: HashMap<&str, i64> = classes
             .iter()
@@ -173,8 +177,8 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
                     Some(m) => m,
                     None => {
                         let mut m: HashMap<String, Vec<PathBuf>> = HashMap::new();
-                        for (p, _) in walk_files(root)? {
-                            m.entry(file_name_of(&p)).or_default().push(p);
+                        for (p, _) in &all_files {
+                            m.entry(file_name_of(p)).or_default().push(p.clone());
                         }
                         by_name.insert(m)
                     }
@@ -217,6 +221,21 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
                 size,
                 target: Target::Label(label as i32),
             });
+        }
+        let listed: std::collections::HashSet<&Path> =
+            items.iter().map(|i| i.path.as_path()).collect();
+        let unlisted = all_files
+            .iter()
+            .filter(|(p, _)| !listed.contains(p.as_path()) && p != list_path)
+            .count();
+        options.insert("unlisted_files".into(), unlisted.into());
+        if unlisted > 0 {
+            tracing::warn!(
+                "{unlisted} files under {} are not in {} and are not sharded (recorded as \
+                 options.unlisted_files)",
+                root.display(),
+                file_name_of(list_path)
+            );
         }
     } else {
         options.insert("labels".into(), "folders".into());

@@ -70,19 +70,23 @@ impl Listing {
                     annotations,
                 } => {
                     h.update(image_id.to_le_bytes());
+                    // Every field (bbox, area, segmentation...): an edited json is new input.
+                    // `{:?}` prints floats exactly (shortest round-trip form).
                     for a in annotations {
-                        h.update(a.id.to_le_bytes());
-                        h.update(a.category_index.to_le_bytes());
+                        h.update(format!("{a:?}").as_bytes());
+                        h.update([0]);
                     }
                 }
                 Target::Mask(p) => {
-                    // The file name only: the fingerprint must not depend on where the root is mounted.
+                    // The file name and size: the fingerprint must not depend on where the root
+                    // is mounted.
                     h.update(
                         p.file_name()
                             .unwrap_or_default()
                             .to_string_lossy()
                             .as_bytes(),
-                    )
+                    );
+                    h.update(std::fs::metadata(p).map_or(0, |m| m.len()).to_le_bytes());
                 }
             }
             h.update([b'\n']);
@@ -94,7 +98,39 @@ impl Listing {
         InputsInfo {
             count: self.items.len() as u64,
             sha256: hex::encode(h.finalize()),
+            stamp: self.stamp(),
         }
+    }
+
+    /// sha256 over the modification times of every input file (and ADE20K mask): a file
+    /// rewritten in place at the same size changes it. Resume compares it (a shard of older
+    /// inputs is redone); `shard merge` does not (each node's copy has its own times).
+    fn stamp(&self) -> String {
+        use rayon::prelude::*;
+        let mtime = |p: &Path| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos())
+        };
+        let times: Vec<(u128, u128)> = self
+            .items
+            .par_iter()
+            .map(|it| {
+                let mask = match &it.target {
+                    Target::Mask(p) => mtime(p),
+                    _ => 0,
+                };
+                (mtime(&it.path), mask)
+            })
+            .collect();
+        let mut h = Sha256::new();
+        for (image, mask) in times {
+            h.update(image.to_le_bytes());
+            h.update(mask.to_le_bytes());
+        }
+        hex::encode(h.finalize())
     }
 
     pub(crate) fn finish(mut self) -> Result<Self> {
