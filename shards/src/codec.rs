@@ -18,6 +18,8 @@ pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
 pub enum ImageFormat {
     Jpeg,
     Png,
+    /// Windows bitmap (torchvision's ImageFolder takes `.bmp`): always converted.
+    Bmp,
 }
 
 /// What the header says, read without decoding pixels.
@@ -55,6 +57,16 @@ impl HeaderInfo {
                 };
                 format!("png {ct}{}", self.bit_depth)
             }
+            ImageFormat::Bmp => "bmp".into(),
+        }
+    }
+
+    /// The format's short name, as error messages use it.
+    pub fn name(&self) -> &'static str {
+        match self.format {
+            ImageFormat::Jpeg => "jpeg",
+            ImageFormat::Png => "png",
+            ImageFormat::Bmp => "bmp",
         }
     }
 
@@ -63,6 +75,7 @@ impl HeaderInfo {
         match self.format {
             ImageFormat::Jpeg => self.bit_depth == 8 && matches!(self.components, 1 | 3),
             ImageFormat::Png => self.bit_depth == 8 && matches!(self.png_color_type, 0 | 2),
+            ImageFormat::Bmp => false,
         }
     }
 }
@@ -80,7 +93,7 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, ImageRejection> {
     } else if starts(b"GIF87a") || starts(b"GIF89a") {
         Err(ImageRejection::UnsupportedFormat("gif"))
     } else if starts(b"BM") && bytes.len() > 14 {
-        Err(ImageRejection::UnsupportedFormat("bmp"))
+        Ok(ImageFormat::Bmp)
     } else if starts(b"RIFF") && bytes.get(8..12) == Some(b"WEBP") {
         Err(ImageRejection::UnsupportedFormat("webp"))
     } else if starts(b"II*\0") || starts(b"MM\0*") {
@@ -115,15 +128,12 @@ pub fn read_header(bytes: &[u8], max_pixels: u64) -> Result<HeaderInfo, ImageRej
     let info = match sniff(bytes)? {
         ImageFormat::Jpeg => jpeg_header(bytes)?,
         ImageFormat::Png => png_header(bytes)?,
+        ImageFormat::Bmp => bmp_header(bytes)?,
     };
     let pixels = info.width as u64 * info.height as u64;
     if info.width == 0 || info.height == 0 {
         return Err(corrupt(
-            if info.format == ImageFormat::Jpeg {
-                "jpeg"
-            } else {
-                "png"
-            },
+            info.name(),
             format!("header claims {}x{}", info.width, info.height),
         ));
     }
@@ -165,6 +175,22 @@ fn png_header(b: &[u8]) -> Result<HeaderInfo, ImageRejection> {
         components,
         bit_depth,
         png_color_type: ct,
+    })
+}
+
+/// BMP dimensions from the header (the `image` crate reads no pixel for this).
+fn bmp_header(b: &[u8]) -> Result<HeaderInfo, ImageRejection> {
+    let reader = image::ImageReader::with_format(Cursor::new(b), image::ImageFormat::Bmp);
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|e| classify("bmp", e.to_string()))?;
+    Ok(HeaderInfo {
+        format: ImageFormat::Bmp,
+        width,
+        height,
+        components: 3,
+        bit_depth: 8,
+        png_color_type: 255,
     })
 }
 
@@ -383,6 +409,7 @@ fn decode_generic(bytes: &[u8], info: &HeaderInfo) -> Result<Pixels, ImageReject
     let (fmt, name) = match info.format {
         ImageFormat::Jpeg => (image::ImageFormat::Jpeg, "jpeg"),
         ImageFormat::Png => (image::ImageFormat::Png, "png"),
+        ImageFormat::Bmp => (image::ImageFormat::Bmp, "bmp"),
     };
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), fmt);
     reader.limits(image_limits(info));
@@ -1019,6 +1046,27 @@ mod tests {
             };
             assert_eq!(rgb, want.data, "{name}");
         }
+    }
+
+    #[test]
+    fn bmp_inputs_convert_losslessly() {
+        let data: Vec<u8> = (0..5 * 3 * 3).map(|i| (i * 37 % 256) as u8).collect();
+        let mut bmp = Vec::new();
+        image::codecs::bmp::BmpEncoder::new(&mut bmp)
+            .encode(&data, 5, 3, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        assert_eq!(sniff(&bmp).unwrap(), ImageFormat::Bmp);
+        let p = prepare_image(bmp.clone(), &ImagePolicy::default()).unwrap();
+        assert_eq!(p.conversion.as_ref().map(|c| c.0.as_str()), Some("bmp"));
+        assert_eq!((p.width, p.height), (5, 3));
+        let got = decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!((got.channels, got.data), (3, data));
+        // A header claiming too many pixels is refused before decoding; a cut file is named.
+        assert!(matches!(
+            read_header(&bmp, 10),
+            Err(ImageRejection::TooLarge { .. })
+        ));
+        assert!(prepare_image(bmp[..40].to_vec(), &ImagePolicy::default()).is_err());
     }
 
     #[test]
