@@ -7,6 +7,7 @@
 use anyhow::{bail, Result};
 use droppos_model::masking::random_masking;
 use droppos_model::onnx::droppos_io;
+use droppos_shards::loader::rng::{mix, DOMAIN_MASK};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
@@ -34,15 +35,15 @@ pub struct PositionScore {
 /// of `--repeats`, ratio number `ratio`, in a run seeded with `seed`. Per image, not per batch,
 /// so the masks (and the scores) do not depend on `--batch-size`.
 pub fn sample_seed(seed: i64, sample: i64, draw: u32, ratio: usize) -> i64 {
-    // SplitMix64 finaliser over the packed coordinates: nearby samples get unrelated streams.
-    let mut z = (seed as u64)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add((sample as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9))
-        .wrapping_add(u64::from(draw).wrapping_mul(0x94D0_49BB_1331_11EB))
-        .wrapping_add(ratio as u64);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 1) as i64
+    // The loader's key mixer: nearby coordinates get unrelated streams.
+    let key = mix(&[
+        DOMAIN_MASK,
+        seed as u64,
+        sample as u64,
+        u64::from(draw),
+        ratio as u64,
+    ]);
+    (key >> 1) as i64
 }
 
 /// Running counts for one ratio pair.

@@ -83,33 +83,32 @@ pub fn list(opts: &Ade20kOptions) -> Result<Listing> {
     let mut skipped = Vec::new();
     // Recursive, like the ImageNet walk: an image in a subfolder is found (its annotation sits
     // in the same subfolder under annotations/<split>), never silently left out.
-    for (path, size) in walk_files(&img_dir)? {
+    for (path, stat) in walk_files(&img_dir)? {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let rel = path.strip_prefix(&img_dir).unwrap_or(&path);
         let mask = ann_dir.join(rel).with_extension("png");
-        if name.starts_with('.') && !mask.is_file() {
-            skipped.push(SkippedEntry {
-                path: rel_key(root, &path),
-                reason: "hidden file".into(),
-            });
-            continue;
-        }
         if !mask.is_file() {
             // A stray Thumbs.db or an image without its label: bad input, listed with the
             // reason (the summary counts it), as unreadable images are.
+            let reason = if name.starts_with('.') {
+                "hidden file".into()
+            } else {
+                format!("no annotation PNG (expected {})", rel_key(root, &mask))
+            };
             skipped.push(SkippedEntry {
                 path: rel_key(root, &path),
-                reason: format!("no annotation PNG (expected {})", rel_key(root, &mask)),
+                reason,
             });
             continue;
         }
         items.push(InputItem {
             key: rel_key(root, &path),
             path,
-            size,
+            size: stat.len,
+            modified: stat.modified,
             target: Target::Mask(mask),
         });
     }

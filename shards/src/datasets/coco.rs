@@ -196,6 +196,7 @@ pub fn list(opts: &CocoOptions) -> Result<Listing> {
                 key: im.file_name,
                 path: p,
                 size: m.len(),
+                modified: super::FileStat::of(&m).modified,
                 target: Target::Coco {
                     image_id: im.id,
                     annotations,

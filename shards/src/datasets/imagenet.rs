@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{files_in, rel_key, require_dir, subdirs, walk_files, InputItem, Listing, Target};
+use super::{
+    files_in, rel_key, require_dir, subdirs, walk_files, FileStat, InputItem, Listing, Target,
+};
 use crate::error::{Result, ShardError};
 use crate::format::Dataset;
 use crate::manifest::{ClassEntry, SkippedEntry};
@@ -106,6 +108,8 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
         // Every file under the root: bare names (Caffe val.txt) are matched against it, and
         // files the list leaves out are counted (a subset list is legitimate, but never silent).
         let all_files = walk_files(root)?;
+        let stats: HashMap<&Path, FileStat> =
+            all_files.iter().map(|(p, s)| (p.as_path(), *s)).collect();
         let mut by_name: Option<HashMap<String, Vec<PathBuf>>> = None;
         let class_index: HashMap<&str, i64> = classes
             .iter()
@@ -212,13 +216,18 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
                 });
                 continue;
             };
-            let size = std::fs::metadata(&path)
-                .map_err(|e| ShardError::io(&path, e))?
-                .len();
+            // The walk's stat when it saw the file (the usual case), else one now.
+            let stat = match stats.get(path.as_path()) {
+                Some(&s) => s,
+                None => {
+                    FileStat::of(&std::fs::metadata(&path).map_err(|e| ShardError::io(&path, e))?)
+                }
+            };
             items.push(InputItem {
                 key: rel_key(root, &path),
                 path,
-                size,
+                size: stat.len,
+                modified: stat.modified,
                 target: Target::Label(label as i32),
             });
         }
@@ -244,11 +253,12 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
             let files = walk_files(dir)?;
             match index.get(name.as_str()) {
                 Some(&label) => {
-                    for (path, size) in files {
+                    for (path, stat) in files {
                         items.push(InputItem {
                             key: rel_key(root, &path),
                             path,
-                            size,
+                            size: stat.len,
+                            modified: stat.modified,
                             target: Target::Label(label as i32),
                         });
                     }

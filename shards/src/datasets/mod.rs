@@ -24,7 +24,31 @@ pub struct InputItem {
     pub path: PathBuf,
     /// File size at listing time (part of the inputs fingerprint used by resume).
     pub size: u64,
+    /// Modification time at listing time, ns since the epoch (0 if unknown): resume's stamp.
+    pub modified: u128,
     pub target: Target,
+}
+
+/// Size and modification time of a file, from one `stat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct FileStat {
+    pub len: u64,
+    /// ns since the epoch; 0 when the platform or file system has none.
+    pub modified: u128,
+}
+
+impl FileStat {
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        let modified = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Self {
+            len: m.len(),
+            modified,
+        }
+    }
 }
 
 /// Per-dataset supervision for one input.
@@ -59,7 +83,12 @@ impl Listing {
     /// Count and sha256 over every item's key, size and target: identifies the input set.
     pub fn fingerprint(&self) -> InputsInfo {
         let mut h = Sha256::new();
+        // Modification times (of images, from the listing, and of masks) go into the stamp:
+        // resume compares it (a file rewritten in place at the same size changes it), `shard
+        // merge` does not (each node's copy of a dataset has its own times).
+        let mut stamp = Sha256::new();
         for it in &self.items {
+            stamp.update(it.modified.to_le_bytes());
             h.update(it.key.as_bytes());
             h.update([0]);
             h.update(it.size.to_le_bytes());
@@ -86,7 +115,11 @@ impl Listing {
                             .to_string_lossy()
                             .as_bytes(),
                     );
-                    h.update(std::fs::metadata(p).map_or(0, |m| m.len()).to_le_bytes());
+                    let mask = std::fs::metadata(p)
+                        .map(|m| FileStat::of(&m))
+                        .unwrap_or_default();
+                    h.update(mask.len.to_le_bytes());
+                    stamp.update(mask.modified.to_le_bytes());
                 }
             }
             h.update([b'\n']);
@@ -98,39 +131,8 @@ impl Listing {
         InputsInfo {
             count: self.items.len() as u64,
             sha256: hex::encode(h.finalize()),
-            stamp: self.stamp(),
+            stamp: hex::encode(stamp.finalize()),
         }
-    }
-
-    /// sha256 over the modification times of every input file (and ADE20K mask): a file
-    /// rewritten in place at the same size changes it. Resume compares it (a shard of older
-    /// inputs is redone); `shard merge` does not (each node's copy has its own times).
-    fn stamp(&self) -> String {
-        use rayon::prelude::*;
-        let mtime = |p: &Path| {
-            std::fs::metadata(p)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos())
-        };
-        let times: Vec<(u128, u128)> = self
-            .items
-            .par_iter()
-            .map(|it| {
-                let mask = match &it.target {
-                    Target::Mask(p) => mtime(p),
-                    _ => 0,
-                };
-                (mtime(&it.path), mask)
-            })
-            .collect();
-        let mut h = Sha256::new();
-        for (image, mask) in times {
-            h.update(image.to_le_bytes());
-            h.update(mask.to_le_bytes());
-        }
-        hex::encode(h.finalize())
     }
 
     pub(crate) fn finish(mut self) -> Result<Self> {
@@ -168,9 +170,9 @@ pub(crate) fn require_dir(dir: &Path, what: &str) -> Result<()> {
 
 enum EntryKind {
     Dir,
-    /// A regular file (size in bytes), or a dangling symlink (size 0): the latter is listed so
-    /// that reading it fails under the `--on-error` policy with a reason, not lost silently.
-    File(u64),
+    /// A regular file, or a dangling symlink (size 0): the latter is listed so that reading it
+    /// fails under the `--on-error` policy with a reason, not lost silently.
+    File(FileStat),
     /// Sockets, FIFOs, devices: never dataset files.
     Other,
 }
@@ -179,10 +181,10 @@ enum EntryKind {
 fn kind_of(path: &Path) -> Result<EntryKind> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => Ok(EntryKind::Dir),
-        Ok(m) if m.is_file() => Ok(EntryKind::File(m.len())),
+        Ok(m) if m.is_file() => Ok(EntryKind::File(FileStat::of(&m))),
         Ok(_) => Ok(EntryKind::Other),
         Err(e) => match std::fs::symlink_metadata(path) {
-            Ok(l) if l.file_type().is_symlink() => Ok(EntryKind::File(0)),
+            Ok(l) if l.file_type().is_symlink() => Ok(EntryKind::File(FileStat::default())),
             _ => Err(ShardError::io(path, e)),
         },
     }
@@ -201,7 +203,7 @@ pub(crate) fn read_error(path: &Path, e: &std::io::Error) -> String {
 
 /// Regular files under `dir`, recursively, sorted by path. Hidden entries are included (they
 /// are reported as skipped later if they are not images, never silently dropped).
-pub(crate) fn walk_files(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
+pub(crate) fn walk_files(dir: &Path) -> Result<Vec<(PathBuf, FileStat)>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -211,12 +213,13 @@ pub(crate) fn walk_files(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
             let path = entry.path();
             match kind_of(&path)? {
                 EntryKind::Dir => stack.push(path),
-                EntryKind::File(len) => out.push((path, len)),
+                EntryKind::File(stat) => out.push((path, stat)),
                 EntryKind::Other => {}
             }
         }
     }
-    out.sort();
+    // Paths are unique: sorting by them alone is a total order.
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
@@ -242,8 +245,12 @@ pub(crate) fn files_in(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
     for entry in rd {
         let entry = entry.map_err(|e| ShardError::io(dir, e))?;
         let path = entry.path();
-        if let EntryKind::File(len) = kind_of(&path)? {
-            out.push((entry.file_name().to_string_lossy().into_owned(), path, len));
+        if let EntryKind::File(stat) = kind_of(&path)? {
+            out.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                path,
+                stat.len,
+            ));
         }
     }
     out.sort();
