@@ -234,6 +234,7 @@ mod tests {
             consumed: 2,
             positions: vec![0, 1],
             epoch_positions: vec![4, 5],
+            geometry: vec![],
             skipped: vec![],
         }
     }

@@ -28,6 +28,16 @@ fn batches(shards: &Path, tmp: &Path, name: &str, args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
+/// The sample ImageNet train folder as shards under `tmp/inet`.
+fn imagenet_train(tmp: &Path) -> std::path::PathBuf {
+    shard(
+        tmp,
+        "inet",
+        &["imagenet"],
+        &[("--root", data_root().join("imagenet/train"))],
+    )
+}
+
 fn keys_of(lines: &[Value], epoch: u64) -> Vec<String> {
     lines
         .iter()
@@ -40,12 +50,7 @@ fn keys_of(lines: &[Value], epoch: u64) -> Vec<String> {
 #[test]
 fn rank_slices_epochs_and_resumption_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let shards = shard(
-        tmp.path(),
-        "inet",
-        &["imagenet"],
-        &[("--root", data_root().join("imagenet/train"))],
-    );
+    let shards = imagenet_train(tmp.path());
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(shards.join("manifest.json")).unwrap()).unwrap();
     let n = manifest["num_rows"].as_u64().unwrap() as usize;
@@ -125,5 +130,109 @@ fn rank_slices_epochs_and_resumption_from_the_command_line() {
         assert_eq!(got["keys"], want["keys"]);
         assert_eq!(got["labels"], want["labels"]);
         assert_eq!(got["consumed"], want["consumed"]);
+    }
+}
+
+/// `bench loader --dump DIR`: the dumped samples and their `samples.jsonl` lines.
+fn dump(shards: &Path, dir: &Path, args: &[&str]) -> Vec<Value> {
+    run_ok(
+        bin()
+            .args(["bench", "loader", "--size", "32", "--batch-size", "4"])
+            .args(["--threads", "2", "--no-verify", "--data"])
+            .arg(shards)
+            .arg("--dump")
+            .arg(dir)
+            .args(args),
+    );
+    std::fs::read_to_string(dir.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn usize_of(v: &Value, k: &str) -> usize {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}")) as usize
+}
+
+#[test]
+fn dump_writes_the_samples_with_the_geometry_torchvision_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = imagenet_train(tmp.path());
+    let seed = ["--seed", "3", "--dump-limit", "10"];
+    let u8s = dump(
+        &shards,
+        &tmp.path().join("u8"),
+        &[&seed[..], &["--format", "u8"]].concat(),
+    );
+    let f32s = dump(
+        &shards,
+        &tmp.path().join("f32"),
+        &[&seed[..], &["--format", "f32"]].concat(),
+    );
+    assert_eq!(u8s.len(), 10, "--dump-limit");
+    assert_eq!(
+        u8s, f32s,
+        "same samples and geometry whatever the pixel format"
+    );
+    let mut flips = 0;
+    for s in &u8s {
+        let a = image::open(tmp.path().join("u8").join(s["file"].as_str().unwrap())).unwrap();
+        let b = image::open(tmp.path().join("f32").join(s["file"].as_str().unwrap())).unwrap();
+        assert_eq!((a.width(), a.height()), (32, 32));
+        // f32 output de-normalised gives back exactly the u8 output.
+        assert_eq!(a.to_rgb8(), b.to_rgb8(), "{s}");
+        let g = &s["geometry"];
+        assert_eq!(g["kind"], "pretrain");
+        let (sw, sh) = (usize_of(g, "source_width"), usize_of(g, "source_height"));
+        let (i, j, h, w) = (
+            usize_of(g, "i"),
+            usize_of(g, "j"),
+            usize_of(g, "h"),
+            usize_of(g, "w"),
+        );
+        assert!(h > 0 && w > 0 && i + h <= sh && j + w <= sw, "{g}");
+        flips += g["flip"].as_bool().unwrap() as usize;
+        assert!(s["mask_file"].is_null());
+    }
+    assert!(flips > 0 && flips < 10, "flip drawn per sample: {flips}/10");
+
+    // Evaluation: torchvision's Resize(int(S / 0.875)) + CenterCrop(S) parameters.
+    for s in dump(&shards, &tmp.path().join("eval"), &["--eval"]) {
+        let g = &s["geometry"];
+        assert_eq!(g["kind"], "eval");
+        let (sw, sh) = (usize_of(g, "source_width"), usize_of(g, "source_height"));
+        let (rw, rh) = (usize_of(g, "resize_w"), usize_of(g, "resize_h"));
+        assert_eq!(rw.min(rh), 36, "{g}");
+        let long = (36.0 * sw.max(sh) as f64 / sw.min(sh) as f64) as usize;
+        assert_eq!(rw.max(rh), long, "{g}");
+        assert_eq!((usize_of(g, "h"), usize_of(g, "w")), (32, 32));
+        // torchvision: int(round((rh - 32) / 2.0)), Python's half-to-even rounding.
+        let (d, half) = (rh - 32, (rh - 32) / 2);
+        let top = if d % 2 == 1 && half % 2 == 1 {
+            half + 1
+        } else {
+            half
+        };
+        assert_eq!(usize_of(g, "i"), top, "{g}");
+        assert_eq!(g["flip"], false);
+    }
+}
+
+#[test]
+fn dump_writes_masks_of_dense_datasets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = shard(
+        tmp.path(),
+        "ade",
+        &["ade20k", "--split", "validation"],
+        &[("--root", data_root().join("ade20k/ADEChallengeData2016"))],
+    );
+    let samples = dump(&shards, &tmp.path().join("d"), &[]);
+    assert!(!samples.is_empty());
+    for s in samples {
+        let m = image::open(tmp.path().join("d").join(s["mask_file"].as_str().unwrap())).unwrap();
+        assert_eq!((m.width(), m.height()), (32, 32));
+        assert!(matches!(m, image::DynamicImage::ImageLuma8(_)));
     }
 }

@@ -12,7 +12,7 @@ use arrow::record_batch::RecordBatch;
 use droppos_shards::loader::resample::Precision;
 use droppos_shards::loader::rng::Rng;
 use droppos_shards::loader::transform::{
-    random_resized_crop_box, Augment, CropBox, ImageSlot, RrcParams, SampleIn, SampleOut,
+    random_resized_crop_box, Augment, CropBox, Geometry, ImageSlot, RrcParams, SampleIn, SampleOut,
     TransformConfig, Worker,
 };
 use droppos_shards::loader::{Batch, Images, Loader, LoaderConfig, LoaderError, OnError, ShardSet};
@@ -74,19 +74,7 @@ fn run_case(case: &Value, dct: bool, resample: Precision) -> (Vec<u8>, usize) {
             w: b[3],
         }
     };
-    let mut out = vec![0u8; 3 * size * size];
-    let input = SampleIn {
-        image: &bytes,
-        mask: None,
-        patch_labels: None,
-    };
-    let so = SampleOut {
-        image: ImageSlot::U8(&mut out),
-        mask: None,
-        patch_labels: None,
-    };
-    w.process_geometry(&cfg, input, &hdr, cb, false, None, so)
-        .unwrap();
+    let (out, _) = apply(&mut w, &cfg, &bytes, &hdr, cb, false);
     // CHW → HWC
     let plane = size * size;
     let mut hwc = vec![0u8; 3 * plane];
@@ -96,6 +84,33 @@ fn run_case(case: &Value, dct: bool, resample: Precision) -> (Vec<u8>, usize) {
         }
     }
     (hwc, size)
+}
+
+/// One sample through `Worker::process_geometry` with a given crop and flip: u8 CHW pixels and
+/// the geometry it reports.
+fn apply(
+    w: &mut Worker,
+    cfg: &TransformConfig,
+    image: &[u8],
+    hdr: &droppos_shards::loader::decode::Header,
+    crop: CropBox,
+    flip: bool,
+) -> (Vec<u8>, Geometry) {
+    let mut out = vec![0u8; 3 * cfg.size * cfg.size];
+    let input = SampleIn {
+        image,
+        mask: None,
+        patch_labels: None,
+    };
+    let so = SampleOut {
+        image: ImageSlot::U8(&mut out),
+        mask: None,
+        patch_labels: None,
+    };
+    let g = w
+        .process_geometry(cfg, input, hdr, crop, flip, None, so)
+        .unwrap();
+    (out, g)
 }
 
 fn diff(a: &[u8], b: &[u8]) -> (f64, u8) {
@@ -374,6 +389,74 @@ fn batches_are_deterministic_and_thread_independent() {
         let want = (u as f32 / 255.0 - droppos_shards::loader::IMAGENET_MEAN[c])
             / droppos_shards::loader::IMAGENET_STD[c];
         assert_eq!(want, x);
+    }
+}
+
+#[test]
+fn each_batch_reports_the_geometry_it_applied() {
+    let rows: std::collections::HashMap<String, Vec<u8>> = fixture_rows(12, |_, b| b.to_vec())
+        .into_iter()
+        .map(|r| (r.key, r.image))
+        .collect();
+    let (_t, set) = dataset(12, None);
+    let mut w = Worker::new().unwrap();
+    for cfg in [small_cfg(), LoaderConfig::eval(32, 4)] {
+        let tcfg = TransformConfig {
+            augment: cfg.augment,
+            size: 32,
+            dct_scaling: cfg.dct_scaling,
+            patch_size: 16,
+            randaug: None,
+            resample: cfg.resample,
+        };
+        let mut flips = 0;
+        for b in collect(&Loader::new(set.clone(), cfg).unwrap(), 1, 0) {
+            let Images::U8(px) = &b.images else {
+                panic!("u8")
+            };
+            assert_eq!(b.geometry.len(), b.len());
+            for (k, g) in b.geometry.iter().enumerate() {
+                let image = &rows[&b.keys[k]];
+                let hdr = w.header(image).unwrap();
+                // Re-applying the reported geometry gives the batch's pixels exactly.
+                let (crop, flip) = match *g {
+                    Geometry::Pretrain { source, crop, flip } => {
+                        assert_eq!(source, (hdr.width, hdr.height));
+                        (crop, flip)
+                    }
+                    Geometry::Eval {
+                        source,
+                        resized,
+                        center,
+                        flip,
+                    } => {
+                        assert_eq!(source, (hdr.width, hdr.height));
+                        let want = droppos_shards::loader::transform::eval_geometry(
+                            hdr.width, hdr.height, 32,
+                        );
+                        assert_eq!((resized, center), want);
+                        assert!(!flip);
+                        (
+                            CropBox {
+                                i: 0,
+                                j: 0,
+                                h: hdr.height,
+                                w: hdr.width,
+                            },
+                            flip,
+                        )
+                    }
+                };
+                flips += flip as usize;
+                let (out, again) = apply(&mut w, &tcfg, image, &hdr, crop, flip);
+                assert_eq!(&again, g);
+                let per = out.len();
+                assert_eq!(&px[k * per..(k + 1) * per], &out[..], "{}", b.keys[k]);
+            }
+        }
+        if matches!(cfg.augment, Augment::Pretrain { .. }) {
+            assert!(flips > 0, "flips reported");
+        }
     }
 }
 

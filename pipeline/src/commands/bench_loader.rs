@@ -1,13 +1,16 @@
 //! `droppos-pipeline bench loader`: images/s of the streaming loader for one or more passes with
 //! the pre-training augmentation (or the evaluation transform), plus peak resident memory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use droppos_shards::loader::resample::Precision;
-use droppos_shards::loader::{Loader, LoaderConfig, PixelFormat, ShardSet};
+use droppos_shards::loader::{
+    Batch, Geometry, Images, Loader, LoaderConfig, PixelFormat, ShardSet, IMAGENET_MEAN,
+    IMAGENET_STD,
+};
 use serde::Serialize;
 
 /// What the command does (its one-line help in both binaries).
@@ -70,6 +73,15 @@ pub struct Args {
     /// loader produced, for checking determinism, rank partitioning and resumption.
     #[arg(long)]
     keys_out: Option<PathBuf>,
+    /// Write the first --dump-limit samples as PNG files (RGB, S×S; ADE20K/COCO masks beside
+    /// them as `*_mask.png`) with `samples.jsonl` giving each one's key, label and geometry (crop
+    /// box, resize, centre crop, flip): what the loader produced, to inspect it or to reproduce it
+    /// with PIL / torchvision (`scripts/check_loader_vs_pil.py`). Excluded from the timing.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Samples written by --dump.
+    #[arg(long, default_value_t = 64)]
+    dump_limit: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -84,6 +96,163 @@ struct BatchKeys<'a> {
     consumed: u64,
     keys: &'a [String],
     labels: &'a [i64],
+}
+
+/// One line of `samples.jsonl` (`--dump`).
+#[derive(Serialize)]
+struct DumpedSample<'a> {
+    file: String,
+    mask_file: Option<String>,
+    epoch: u64,
+    rank: usize,
+    epoch_position: u64,
+    key: &'a str,
+    label: i64,
+    size: usize,
+    geometry: DumpedGeometry,
+}
+
+/// torchvision's parameters of the transform: `resized_crop(img, i, j, h, w, [S, S])` for
+/// pre-training, `center_crop(resize(img, [rh, rw]), S)` for evaluation, then `hflip` if `flip`.
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum DumpedGeometry {
+    Pretrain {
+        source_width: usize,
+        source_height: usize,
+        i: usize,
+        j: usize,
+        h: usize,
+        w: usize,
+        flip: bool,
+    },
+    Eval {
+        source_width: usize,
+        source_height: usize,
+        resize_w: usize,
+        resize_h: usize,
+        i: usize,
+        j: usize,
+        h: usize,
+        w: usize,
+        flip: bool,
+    },
+}
+
+impl From<Geometry> for DumpedGeometry {
+    fn from(g: Geometry) -> Self {
+        match g {
+            Geometry::Pretrain { source, crop, flip } => DumpedGeometry::Pretrain {
+                source_width: source.0,
+                source_height: source.1,
+                i: crop.i,
+                j: crop.j,
+                h: crop.h,
+                w: crop.w,
+                flip,
+            },
+            Geometry::Eval {
+                source,
+                resized,
+                center,
+                flip,
+            } => DumpedGeometry::Eval {
+                source_width: source.0,
+                source_height: source.1,
+                resize_w: resized.0,
+                resize_h: resized.1,
+                i: center.i,
+                j: center.j,
+                h: center.h,
+                w: center.w,
+                flip,
+            },
+        }
+    }
+}
+
+/// Writes samples of batches as PNG files plus `samples.jsonl`.
+struct Dumper {
+    dir: PathBuf,
+    lines: std::io::BufWriter<std::fs::File>,
+    left: usize,
+    written: usize,
+    seconds: f64,
+}
+
+impl Dumper {
+    fn create(dir: &Path, limit: usize) -> Result<Dumper> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let p = dir.join("samples.jsonl");
+        let f = std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(Dumper {
+            dir: dir.to_path_buf(),
+            lines: std::io::BufWriter::new(f),
+            left: limit,
+            written: 0,
+            seconds: 0.0,
+        })
+    }
+
+    fn batch(&mut self, b: &Batch, rank: usize) -> Result<()> {
+        let t = Instant::now();
+        let s = b.size;
+        let plane = s * s;
+        let n = b.len().min(self.left);
+        let mut hwc = vec![0u8; 3 * plane];
+        for k in 0..n {
+            for c in 0..3 {
+                for p in 0..plane {
+                    let at = (k * 3 + c) * plane + p;
+                    hwc[p * 3 + c] = match &b.images {
+                        Images::U8(v) => v[at],
+                        // Undo Normalize and ToTensor: the u8 value the normalisation started from.
+                        Images::F32(v) => ((v[at] * IMAGENET_STD[c] + IMAGENET_MEAN[c]) * 255.0)
+                            .round()
+                            .clamp(0.0, 255.0) as u8,
+                    };
+                }
+            }
+            let file = format!("{:06}.png", self.written);
+            let path = self.dir.join(&file);
+            image::save_buffer(&path, &hwc, s as u32, s as u32, image::ColorType::Rgb8)
+                .with_context(|| format!("writing {}", path.display()))?;
+            let mask_file = match &b.masks {
+                Some(m) => {
+                    let f = format!("{:06}_mask.png", self.written);
+                    let path = self.dir.join(&f);
+                    let m = &m[k * plane..(k + 1) * plane];
+                    image::save_buffer(&path, m, s as u32, s as u32, image::ColorType::L8)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    Some(f)
+                }
+                None => None,
+            };
+            let line = DumpedSample {
+                file,
+                mask_file,
+                epoch: b.epoch,
+                rank,
+                epoch_position: b.epoch_positions[k],
+                key: &b.keys[k],
+                label: b.labels[k],
+                size: s,
+                geometry: b.geometry[k].into(),
+            };
+            serde_json::to_writer(&mut self.lines, &line)?;
+            std::io::Write::write_all(&mut self.lines, b"\n")?;
+            self.written += 1;
+        }
+        self.left -= n;
+        self.seconds += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        std::io::Write::flush(&mut self.lines).context("writing samples.jsonl")?;
+        tracing::info!(samples = self.written, dir = %self.dir.display(), "dumped samples");
+        Ok(())
+    }
 }
 
 #[derive(Serialize, Debug)]
@@ -144,6 +313,10 @@ pub fn run(a: Args) -> Result<()> {
         threads = cfg.threads,
         "benchmarking the loader"
     );
+    let mut dumper = match &a.dump {
+        Some(d) => Some(Dumper::create(d, a.dump_limit)?),
+        None => None,
+    };
     let start = Instant::now();
     let mut first_batch = None;
     let mut images = 0u64;
@@ -178,19 +351,27 @@ pub fn run(a: Args) -> Result<()> {
                 serde_json::to_writer(&mut *w, &line)?;
                 std::io::Write::write_all(w, b"\n")?;
             }
+            if let Some(d) = dumper.as_mut().filter(|d| d.left > 0) {
+                d.batch(&b, a.rank)?;
+            }
             index += 1;
             images += b.len() as u64;
             skipped += b.skipped.len() as u64;
             batches += 1;
             if first_batch.is_none() {
-                first_batch = Some(start.elapsed().as_secs_f64());
+                let dumping = dumper.as_ref().map_or(0.0, |d| d.seconds);
+                first_batch = Some(start.elapsed().as_secs_f64() - dumping);
             } else {
                 after_first += b.len() as u64;
             }
             it.recycle(b);
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
+    let dump_seconds = dumper.as_ref().map_or(0.0, |d| d.seconds);
+    let seconds = start.elapsed().as_secs_f64() - dump_seconds;
+    if let Some(d) = dumper {
+        d.finish()?;
+    }
     if let Some(mut w) = keys_out {
         std::io::Write::flush(&mut w).context("writing --keys-out")?;
     }

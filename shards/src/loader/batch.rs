@@ -1,5 +1,7 @@
 //! Batches: one contiguous image buffer plus per-sample metadata.
 
+use super::transform::Geometry;
+
 /// ImageNet channel means and standard deviations (torchvision's `Normalize`).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -67,6 +69,8 @@ pub struct Batch {
     /// Position of each sample in the whole (padded) epoch order, the same for any number of
     /// ranks: per-sample randomness downstream (the trainer's masking noise) is keyed by it.
     pub epoch_positions: Vec<u64>,
+    /// The crop / resize / flip each sample went through (to reproduce it with PIL).
+    pub geometry: Vec<Geometry>,
     /// Samples skipped while filling this batch.
     pub skipped: Vec<SkippedSample>,
 }

@@ -40,7 +40,7 @@ pub use pipeline::EpochLoader;
 pub use randaug::RandAugment;
 pub use reader::ShardSet;
 pub use sampler::{Pad, Partition};
-pub use transform::{Augment, RrcParams};
+pub use transform::{Augment, CropBox, Geometry, RrcParams};
 
 use std::path::{Path, PathBuf};
 

@@ -20,7 +20,7 @@ use super::batch::{Batch, Images, PixelFormat, SkippedSample};
 use super::reader::{LoadedBlock, ShardSet};
 use super::rng::{Rng, DOMAIN_AUGMENT};
 use super::sampler::{EpochPlan, OrderConfig, OrderCursor, RankSlice, Slot};
-use super::transform::{ImageSlot, SampleIn, SampleOut, TransformConfig, Worker};
+use super::transform::{Geometry, ImageSlot, SampleIn, SampleOut, TransformConfig, Worker};
 use super::{LoaderConfig, LoaderError, OnError};
 
 /// One sample on its way to the decode stage.
@@ -241,6 +241,7 @@ fn make_batches(
         let mut masks = cols.mask.then(|| vec![0u8; b * s * s]);
         let mut patch = cols.patch_labels.then(|| vec![0i32; b * grid]);
         let mut accepted: Vec<RawSample> = Vec::with_capacity(b);
+        let mut geometry: Vec<Geometry> = Vec::with_capacity(b);
         let mut skipped = Vec::new();
         let mut consumed = None;
         while accepted.len() < b {
@@ -282,7 +283,7 @@ fn make_batches(
             for (k, (raw, res)) in take.into_iter().zip(results).enumerate() {
                 let src = first + k;
                 match res {
-                    Ok(()) => {
+                    Ok(g) => {
                         if dst != src {
                             move_slot(&mut images, per_image, src, dst);
                             if let Some(m) = masks.as_mut() {
@@ -293,6 +294,7 @@ fn make_batches(
                             }
                         }
                         accepted.push(raw);
+                        geometry.push(g);
                         dst += 1;
                     }
                     Err(e) => {
@@ -348,6 +350,7 @@ fn make_batches(
             consumed: consumed.unwrap_or(0),
             positions: accepted.iter().map(|r| r.slot.rank_position).collect(),
             epoch_positions: accepted.iter().map(|r| r.slot.epoch_position).collect(),
+            geometry,
             skipped,
         };
         if tx.send(Ok(batch)).is_err() {
@@ -375,7 +378,7 @@ fn process_all(
     masks: Option<&mut [u8]>,
     patch: Option<&mut [i32]>,
     grid: usize,
-) -> Vec<Result<(), super::transform::SampleError>> {
+) -> Vec<Result<Geometry, super::transform::SampleError>> {
     let s = tcfg.size;
     let per = 3 * s * s;
     let n = take.len();

@@ -43,6 +43,27 @@ pub struct CropBox {
     pub w: usize,
 }
 
+/// The geometric transform one sample went through, in torchvision's terms, so that its output
+/// can be reproduced with PIL / torchvision (`bench loader --dump`). `source` is the stored
+/// image's (width, height).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Geometry {
+    /// RandomResizedCrop: `crop` (source pixels) resized to S×S, then mirrored if `flip`.
+    Pretrain {
+        source: (usize, usize),
+        crop: CropBox,
+        flip: bool,
+    },
+    /// Resize to `resized` (width, height), then the centre crop `center` of it, then mirrored
+    /// if `flip`.
+    Eval {
+        source: (usize, usize),
+        resized: (usize, usize),
+        center: CropBox,
+        flip: bool,
+    },
+}
+
 /// Parameters of RandomResizedCrop.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RrcParams {
@@ -357,7 +378,7 @@ impl Worker {
         input: SampleIn<'_>,
         rng: &mut Rng,
         out: SampleOut<'_>,
-    ) -> Result<(), SampleError> {
+    ) -> Result<Geometry, SampleError> {
         let hdr = self.decoder.header(input.image)?;
         let (cb, flip) = self.draw(cfg, &hdr, rng);
         let steps = cfg.randaug.map(|r| r.draw(rng));
@@ -372,7 +393,7 @@ impl Worker {
     /// Applies a given geometry: for pre-training the crop box `cb` (source pixels) resized to
     /// S×S; for evaluation `cb` is ignored and the resize + centre crop is used. `flip` mirrors
     /// the output; then the RandAugment `steps`, if any, change the image (never the masks:
-    /// the loader refuses RandAugment for dense datasets).
+    /// the loader refuses RandAugment for dense datasets). Returns the geometry applied.
     #[allow(clippy::too_many_arguments)]
     pub fn process_geometry(
         &mut self,
@@ -383,7 +404,7 @@ impl Worker {
         flip: bool,
         steps: Option<&[super::randaug::Step]>,
         out: SampleOut<'_>,
-    ) -> Result<(), SampleError> {
+    ) -> Result<Geometry, SampleError> {
         let s = cfg.size;
         let hdr = *hdr;
         let cb = match cfg.augment {
@@ -558,6 +579,18 @@ impl Worker {
                 }
             }
         }
-        Ok(())
+        Ok(match eval_crop {
+            None => Geometry::Pretrain {
+                source: (hdr.width, hdr.height),
+                crop: cb,
+                flip,
+            },
+            Some(center) => Geometry::Eval {
+                source: (hdr.width, hdr.height),
+                resized: (rw, rh),
+                center,
+                flip,
+            },
+        })
     }
 }
