@@ -132,11 +132,14 @@ def throughput(binary, data_dirs, rows_dir, size, batch, epochs, runs):
 
     # Class folders from the labels (ImageFolder sorts them; zero-padded names keep the order),
     # each image under a unique name ending in its key's file name.
+    # Datasets without labels (COCO, ADE20K) go to one folder.
     n = 0
     for f in shard_files(data_dirs):
-        for b in pq.ParquetFile(f).iter_batches(columns=["key", "image", "label"]):
+        pf = pq.ParquetFile(f)
+        cols = [c for c in ("key", "image", "label") if c in pf.schema_arrow.names]
+        for b in pf.iter_batches(columns=cols):
             d = b.to_pydict()
-            for k, img, lab in zip(d["key"], d["image"], d["label"]):
+            for k, img, lab in zip(d["key"], d["image"], d.get("label", [0] * len(d["key"]))):
                 folder = os.path.join(rows_dir, f"{lab:06d}")
                 os.makedirs(folder, exist_ok=True)
                 open(os.path.join(folder, f"{n:08d}_" + os.path.basename(k)), "wb").write(img)
@@ -158,7 +161,7 @@ def main():
     ap.add_argument("--pillow-exact", action="store_true",
                     help="the loader's Pillow-exact arithmetic instead of the 16-bit fast one")
     ap.add_argument("--throughput", action="store_true",
-                    help="also time the loader against torchvision on the same images (labelled shards)")
+                    help="also time the loader against torchvision on the same images")
     ap.add_argument("--epochs", type=int, default=4, help="passes timed by --throughput")
     ap.add_argument("--runs", type=int, default=3, help="runs of --throughput (median)")
     ap.add_argument("--batch-size", type=int, default=64)

@@ -236,3 +236,33 @@ fn dump_writes_masks_of_dense_datasets() {
         assert!(matches!(m, image::DynamicImage::ImageLuma8(_)));
     }
 }
+
+/// `bench loader` over `dirs`, expected to fail: its stderr.
+fn loader_error(dirs: &[&Path]) -> String {
+    let out = bin()
+        .args(["bench", "loader", "--size", "32", "--no-verify", "--data"])
+        .args(dirs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "expected a failure for {dirs:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn folders_that_disagree_on_labels_or_repeat_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let by_folder = imagenet_train(tmp.path());
+    let by_list = shard(
+        tmp.path(),
+        "inet-list",
+        &["imagenet"],
+        &[
+            ("--root", data_root().join("imagenet/train")),
+            ("--classes", data_root().join("imagenet/synset_words.txt")),
+        ],
+    );
+    let e = loader_error(&[&by_folder, &by_list]);
+    assert!(e.contains("different class lists"), "{e}");
+    let e = loader_error(&[&by_folder, &by_folder]);
+    assert!(e.contains("given twice"), "{e}");
+}

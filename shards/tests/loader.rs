@@ -31,12 +31,9 @@ fn read_json(p: &Path) -> Value {
 }
 
 /// Runs one fixture case through the loader's per-sample path; returns HWC RGB.
-fn run_case(case: &Value, dct: bool, resample: Precision) -> (Vec<u8>, usize) {
-    let dir = fixtures();
-    let bytes = std::fs::read(dir.join("images").join(case["image"].as_str().unwrap())).unwrap();
-    let size = case["size"].as_u64().unwrap() as usize;
-    let eval = case["kind"] == "eval";
-    let cfg = TransformConfig {
+/// Evaluation or pre-training (no flip) geometry at `size`, patch size 16, no RandAugment.
+fn transform_cfg(eval: bool, size: usize, dct: bool, resample: Precision) -> TransformConfig {
+    TransformConfig {
         augment: if eval {
             Augment::Eval
         } else {
@@ -50,7 +47,15 @@ fn run_case(case: &Value, dct: bool, resample: Precision) -> (Vec<u8>, usize) {
         patch_size: 16,
         randaug: None,
         resample,
-    };
+    }
+}
+
+fn run_case(case: &Value, dct: bool, resample: Precision) -> (Vec<u8>, usize) {
+    let dir = fixtures();
+    let bytes = std::fs::read(dir.join("images").join(case["image"].as_str().unwrap())).unwrap();
+    let size = case["size"].as_u64().unwrap() as usize;
+    let eval = case["kind"] == "eval";
+    let cfg = transform_cfg(eval, size, dct, resample);
     let mut w = Worker::new().unwrap();
     let hdr = w.header(&bytes).unwrap();
     let cb = if eval {
@@ -161,6 +166,71 @@ fn resize_agrees_with_pillow() {
         "{exact}/{} cases bit-exact without DCT scaling (exact arithmetic)",
         cases.len()
     );
+}
+
+/// The DCT-scaled decode (1/2-1/8) is checked against the full decode, which the Pillow test
+/// above pins: the fixture crops are too small to take it since the thresholds rose.
+#[test]
+fn dct_scaled_decode_stays_within_a_grey_level_of_the_full_decode() {
+    use droppos_shards::loader::transform::{dct_denom, DCT_MIN_OUTPUT};
+    let src = image::open(fixtures().join("images/n04179913_sewing_machine.JPEG"))
+        .unwrap()
+        .to_rgb8();
+    // A 4x upscale of a real photo, re-encoded: large enough for DCT scaling at 64-96 px.
+    let big = image::imageops::resize(
+        &src,
+        src.width() * 4,
+        src.height() * 4,
+        image::imageops::FilterType::CatmullRom,
+    );
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&big)
+        .unwrap();
+    let mut w = Worker::new().unwrap();
+    let hdr = w.header(&jpeg).unwrap();
+    let (bw, bh) = (hdr.width, hdr.height);
+    assert_eq!(dct_denom(bw, bh, DCT_MIN_OUTPUT - 1, DCT_MIN_OUTPUT - 1), 1);
+    let mut triggered = 0;
+    for (size, crop) in [
+        (
+            64,
+            CropBox {
+                i: 0,
+                j: 0,
+                h: bh,
+                w: bw,
+            },
+        ),
+        (
+            96,
+            CropBox {
+                i: 100,
+                j: 300,
+                h: bh - 200,
+                w: bw - 600,
+            },
+        ),
+        (
+            64,
+            CropBox {
+                i: 37,
+                j: 411,
+                h: 1100,
+                w: 1300,
+            },
+        ),
+    ] {
+        let denom = dct_denom(crop.w, crop.h, size, size);
+        triggered += (denom > 1) as usize;
+        let cfg = |dct| transform_cfg(false, size, dct, Precision::Exact);
+        let (full, _) = apply(&mut w, &cfg(false), &jpeg, &hdr, crop, false);
+        let (scaled, _) = apply(&mut w, &cfg(true), &jpeg, &hdr, crop, false);
+        let (mean, max) = diff(&full, &scaled);
+        eprintln!("{size} px from {crop:?} (DCT 1/{denom}): mean |Δ| {mean:.3}, max {max}");
+        assert!(mean < 1.0, "{size} px, {crop:?}, 1/{denom}: {mean}");
+    }
+    assert_eq!(triggered, 3, "every case takes the DCT-scaled path");
 }
 
 #[test]
@@ -343,6 +413,25 @@ fn small_cfg() -> LoaderConfig {
     }
 }
 
+/// [`small_cfg`] in stored order, keeping a short last batch.
+fn ordered_cfg() -> LoaderConfig {
+    LoaderConfig {
+        shuffle: false,
+        drop_last: false,
+        ..small_cfg()
+    }
+}
+
+/// The first error of epoch 0 (the test fails if there is none).
+fn first_error(set: Arc<ShardSet>, cfg: LoaderConfig) -> LoaderError {
+    let results: Vec<_> = Loader::new(set, cfg)
+        .unwrap()
+        .epoch(0, 0)
+        .unwrap()
+        .collect();
+    results.into_iter().find_map(|r| r.err()).expect("an error")
+}
+
 fn collect(loader: &Loader, epoch: u64, consumed: u64) -> Vec<Batch> {
     loader
         .epoch(epoch, consumed)
@@ -515,11 +604,7 @@ fn resume_reproduces_the_uninterrupted_run() {
 #[test]
 fn corrupt_sample_is_skipped_or_fails_by_policy() {
     let (_t, set) = dataset(16, Some(5));
-    let cfg = LoaderConfig {
-        shuffle: false,
-        drop_last: false,
-        ..small_cfg()
-    };
+    let cfg = ordered_cfg();
     let batches = collect(&Loader::new(set.clone(), cfg).unwrap(), 0, 0);
     let skipped: Vec<_> = batches.iter().flat_map(|b| b.skipped.clone()).collect();
     assert_eq!(skipped.len(), 1, "{skipped:?}");
@@ -537,12 +622,7 @@ fn corrupt_sample_is_skipped_or_fails_by_policy() {
         on_error: OnError::Fail,
         ..cfg
     };
-    let results: Vec<_> = Loader::new(set, fail)
-        .unwrap()
-        .epoch(0, 0)
-        .unwrap()
-        .collect();
-    let err = results.into_iter().find_map(|r| r.err()).expect("an error");
+    let err = first_error(set, fail);
     match &err {
         LoaderError::Sample { shard, key, .. } => {
             assert!(shard.ends_with("shard-000000.parquet"));
@@ -550,6 +630,22 @@ fn corrupt_sample_is_skipped_or_fails_by_policy() {
         }
         e => panic!("unexpected {e}"),
     }
+}
+
+#[test]
+fn skips_after_the_last_batch_are_reported() {
+    // 17 samples, the last one corrupt: batches of 4 leave it alone in a fifth batch that comes
+    // out empty, so its skip belongs to no batch.
+    let (_t, set) = dataset(17, Some(16));
+    let cfg = ordered_cfg();
+    let loader = Loader::new(set, cfg).unwrap();
+    let mut it = loader.epoch(0, 0).unwrap();
+    let batches: Vec<Batch> = it.by_ref().map(|b| b.unwrap()).collect();
+    assert_eq!(batches.len(), 4);
+    assert!(batches.iter().all(|b| b.skipped.is_empty()));
+    let tail = it.skipped_after_last_batch();
+    assert_eq!(tail.len(), 1, "{tail:?}");
+    assert!(tail[0].key.starts_with("0016/"), "{tail:?}");
 }
 
 #[test]
@@ -566,13 +662,7 @@ fn corrupt_shard_is_an_error_naming_it() {
         shuffle: false,
         ..small_cfg()
     };
-    let results: Vec<_> = Loader::new(set, cfg)
-        .unwrap()
-        .epoch(0, 0)
-        .unwrap()
-        .collect();
-    let err = results.into_iter().find_map(|r| r.err()).expect("an error");
-    let msg = err.to_string();
+    let msg = first_error(set, cfg).to_string();
     assert!(
         msg.contains("shard-000001.parquet") && msg.contains("sha256"),
         "{msg}"
@@ -814,6 +904,23 @@ fn write_dense_like(dir: &Path, rows: &[Row], p: u32) {
     std::fs::write(&mpath, serde_json::to_string_pretty(&m).unwrap()).unwrap();
 }
 
+/// A manifest whose patch_size does not describe its shards' patch labels stops the loader
+/// with an error naming the shard, whatever the skip policy (it is not one bad sample).
+#[test]
+fn patch_labels_off_the_manifest_grid_are_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("coco");
+    // Four labels per row: a 2x2 grid, which no fixture image has at patch size 16.
+    write_dense_like(&d, &fixture_rows(3, |_, b| b.to_vec()), 16);
+    let set = Arc::new(ShardSet::open(&[d], true).unwrap());
+    let cfg = LoaderConfig {
+        on_error: OnError::Skip,
+        ..ordered_cfg()
+    };
+    let e = first_error(set, cfg).to_string();
+    assert!(e.contains("patch_size") && e.contains("shard-"), "{e}");
+}
+
 /// Folders of different datasets (ImageNet + COCO for pre-training) load together on the
 /// columns they all carry; patch labels of different grids cannot mix.
 #[test]
@@ -842,13 +949,17 @@ fn folders_of_different_datasets_mix_on_their_common_columns() {
     assert_eq!(keys.len(), 9, "every sample of both folders");
     assert!(batches.iter().all(|b| b.patch_labels.is_none()));
 
-    // Patch labels on both sides: the grids must agree.
+    // Patch labels on both sides: the grids must agree (and a folder may not repeat).
     assert!(
-        ShardSet::open(&[b.clone(), b.clone()], true)
+        ShardSet::open(std::slice::from_ref(&b), true)
             .unwrap()
             .columns()
             .patch_labels
     );
+    let e = ShardSet::open(&[b.clone(), b.clone()], true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("given twice"), "{e}");
     let e = ShardSet::open(&[b.clone(), c.clone()], true)
         .unwrap_err()
         .to_string();

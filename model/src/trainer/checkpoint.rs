@@ -230,6 +230,7 @@ mod tests {
                 step,
                 epoch: 1,
                 samples_in_epoch: 32,
+                loader_position: Some(35),
                 world_size: 1,
                 rank: 0,
                 reason: "interval".into(),

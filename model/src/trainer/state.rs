@@ -10,8 +10,13 @@ pub struct TrainState {
     pub step: u64,
     /// The epoch in progress (0-based).
     pub epoch: u64,
-    /// Samples this rank has taken from the loader in `epoch` (the loader's resume position).
+    /// Samples this rank has trained on in `epoch` (optimizer steps × samples per step).
     pub samples_in_epoch: u64,
+    /// The loader's resume position in `epoch` (samples of this rank's slice consumed, skipped
+    /// undecodable ones included); `None` in checkpoints written before it existed, where it
+    /// equals `samples_in_epoch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader_position: Option<u64>,
     /// Processes in the run and this one's rank (1 and 0 for single-process training).
     pub world_size: u64,
     pub rank: u64,

@@ -366,6 +366,8 @@ pub fn run(a: Args) -> Result<()> {
             }
             it.recycle(b);
         }
+        // Skips after the last batch (each already logged by the loader) count too.
+        skipped += it.skipped_after_last_batch().len() as u64;
     }
     let dump_seconds = dumper.as_ref().map_or(0.0, |d| d.seconds);
     let seconds = start.elapsed().as_secs_f64() - dump_seconds;
@@ -375,6 +377,10 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(mut w) = keys_out {
         std::io::Write::flush(&mut w).context("writing --keys-out")?;
     }
+    anyhow::ensure!(
+        images > 0 || skipped == 0,
+        "no sample could be decoded: all {skipped} read were skipped (see the warnings above)"
+    );
     let fb = first_batch.unwrap_or(seconds);
     let report = Report {
         images,

@@ -555,6 +555,7 @@ pub fn run(args: Args) -> Result<()> {
                 step,
                 epoch: epoch as u64 + 1,
                 samples_in_epoch: 0,
+                loader_position: None,
                 world_size: 1,
                 rank: 0,
                 reason: "epoch_end".into(),

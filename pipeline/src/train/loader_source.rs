@@ -90,6 +90,7 @@ impl BatchSource for LoaderSource {
                 Ok(Some(SourceBatch {
                     images: batch.input(),
                     epoch_positions: batch.epoch_positions.clone(),
+                    consumed: batch.consumed,
                 }))
             }
         }

@@ -130,6 +130,7 @@ pub fn train(
         step: 0,
         epoch: 0,
         samples_in_epoch: 0,
+        loader_position: None,
         world_size: world.size,
         rank: world.rank,
         reason: String::new(),
@@ -196,9 +197,11 @@ pub fn train(
     let images_per_step = (plan.global_batch) as f64;
     while state.epoch < recipe.train.epochs {
         let sigma = sigma_at(state.epoch, recipe);
+        let resume_at = state.loader_position.unwrap_or(state.samples_in_epoch);
         source
-            .start_epoch(state.epoch, state.samples_in_epoch)
+            .start_epoch(state.epoch, resume_at)
             .with_context(|| format!("starting epoch {}", state.epoch))?;
+        let mut ended_early = false;
         let mut micro_index = state.samples_in_epoch / plan.micro_batch;
         while micro_index < ep.micro_batches {
             if recipe.train.max_steps > 0 && state.step >= recipe.train.max_steps {
@@ -228,10 +231,19 @@ pub fn train(
             let good = state.clone();
             let started = Instant::now();
             let (mut loss_sum, mut acc_sum) = (0.0, 0.0);
+            let mut position = state.loader_position;
             for micro in 0..plan.accum_iter {
-                let batch = source
-                    .next_batch()?
-                    .with_context(|| format!("the loader ended epoch {} early", state.epoch))?;
+                // Undecodable samples skipped by the loader shorten a rank's slice: when any rank
+                // runs out, every rank ends the epoch here (a partial window is not stepped), so
+                // that all of them take the same steps.
+                let next = source.next_batch()?;
+                if ctx.collective.any(next.is_none())? {
+                    task.zero_grad();
+                    ended_early = true;
+                    break;
+                }
+                let batch = next.expect("checked by the agreement above");
+                position = Some(batch.consumed);
                 let noise = SampleNoise::new(recipe.train.seed, state.epoch, batch.epoch_positions);
                 let fwd = ctx
                     .placement
@@ -259,10 +271,20 @@ pub fn train(
                 acc_sum += acc1;
                 micro_index += 1;
             }
+            if ended_early {
+                tracing::warn!(
+                    epoch = state.epoch,
+                    step = state.step,
+                    planned_steps = ep.steps,
+                    "the loader's epoch ended early (samples skipped as undecodable); next epoch"
+                );
+                break;
+            }
             task.optimizer_step(lr)?;
             let dt = started.elapsed().as_secs_f64();
             state.step += 1;
             state.samples_in_epoch += samples_per_step;
+            state.loader_position = position;
             let step_loss = loss_sum / plan.accum_iter as f64;
             state.last_loss = Some(step_loss);
             let acc1 = acc_sum / plan.accum_iter as f64;
@@ -298,6 +320,7 @@ pub fn train(
         // Micro-batches beyond the last full window are not used (drop_last semantics).
         state.epoch += 1;
         state.samples_in_epoch = 0;
+        state.loader_position = None;
         // Tiny epochs (the demo's are 2 steps) would flood the log; the bar shows progress.
         if ep.steps >= 10 {
             tracing::info!(

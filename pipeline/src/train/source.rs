@@ -23,4 +23,7 @@ pub struct SourceBatch {
     /// Each sample's position in the whole epoch order (the same for any number of ranks):
     /// the masking noise is keyed by it.
     pub epoch_positions: Vec<u64>,
+    /// Samples of this rank's epoch slice consumed after this batch (skipped ones included):
+    /// where to resume to continue right after it.
+    pub consumed: u64,
 }

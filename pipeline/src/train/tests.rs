@@ -100,6 +100,8 @@ pub(crate) struct ToySource {
     pub next: u64,
     pub batch: i64,
     pub side: i64,
+    /// Positions the source treats as undecodable (skipped, as the loader does).
+    pub skip: Vec<u64>,
 }
 
 impl BatchSource for ToySource {
@@ -114,19 +116,27 @@ impl BatchSource for ToySource {
     }
 
     fn next_batch(&mut self) -> Result<Option<SourceBatch>> {
-        if self.next + self.batch as u64 > self.samples_per_epoch() {
+        let mut epoch_positions = Vec::new();
+        let mut at = self.next;
+        while epoch_positions.len() < self.batch as usize && at < self.samples_per_epoch() {
+            if !self.skip.contains(&at) {
+                epoch_positions.push(at);
+            }
+            at += 1;
+        }
+        if epoch_positions.len() < self.batch as usize {
             return Ok(None);
         }
-        let epoch_positions: Vec<u64> = (self.next..self.next + self.batch as u64).collect();
         // Images: noise keyed by (epoch, position) in another seed, so they are deterministic.
         let pixels = 3 * self.side * self.side;
         let images = SampleNoise::new(99, self.epoch, epoch_positions.clone())
             .uniform(0, pixels, Device::Cpu)
             .reshape([self.batch, 3, self.side, self.side]);
-        self.next += self.batch as u64;
+        self.next = at;
         Ok(Some(SourceBatch {
             images,
             epoch_positions,
+            consumed: self.next,
         }))
     }
 }
@@ -161,6 +171,18 @@ fn run(
     stop: StopFlag,
     task: &mut ToyTask,
 ) -> Result<Outcome> {
+    run_skipping(dir, recipe, resume, stop, task, &[])
+}
+
+/// [`run`] over a source whose `skip` positions are undecodable.
+fn run_skipping(
+    dir: &Path,
+    recipe: &Recipe,
+    resume: bool,
+    stop: StopFlag,
+    task: &mut ToyTask,
+    skip: &[u64],
+) -> Result<Outcome> {
     let state = if resume {
         load_resume(dir, recipe, task)?
     } else {
@@ -171,6 +193,7 @@ fn run(
         next: 0,
         batch: recipe.train.batch_size as i64,
         side: 2,
+        skip: skip.to_vec(),
     };
     let ctx = TrainContext {
         recipe,
@@ -264,6 +287,60 @@ fn resumed_run_equals_uninterrupted_run() {
     assert!(a.optimizer[0].1.equal(&b.optimizer[0].1));
     // keep_last = 2.
     assert_eq!(CheckpointStore::new(full.path()).list().unwrap().len(), 2);
+}
+
+#[test]
+fn skipped_samples_keep_resume_exact_and_a_short_epoch_ends_cleanly() {
+    let _rng = crate::torch_rng_lock();
+    let skip_run = |dir: &Path, r: &Recipe, resume: bool, skip: &[u64]| {
+        run_skipping(
+            dir,
+            r,
+            resume,
+            StopFlag::default(),
+            &mut ToyTask::new(),
+            skip,
+        )
+        .unwrap()
+    };
+    let r = recipe(&[]);
+    // Positions 1 and 6 undecodable: each epoch's first step consumes 9 positions, not 8, so
+    // the resume point is the loader's position, not steps × batch.
+    let skip = [1, 6];
+    let full = tempfile::tempdir().unwrap();
+    assert_eq!(
+        skip_run(full.path(), &r, false, &skip),
+        Outcome::Finished { step: 6 }
+    );
+    let split = tempfile::tempdir().unwrap();
+    let first = recipe(&["train.max_steps=3"]);
+    assert_eq!(
+        skip_run(split.path(), &first, false, &skip),
+        Outcome::Finished { step: 3 }
+    );
+    let latest = CheckpointStore::new(split.path())
+        .latest()
+        .unwrap()
+        .unwrap();
+    let state = CheckpointStore::load(&latest).unwrap().state;
+    assert_eq!(
+        (state.samples_in_epoch, state.loader_position),
+        (8, Some(10))
+    );
+    assert_eq!(
+        skip_run(split.path(), &r, true, &skip),
+        Outcome::Finished { step: 6 }
+    );
+    assert_eq!(losses(split.path()), losses(full.path()));
+
+    // Five undecodable positions leave 15 samples: one full step of 8, then the loader runs
+    // out inside the second window; the epoch ends there instead of failing the run.
+    let short = tempfile::tempdir().unwrap();
+    assert_eq!(
+        skip_run(short.path(), &r, false, &[1, 5, 9, 13, 17]),
+        Outcome::Finished { step: 3 }
+    );
+    assert_eq!(losses(short.path()).len(), 3);
 }
 
 #[test]

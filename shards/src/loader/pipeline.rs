@@ -87,6 +87,8 @@ pub struct EpochLoader {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     failed: bool,
+    /// Samples skipped after the last batch (a final batch left empty, or short and dropped).
+    trailing: Arc<Mutex<Vec<SkippedSample>>>,
 }
 
 impl EpochLoader {
@@ -119,19 +121,22 @@ impl EpochLoader {
         let (out_tx, out_rx) = sync_channel::<Result<Batch, LoaderError>>(cfg.prefetch.max(1));
         let set2 = set.clone();
         let shared2 = shared.clone();
+        let trailing = Arc::new(Mutex::new(Vec::new()));
+        let trailing2 = trailing.clone();
         let reader = std::thread::Builder::new()
             .name("droppos-reader".into())
             .spawn(move || read_samples(&set2, cursor, raw_tx))
             .map_err(|e| LoaderError::Config(format!("spawn: {e}")))?;
         let batcher = std::thread::Builder::new()
             .name("droppos-batcher".into())
-            .spawn(move || make_batches(&set, &cfg, epoch, &shared2, raw_rx, out_tx))
+            .spawn(move || make_batches(&set, &cfg, epoch, &shared2, raw_rx, out_tx, &trailing2))
             .map_err(|e| LoaderError::Config(format!("spawn: {e}")))?;
         Ok(EpochLoader {
             rx: Some(out_rx),
             shared,
             threads: vec![reader, batcher],
             failed: false,
+            trailing,
         })
     }
 }
@@ -140,6 +145,13 @@ impl EpochLoader {
     /// Hands a consumed batch's image buffer back for reuse (optional; saves page faults).
     pub fn recycle(&self, batch: Batch) {
         self.shared.give_spare(batch.images);
+    }
+
+    /// Samples skipped after the last batch was handed out: at the end of the epoch, when the
+    /// final batch came out empty or short (and `drop_last`), its skips belong to no batch.
+    /// Complete once the iterator has returned `None`.
+    pub fn skipped_after_last_batch(&self) -> Vec<SkippedSample> {
+        self.trailing.lock().map(|v| v.clone()).unwrap_or_default()
     }
 }
 
@@ -208,6 +220,7 @@ fn make_batches(
     shared: &Shared,
     rx: Receiver<Result<RawSample, LoaderError>>,
     tx: SyncSender<Result<Batch, LoaderError>>,
+    trailing: &Mutex<Vec<SkippedSample>>,
 ) {
     let pool = &shared.pool;
     let s = cfg.size;
@@ -300,6 +313,17 @@ fn make_batches(
                     Err(e) => {
                         let shard = set.shard_name(raw.block.shard);
                         let key = raw.block.key(raw.row).to_string();
+                        // Patch labels that do not fit the manifest's grid are not a bad sample
+                        // but a manifest that does not describe its shards: stop, whatever the
+                        // policy (skipping would silently drop nearly everything).
+                        if let super::transform::SampleError::PatchLabels(why) = &e {
+                            let _ = tx.send(Err(LoaderError::Config(format!(
+                                "{shard}: row {key}: {why} of {p}x{p}-pixel patches (the manifest's \
+                                 patch_size): manifest and shards disagree",
+                                p = set.patch_size()
+                            ))));
+                            return;
+                        }
                         match cfg.on_error {
                             OnError::Fail => {
                                 let _ = tx.send(Err(LoaderError::Sample {
@@ -324,6 +348,9 @@ fn make_batches(
         }
         let n = accepted.len();
         if n == 0 || (n < b && cfg.drop_last) {
+            if let Ok(mut t) = trailing.lock() {
+                t.extend(skipped);
+            }
             break;
         }
         match &mut images {

@@ -112,7 +112,18 @@ impl ShardSet {
         let mut any = Columns::default();
         let mut patch_size: Option<(u32, &PathBuf)> = None;
         let mut patch_size_clash = None;
+        let mut seen: Vec<(PathBuf, &PathBuf)> = Vec::new();
         for dir in dirs {
+            // The same folder twice would silently double every sample.
+            let real = std::fs::canonicalize(dir).map_err(|e| LoaderError::io(dir, e))?;
+            if let Some((_, first)) = seen.iter().find(|(r, _)| *r == real) {
+                return Err(LoaderError::Config(format!(
+                    "{} is given twice (also as {}): every sample would be seen twice per epoch",
+                    dir.display(),
+                    first.display()
+                )));
+            }
+            seen.push((real, dir));
             let m = Manifest::load(dir)?;
             let mi = manifests.len();
             match patch_size {
@@ -180,6 +191,18 @@ impl ShardSet {
                 });
             }
             manifests.push(m);
+        }
+        // Folders of one dataset must agree on what each label means (labels are used as they
+        // are); different datasets (ImageNet + COCO) share no label column anyway.
+        for (i, m) in manifests.iter().enumerate() {
+            if manifests[..i].iter().any(|o| o.dataset == m.dataset) {
+                continue;
+            }
+            let same = manifests
+                .iter()
+                .filter(|o| o.dataset == m.dataset)
+                .map(|o| (o.dir.as_path(), &o.classes[..]));
+            crate::manifest::merge_class_lists(same).map_err(LoaderError::Config)?;
         }
         let columns = columns.unwrap_or_default();
         if any != columns {

@@ -255,16 +255,25 @@ pub enum Augment {
 /// scaling is used. Below it the scaled decode visibly departs from Pillow's full decode; at or
 /// above it the remaining bicubic downscale averages the difference away. Measured as mean
 /// absolute difference to Pillow: ≈ 1.6 grey levels if scaled crops just above S were allowed;
-/// with 2 (the earlier value) up to 1.08 on a 700x500 photo cropped to 48 px (the sewing-machine
-/// fixture), above the 1-level contract; with 3 at most 0.51 over 27 ImageNet photos and 5 crops
-/// each. At 224-px outputs this needs crops of 1,344 px or more, so ImageNet-size images never
-/// take it and the throughput is unchanged.
-pub const DCT_MIN_RATIO: f64 = 3.0;
+/// with 2 up to 1.08 on a 700x500 photo cropped to 48 px (the sewing-machine fixture); with 3
+/// up to 1.72 on a grey ImageNet photo cropped 305 px → 48 px (an acceptance probe), though at
+/// most 0.51 over 27 ImageNet photos × 5 crops at 224. With 4 (and `DCT_MIN_OUTPUT`) every one of
+/// the 260 sample photos stays below 1 at outputs of 16-384 px. At 224-px outputs this needs
+/// crops of 1,792 px or more, so ImageNet-size images never take it.
+pub const DCT_MIN_RATIO: f64 = 4.0;
+
+/// Outputs smaller than this (px, either side) never use DCT scaling: at 16-24 px a handful of
+/// the sample photos still exceeded 1 grey level at ratio 4, where each output pixel averages
+/// too few scaled pixels for the difference to wash out.
+pub const DCT_MIN_OUTPUT: usize = 64;
 
 /// Largest DCT denominator d ∈ {1, 2, 4, 8} whose scaled region is still at least
-/// `DCT_MIN_RATIO` times the output in both directions.
+/// `DCT_MIN_RATIO` times the output in both directions (1 for outputs under `DCT_MIN_OUTPUT`).
 pub fn dct_denom(region_w: usize, region_h: usize, out_w: usize, out_h: usize) -> usize {
     let mut d = 1;
+    if out_w.min(out_h) < DCT_MIN_OUTPUT {
+        return d;
+    }
     for cand in [2usize, 4, 8] {
         if region_w as f64 / cand as f64 >= DCT_MIN_RATIO * out_w as f64
             && region_h as f64 / cand as f64 >= DCT_MIN_RATIO * out_h as f64
