@@ -266,3 +266,35 @@ fn folders_that_disagree_on_labels_or_repeat_are_refused() {
     let e = loader_error(&[&by_folder, &by_folder]);
     assert!(e.contains("given twice"), "{e}");
 }
+
+#[test]
+fn undecodable_samples_are_skipped_and_counted_or_fail_by_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = imagenet_train(tmp.path());
+    // Image bytes are stored uncompressed: break the first JPEG's start-of-image marker (the
+    // shard's hash no longer matches, hence --no-verify).
+    let file = shards.join("shard-000000.parquet");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes
+        .windows(3)
+        .position(|w| w == [0xFF, 0xD8, 0xFF])
+        .expect("a JPEG in the shard");
+    bytes[at..at + 3].copy_from_slice(&[0, 0, 0]);
+    std::fs::write(&file, bytes).unwrap();
+    let run = |policy: &str| {
+        bin()
+            .args(["bench", "loader", "--size", "32", "--no-verify", "--json"])
+            .args(["--on-error", policy, "--data"])
+            .arg(&shards)
+            .output()
+            .unwrap()
+    };
+    let skip = run("skip");
+    assert!(skip.status.success(), "{skip:?}");
+    let report: Value = serde_json::from_str(String::from_utf8_lossy(&skip.stdout).trim()).unwrap();
+    assert_eq!(report["skipped"], 1, "{report}");
+    let fail = run("fail");
+    assert!(!fail.status.success());
+    let e = String::from_utf8_lossy(&fail.stderr);
+    assert!(e.contains("shard-000000.parquet"), "{e}");
+}

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use droppos_shards::loader::resample::Precision;
 use droppos_shards::loader::{
-    Batch, Geometry, Images, Loader, LoaderConfig, PixelFormat, ShardSet, IMAGENET_MEAN,
+    Batch, Geometry, Images, Loader, LoaderConfig, OnError, PixelFormat, ShardSet, IMAGENET_MEAN,
     IMAGENET_STD,
 };
 use serde::Serialize;
@@ -23,6 +23,15 @@ pub enum Format {
     U8,
     /// f32 normalised with ImageNet mean/std (what a torchvision pipeline produces).
     F32,
+}
+
+/// What to do with a sample that cannot be decoded.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnErrorArg {
+    /// Log it with shard and key, count it, take the next sample.
+    Skip,
+    /// Stop with an error naming its shard and key.
+    Fail,
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,6 +91,9 @@ pub struct Args {
     /// Samples written by --dump.
     #[arg(long, default_value_t = 64)]
     dump_limit: usize,
+    /// Undecodable samples: skip (counted in `skipped`) or fail.
+    #[arg(long, value_enum, default_value_t = OnErrorArg::Skip)]
+    on_error: OnErrorArg,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -293,6 +305,10 @@ pub fn run(a: Args) -> Result<()> {
     cfg.world = a.world_size;
     cfg.rank = a.rank;
     cfg.dct_scaling = !a.no_dct;
+    cfg.on_error = match a.on_error {
+        OnErrorArg::Skip => OnError::Skip,
+        OnErrorArg::Fail => OnError::Fail,
+    };
     if a.pillow_exact {
         cfg.resample = Precision::Exact;
     }
