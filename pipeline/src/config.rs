@@ -136,6 +136,9 @@ pub struct DataConfig {
     /// exactly like one process × W·B) or `contiguous` (each rank reads ~1/W of the row groups:
     /// less I/O on shared storage, but a step's samples depend on W).
     pub rank_partition: String,
+    /// A sample whose image cannot be decoded: `skip` (logged with shard and key, replaced by
+    /// the next sample of the order) or `fail` (stop the run with an error naming it).
+    pub on_error: String,
 }
 
 /// When and how many checkpoints to keep.
@@ -206,6 +209,7 @@ impl Default for DataConfig {
             workers: 0,
             prefetch: 2,
             rank_partition: "strided".into(),
+            on_error: "skip".into(),
         }
     }
 }
@@ -318,6 +322,7 @@ impl Recipe {
             &self.data.rank_partition,
             &["strided", "contiguous"],
         )?;
+        one_of("data.on_error", &self.data.on_error, &["skip", "fail"])?;
         one_of(
             "droppos.guide_precision",
             &self.droppos.guide_precision,

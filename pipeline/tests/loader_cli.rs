@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 mod common;
-use common::{bin, data_root, run_ok, shard};
+use common::{bin, break_first_image, data_root, run_ok, shard};
 
 /// Runs the loader (tiny outputs, so it is quick) and returns its `--keys-out` lines.
 fn batches(shards: &Path, tmp: &Path, name: &str, args: &[&str]) -> Vec<Value> {
@@ -271,19 +271,10 @@ fn folders_that_disagree_on_labels_or_repeat_are_refused() {
 fn undecodable_samples_are_skipped_and_counted_or_fail_by_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = imagenet_train(tmp.path());
-    // Image bytes are stored uncompressed: break the first JPEG's start-of-image marker (the
-    // shard's hash no longer matches, hence --no-verify).
-    let file = shards.join("shard-000000.parquet");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let at = bytes
-        .windows(3)
-        .position(|w| w == [0xFF, 0xD8, 0xFF])
-        .expect("a JPEG in the shard");
-    bytes[at..at + 3].copy_from_slice(&[0, 0, 0]);
-    std::fs::write(&file, bytes).unwrap();
+    break_first_image(&shards);
     let run = |policy: &str| {
         bin()
-            .args(["bench", "loader", "--size", "32", "--no-verify", "--json"])
+            .args(["bench", "loader", "--size", "32", "--json"])
             .args(["--on-error", policy, "--data"])
             .arg(&shards)
             .output()

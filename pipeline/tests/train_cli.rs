@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{bin, data_root, run_ok};
+use common::{bin, break_first_image, data_root, run_ok};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
@@ -186,6 +186,41 @@ fn sigint_saves_a_checkpoint_and_resume_finishes() {
     );
     let steps: Vec<u64> = losses(&run).iter().map(|(s, _)| *s).collect();
     assert_eq!(steps, (1..=at + 2).collect::<Vec<_>>());
+}
+
+#[test]
+fn undecodable_samples_follow_the_recipes_on_error_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shard_imagenet(tmp.path());
+    break_first_image(&data);
+    let short = ["train.epochs=1", "train.max_steps=2"];
+
+    // Default: skipped, logged with its shard, and training goes on.
+    let run = tmp.path().join("skip");
+    let out = train_cmd(&data, &run, &short).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("shard-000000.parquet"), "{err}");
+    assert_eq!(losses(&run).len(), 2);
+
+    // `fail`: the run stops with an error naming the shard and the policy.
+    let run = tmp.path().join("fail");
+    let mut set = short.to_vec();
+    set.push("data.on_error=fail");
+    let out = train_cmd(&data, &run, &set).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("shard-000000.parquet"), "{err}");
+    assert!(err.contains("data.on_error"), "{err}");
+
+    // Anything else is refused before training starts.
+    let run = tmp.path().join("bad");
+    let out = train_cmd(&data, &run, &["data.on_error=ignore"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("data.on_error"), "{err}");
 }
 
 fn losses_or_empty(run: &Path) -> Vec<(u64, u64)> {

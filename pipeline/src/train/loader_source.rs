@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use droppos_model::data::Prefetcher;
 use droppos_shards::loader::{
-    Augment, EpochLoader, Loader, LoaderConfig, Partition, RrcParams, ShardSet,
+    Augment, EpochLoader, Loader, LoaderConfig, OnError, Partition, RrcParams, ShardSet,
 };
 use tch::Device;
 
@@ -19,6 +19,7 @@ use crate::config::Recipe;
 
 pub struct LoaderSource {
     loader: Loader,
+    on_error: OnError,
     device: Device,
     epoch: Option<Prefetcher<EpochLoader>>,
 }
@@ -50,12 +51,19 @@ impl LoaderSource {
         } else {
             Partition::Strided
         };
+        cfg.on_error = if recipe.data.on_error == "fail" {
+            OnError::Fail
+        } else {
+            OnError::Skip
+        };
         if recipe.data.workers > 0 {
             cfg.threads = recipe.data.workers as usize;
         }
         cfg.prefetch = recipe.data.prefetch.max(1) as usize;
+        let cfg_on_error = cfg.on_error;
         let loader = Loader::new(Arc::new(set), cfg).context("configuring the loader")?;
         Ok(Self {
+            on_error: cfg_on_error,
             loader,
             device,
             epoch: None,
@@ -86,7 +94,13 @@ impl BatchSource for LoaderSource {
         match it.next() {
             None => Ok(None),
             Some(batch) => {
-                let batch = batch.context("loading a batch")?;
+                let batch = batch.with_context(|| match self.on_error {
+                    OnError::Fail => {
+                        "loading a batch (data.on_error = \"fail\"; \"skip\" skips \
+                                      undecodable samples, logging each)"
+                    }
+                    OnError::Skip => "loading a batch",
+                })?;
                 Ok(Some(SourceBatch {
                     images: batch.input(),
                     epoch_positions: batch.epoch_positions.clone(),

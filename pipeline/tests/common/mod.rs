@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use sha2::{Digest, Sha256};
+
 /// The bundled sample data, or the folder named by `DROPPOS_TEST_DATA`.
 pub fn data_root() -> PathBuf {
     match std::env::var_os("DROPPOS_TEST_DATA") {
@@ -67,4 +69,23 @@ pub fn shard_imagenet_sample(tmp: &Path) -> (PathBuf, PathBuf) {
         ],
     );
     (train, val)
+}
+
+/// Breaks the first JPEG of the first shard (its start-of-image marker; image bytes are stored
+/// uncompressed) and re-hashes the shard in the manifest, so that the shard opens and only the
+/// sample fails to decode.
+pub fn break_first_image(shards: &Path) {
+    let file = shards.join("shard-000000.parquet");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes
+        .windows(3)
+        .position(|w| w == [0xFF, 0xD8, 0xFF])
+        .expect("a JPEG in the shard");
+    bytes[at..at + 3].copy_from_slice(&[0, 0, 0]);
+    std::fs::write(&file, &bytes).unwrap();
+    let path = shards.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["shards"][0]["sha256"] = hex::encode(Sha256::digest(&bytes)).into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
