@@ -10,7 +10,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{bin, data_root, run_ok, shard, shard_imagenet_sample};
+use common::{bin, break_first_image, data_root, run_ok, shard, shard_imagenet_sample};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
@@ -153,6 +153,28 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     assert_eq!(r["num_train"], 10);
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(saved["top1"], r["top1"]);
+    assert_eq!(saved["skipped_images"], 0);
+    // An undecodable image is skipped, logged, and counted in the results.
+    let broken = t.join("train-broken");
+    std::fs::create_dir(&broken).unwrap();
+    for e in std::fs::read_dir(&train).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, broken.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    break_first_image(&broken);
+    let o = run_ok(&mut eval("knn", &enc, &[], &[("--train", &broken)]));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (r["num_train"].as_u64(), r["skipped_images"].as_u64()),
+        (Some(38), Some(1))
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("shard-000000.parquet") && err.contains("1 undecodable"),
+        "{err}"
+    );
 
     // Linear probe trained in Rust.
     let r = json(&mut eval(

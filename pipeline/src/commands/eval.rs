@@ -2,6 +2,8 @@
 //! directories. Each subcommand prints a short summary, or one JSON object with `--json`.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -59,6 +61,9 @@ pub struct Common {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Undecodable samples the loader skipped, over every pass of the command.
+    #[arg(skip)]
+    pub skipped: Arc<AtomicU64>,
 }
 
 impl Common {
@@ -68,6 +73,7 @@ impl Common {
             loader_threads: self.loader_threads.max(1),
             limit: self.limit,
             progress: !self.no_progress,
+            skipped: self.skipped.clone(),
         }
     }
 
@@ -217,6 +223,12 @@ fn result(kind: &str, common: &Common, body: impl Serialize, start: Instant) -> 
     if let (Some(a), Value::Object(b)) = (v.as_object_mut(), serde_json::to_value(body)?) {
         a.extend(b);
     }
+    // Images that could not be decoded are not in the figures: say how many.
+    let skipped = common.skipped.load(Ordering::Relaxed);
+    if skipped > 0 {
+        tracing::warn!("{skipped} undecodable images were skipped and are not in the results");
+    }
+    v["skipped_images"] = json!(skipped);
     v["seconds"] = json!(start.elapsed().as_secs_f64());
     Ok(v)
 }

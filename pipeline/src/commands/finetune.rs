@@ -225,6 +225,7 @@ fn evaluate(
         loader_threads: workers.max(1),
         limit: None,
         progress: false,
+        skipped: Default::default(),
     };
     let mut counter = TopKCounter::new(model.config().num_classes as usize);
     let s = img as i64;

@@ -13,11 +13,12 @@ pub mod linear;
 pub mod position;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use droppos_model::onnx::{classifier_io, droppos_io, encoder_io};
-use droppos_shards::loader::{Images, Loader, LoaderConfig, PixelFormat, ShardSet};
+use droppos_shards::loader::{Images, Loader, LoaderConfig, PixelFormat, ShardSet, SkippedSample};
 use droppos_shards::manifest::{merge_class_lists, Manifest};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -32,6 +33,9 @@ pub struct FeedConfig {
     /// Stop after this many images (all when None).
     pub limit: Option<u64>,
     pub progress: bool,
+    /// Samples skipped as undecodable so far (shared by clones, so that a command reports the
+    /// total over every pass it makes).
+    pub skipped: Arc<AtomicU64>,
 }
 
 /// Encoder outputs for a set of images.
@@ -205,11 +209,10 @@ pub fn for_each_batch_in(
     let pb = progress_bar(total, what, feed.progress);
     let per = 3 * img_size * img_size;
     let mut seen = 0u64;
-    for batch in loader.epoch(0, 0)? {
+    let mut epoch = loader.epoch(0, 0)?;
+    for batch in epoch.by_ref() {
         let batch = batch?;
-        for s in &batch.skipped {
-            tracing::warn!("skipped {} in {}: {}", s.key, s.shard, s.reason);
-        }
+        note_skipped(&batch.skipped, &feed.skipped);
         let Images::F32(images) = &batch.images else {
             bail!("the loader returned u8 images for an f32 request");
         };
@@ -240,10 +243,22 @@ pub fn for_each_batch_in(
         }
     }
     pb.finish_and_clear();
+    if seen < total {
+        // Only skips can leave the epoch short of the images asked for.
+        note_skipped(&epoch.skipped_after_last_batch(), &feed.skipped);
+    }
     if seen == 0 {
         bail!("no images in {}", display_dirs(dirs));
     }
     Ok(seen)
+}
+
+/// Logs each undecodable sample the loader skipped and counts it.
+fn note_skipped(skipped: &[SkippedSample], count: &AtomicU64) {
+    for s in skipped {
+        tracing::warn!("skipped {} in {}: {}", s.key, s.shard, s.reason);
+    }
+    count.fetch_add(skipped.len() as u64, Ordering::Relaxed);
 }
 
 /// Refuses shard folders (of one set, or a train and a val set) whose manifests give a label
