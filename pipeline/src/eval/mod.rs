@@ -253,11 +253,8 @@ pub fn for_each_batch_in(
     Ok(seen)
 }
 
-/// Logs each undecodable sample the loader skipped and counts it.
+/// Counts the undecodable samples the loader skipped (it logs each itself).
 fn note_skipped(skipped: &[SkippedSample], count: &AtomicU64) {
-    for s in skipped {
-        tracing::warn!("skipped {} in {}: {}", s.key, s.shard, s.reason);
-    }
     count.fetch_add(skipped.len() as u64, Ordering::Relaxed);
 }
 
