@@ -28,6 +28,8 @@ pub struct DeviceBatch {
     pub epoch_positions: Vec<u64>,
     /// Resume point after this batch (see `droppos_shards::loader::Batch::consumed`).
     pub consumed: u64,
+    /// Undecodable samples the loader skipped while filling this batch (the loader logged each).
+    pub skipped: u64,
     device: Device,
     /// Keeps the memory of CPU views alive. Declared last: dropped after the tensors.
     host: Option<Batch>,
@@ -102,6 +104,7 @@ impl DeviceBatch {
                 epoch: batch.epoch,
                 epoch_positions: batch.epoch_positions.clone(),
                 consumed: batch.consumed,
+                skipped: batch.skipped.len() as u64,
                 device,
                 host: Some(batch),
             };
@@ -127,6 +130,7 @@ impl DeviceBatch {
             epoch: batch.epoch,
             epoch_positions: batch.epoch_positions,
             consumed: batch.consumed,
+            skipped: batch.skipped.len() as u64,
             device,
             host: None,
         }

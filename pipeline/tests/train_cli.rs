@@ -202,6 +202,16 @@ fn undecodable_samples_follow_the_recipes_on_error_policy() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("shard-000000.parquet"), "{err}");
     assert_eq!(losses(&run).len(), 2);
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let skipped: u64 = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["skipped_samples"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(skipped, 1, "{text}");
 
     // `fail`: the run stops with an error naming the shard and the policy.
     let run = tmp.path().join("fail");

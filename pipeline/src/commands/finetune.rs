@@ -509,6 +509,7 @@ pub fn run(args: Args) -> Result<()> {
             let t = Instant::now();
             let b = b.context("loading a batch")?;
             let n = b.len();
+            let skipped = b.skipped.len() as u64;
             let lr = sched.lr_at_iter(epoch, i, iters);
             let (lv, acc1) = step_on(
                 &args, &model, &mut opt, &placement, &mix, b, lr, step, &mut rng,
@@ -525,6 +526,7 @@ pub fn run(args: Args) -> Result<()> {
                 images_per_s: n as f64 / secs,
                 step_time_s: secs,
                 device_mem_mib: crate::train::device::memory_mib(device),
+                skipped_samples: skipped,
             })?;
             pb.set_message(format!("loss {lv:.4}"));
             pb.inc(1);

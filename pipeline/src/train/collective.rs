@@ -44,18 +44,19 @@ impl Collective {
     }
 
     /// The mean over ranks of (loss, acc1), so that every rank logs and checks the same values
-    /// (a non-finite loss anywhere stops every rank at the same step).
-    pub fn mean_metrics(&self, loss: f64, acc1: f64) -> Result<(f64, f64)> {
+    /// (a non-finite loss anywhere stops every rank at the same step), and the sum over ranks of
+    /// `skipped` (undecodable samples), in the same all-reduce.
+    pub fn reduce_metrics(&self, loss: f64, acc1: f64, skipped: u64) -> Result<(f64, f64, u64)> {
         match self {
-            Collective::Local => Ok((loss, acc1)),
+            Collective::Local => Ok((loss, acc1, skipped)),
             Collective::Group { group, device, .. } => {
-                let t = Tensor::from_slice(&[loss, acc1]).to_device(*device);
+                let t = Tensor::from_slice(&[loss, acc1, skipped as f64]).to_device(*device);
                 group
                     .all_reduce(&[&t], ReduceOp::Sum)
                     .context("averaging the loss over ranks")?;
                 let v: Vec<f64> = Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double))?;
                 let w = group.world_size() as f64;
-                Ok((v[0] / w, v[1] / w))
+                Ok((v[0] / w, v[1] / w, v[2].round() as u64))
             }
         }
     }

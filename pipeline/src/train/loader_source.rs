@@ -105,6 +105,7 @@ impl BatchSource for LoaderSource {
                     images: batch.input(),
                     epoch_positions: batch.epoch_positions.clone(),
                     consumed: batch.consumed,
+                    skipped: batch.skipped,
                 }))
             }
         }

@@ -28,6 +28,10 @@ pub struct StepMetrics {
     pub step_time_s: f64,
     /// Device memory in MiB: CUDA memory in use on the device, or the process's resident set on CPU.
     pub device_mem_mib: f64,
+    /// Undecodable samples skipped (over all ranks) while loading this step's batches; each is
+    /// also logged with its shard and key.
+    #[serde(default)]
+    pub skipped_samples: u64,
 }
 
 /// Appends metrics lines (rank 0 only).
@@ -111,6 +115,7 @@ mod tests {
             images_per_s: 100.0,
             step_time_s: 0.1,
             device_mem_mib: 12.0,
+            skipped_samples: 0,
         }
     }
 

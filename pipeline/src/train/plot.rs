@@ -334,6 +334,7 @@ mod tests {
             images_per_s: 1.0,
             step_time_s: 1.0,
             device_mem_mib: 1.0,
+            skipped_samples: 0,
         }
     }
 

@@ -155,6 +155,8 @@ pub fn train(
             state.epoch
         );
     }
+    // Undecodable samples skipped since the last metrics line (all ranks).
+    let mut skipped_since_line = 0u64;
     let mut metrics = if writer {
         Some(MetricsWriter::open(ctx.run_dir, state.step)?)
     } else {
@@ -249,9 +251,12 @@ pub fn train(
                     .placement
                     .autocast(|| task.forward(&batch.images, &noise, sigma))?;
                 // Every rank sees the mean over ranks, so all of them stop on a non-finite loss.
-                let (loss, acc1) = ctx
-                    .collective
-                    .mean_metrics(fwd.loss.double_value(&[]), fwd.acc1)?;
+                let (loss, acc1, micro_skipped) = ctx.collective.reduce_metrics(
+                    fwd.loss.double_value(&[]),
+                    fwd.acc1,
+                    batch.skipped,
+                )?;
+                skipped_since_line += micro_skipped;
                 if !loss.is_finite() {
                     bar.abandon();
                     task.zero_grad();
@@ -300,6 +305,7 @@ pub fn train(
                         images_per_s: images_per_step / dt,
                         step_time_s: dt,
                         device_mem_mib: memory_mib(ctx.placement.device),
+                        skipped_samples: std::mem::take(&mut skipped_since_line),
                     })?;
                 }
             }

@@ -26,4 +26,6 @@ pub struct SourceBatch {
     /// Samples of this rank's epoch slice consumed after this batch (skipped ones included):
     /// where to resume to continue right after it.
     pub consumed: u64,
+    /// Undecodable samples the source skipped while filling this batch.
+    pub skipped: u64,
 }

@@ -132,11 +132,13 @@ impl BatchSource for ToySource {
         let images = SampleNoise::new(99, self.epoch, epoch_positions.clone())
             .uniform(0, pixels, Device::Cpu)
             .reshape([self.batch, 3, self.side, self.side]);
+        let skipped = at - self.next - epoch_positions.len() as u64;
         self.next = at;
         Ok(Some(SourceBatch {
             images,
             epoch_positions,
             consumed: self.next,
+            skipped,
         }))
     }
 }
@@ -332,6 +334,13 @@ fn skipped_samples_keep_resume_exact_and_a_short_epoch_ends_cleanly() {
         Outcome::Finished { step: 6 }
     );
     assert_eq!(losses(split.path()), losses(full.path()));
+    // Each epoch's first step skipped both positions, and the metrics say so.
+    let skipped: Vec<u64> = read_metrics(&metrics_path(full.path()))
+        .unwrap()
+        .iter()
+        .map(|m| m.skipped_samples)
+        .collect();
+    assert_eq!(skipped, [2, 0, 2, 0, 2, 0]);
 
     // Five undecodable positions leave 15 samples: one full step of 8, then the loader runs
     // out inside the second window; the epoch ends there instead of failing the run.
