@@ -57,6 +57,11 @@ pub enum ShardError {
         path: PathBuf,
         reason: ImageRejection,
     },
+    /// An input found unusable while listing the dataset (a missing annotation PNG, a file the
+    /// annotation json or a list names but the folder lacks, a folder outside the class list)
+    /// and `--on-error fail` was requested. `path` is relative to the dataset's root.
+    #[error("{path}: {reason} (--on-error fail)")]
+    BadListing { path: String, reason: String },
     /// Options that contradict each other or the data on disk.
     #[error("{0}")]
     InvalidOptions(String),

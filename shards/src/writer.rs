@@ -226,6 +226,15 @@ pub fn write_dataset(
     }
     ZstdLevel::try_new(opts.zstd_level)
         .map_err(|e| ShardError::InvalidOptions(format!("zstd level: {e}")))?;
+    // Inputs refused while listing follow the same policy as images refused while writing.
+    if opts.on_error == OnError::Fail {
+        if let Some(first) = listing.skipped.first() {
+            return Err(ShardError::BadListing {
+                path: first.path.clone(),
+                reason: first.reason.clone(),
+            });
+        }
+    }
     let out = &opts.out;
     std::fs::create_dir_all(out.join(PROGRESS_DIR)).map_err(|e| ShardError::io(out, e))?;
 

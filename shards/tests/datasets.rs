@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use common::{data_root, naive_patch_labels, read_all, write};
 use droppos_shards::codec;
 use droppos_shards::datasets::{ade20k, coco, imagenet};
+use droppos_shards::writer::{write_dataset, NoProgress, OnError, WriteOptions};
 
 #[test]
 fn imagenet_train_round_trip_with_quirks() {
@@ -359,6 +360,8 @@ fn missing_annotation_png_is_skipped_and_unreadable_roots_are_clear_errors() {
     // An image in a subfolder pairs with the annotation in the same subfolder.
     std::fs::write(root.join("images/validation/sub/ADE_val_2.jpg"), b"x").unwrap();
     std::fs::write(root.join("annotations/validation/sub/ADE_val_2.png"), b"x").unwrap();
+    // An annotation without its image is listed too.
+    std::fs::write(root.join("annotations/validation/ADE_val_3.png"), b"x").unwrap();
     let l = ade20k::list(&ade20k::Ade20kOptions {
         root: root.clone(),
         split: "validation".into(),
@@ -371,12 +374,35 @@ fn missing_annotation_png_is_skipped_and_unreadable_roots_are_clear_errors() {
         .iter()
         .map(|e| (e.path.as_str(), e.reason.as_str()))
         .collect();
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert_eq!(
+        reasons["annotations/validation/ADE_val_3.png"],
+        "annotation without an image"
+    );
     assert!(
         reasons["images/validation/ADE_val_1.jpg"].contains("annotations/validation/ADE_val_1.png"),
         "{reasons:?}"
     );
     assert!(reasons["images/validation/Thumbs.db"].contains("no annotation PNG"));
+    // Under --on-error fail, inputs refused while listing stop the run before anything is
+    // written, naming the first of them.
+    let out = tmp.path().join("out");
+    let err = write_dataset(
+        &l,
+        &WriteOptions {
+            out: out.clone(),
+            on_error: OnError::Fail,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--on-error fail"), "{err}");
+    assert!(
+        l.skipped.iter().any(|e| err.to_string().contains(&e.path)),
+        "{err}"
+    );
+    assert!(!out.join("manifest.json").exists());
     let err = imagenet::list(&imagenet::ImagenetOptions {
         root: tmp.path().join("nope"),
         ..Default::default()
@@ -392,4 +418,68 @@ fn missing_annotation_png_is_skipped_and_unreadable_roots_are_clear_errors() {
     })
     .unwrap_err();
     assert!(err.to_string().contains("instances_x.json"), "{err}");
+}
+
+#[test]
+fn lvis_and_objects365_style_json_is_read() {
+    // LVIS v1: images with only `coco_url` (the `split/name` is used when it exists under the
+    // image folder, else the name), annotations without `iscrowd`; Objects365: boxes only.
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("coco");
+    std::fs::create_dir_all(images.join("val2017")).unwrap();
+    std::fs::write(images.join("val2017/000000000001.jpg"), b"x").unwrap();
+    std::fs::write(images.join("000000000002.jpg"), b"x").unwrap();
+    let json = tmp.path().join("lvis_v1_val.json");
+    std::fs::write(
+        &json,
+        r#"{"images": [
+            {"id": 1, "coco_url": "http://images.cocodataset.org/val2017/000000000001.jpg"},
+            {"id": 2, "coco_url": "http://images.cocodataset.org/train2017/000000000002.jpg"},
+            {"id": 3, "file_name": "000000000003.jpg"}],
+          "annotations": [
+            {"id": 7, "image_id": 1, "category_id": 5, "bbox": [1, 2, 3, 4], "area": 12,
+             "segmentation": [[1, 2, 4, 2, 4, 6]]},
+            {"id": 8, "image_id": 2, "category_id": 5, "bbox": [0, 0, 2, 2], "area": 4}],
+          "categories": [{"id": 5, "name": "thing"}]}"#,
+    )
+    .unwrap();
+    let l = coco::list(&coco::CocoOptions {
+        images: images.clone(),
+        annotations: json.clone(),
+        split: None,
+    })
+    .unwrap();
+    let keys: Vec<&str> = l.items.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, ["000000000002.jpg", "val2017/000000000001.jpg"]);
+    assert_eq!(l.skipped.len(), 1);
+    assert_eq!(l.skipped[0].path, "000000000003.jpg");
+    let anns: Vec<&coco::CocoAnnotation> = l
+        .items
+        .iter()
+        .flat_map(|i| match &i.target {
+            droppos_shards::datasets::Target::Coco { annotations, .. } => annotations.iter(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(anns.len(), 2);
+    assert!(anns.iter().all(|a| a.iscrowd == 0));
+    let boxes_only = anns.iter().find(|a| a.id == 8).unwrap();
+    assert_eq!(
+        boxes_only.segmentation,
+        coco::Segmentation::Polygons(vec![])
+    );
+    // An image with neither name is an error naming the json.
+    std::fs::write(
+        &json,
+        r#"{"images": [{"id": 1}], "annotations": [], "categories": []}"#,
+    )
+    .unwrap();
+    let err = coco::list(&coco::CocoOptions {
+        images,
+        annotations: json,
+        split: None,
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("lvis_v1_val.json"), "{err}");
+    assert!(err.to_string().contains("coco_url"), "{err}");
 }

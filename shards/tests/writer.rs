@@ -280,6 +280,26 @@ fn dangling_symlinks_are_skipped_with_their_reason_not_fatal() {
         &NoProgress,
     )
     .unwrap_err();
+    // The dangling folder link is refused while listing, before any image is read.
+    let e = err.to_string();
+    assert!(
+        e.contains("n00000002") && e.contains("broken symbolic link"),
+        "{e}"
+    );
+    // Without it, the dangling file link stops the run while writing.
+    let mut only_file = listing.clone();
+    only_file.skipped.retain(|s| s.path != "n00000002");
+    let err = write_dataset(
+        &only_file,
+        &WriteOptions {
+            out: tmp.path().join("out3"),
+            on_error: OnError::Fail,
+            threads: 1,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("link.JPEG"), "{err}");
 }
 

@@ -58,7 +58,8 @@ pub fn read_object_info(path: &Path) -> Result<Vec<ClassEntry>> {
     Ok(classes)
 }
 
-/// Lists an ADE20K split. A missing annotation PNG is an error naming it.
+/// Lists an ADE20K split. An image without its annotation PNG, and an annotation without its
+/// image, are listed in `skipped` with the reason (an error under `--on-error fail`).
 pub fn list(opts: &Ade20kOptions) -> Result<Listing> {
     let root = &opts.root;
     require_dir(root, "ADE20K root")?;
@@ -81,6 +82,7 @@ pub fn list(opts: &Ade20kOptions) -> Result<Listing> {
     };
     let mut items = Vec::new();
     let mut skipped = Vec::new();
+    let mut paired = std::collections::HashSet::new();
     // Recursive, like the ImageNet walk: an image in a subfolder is found (its annotation sits
     // in the same subfolder under annotations/<split>), never silently left out.
     for (path, stat) in walk_files(&img_dir)? {
@@ -104,6 +106,7 @@ pub fn list(opts: &Ade20kOptions) -> Result<Listing> {
             });
             continue;
         }
+        paired.insert(mask.clone());
         items.push(InputItem {
             key: rel_key(root, &path),
             path,
@@ -111,6 +114,16 @@ pub fn list(opts: &Ade20kOptions) -> Result<Listing> {
             modified: stat.modified,
             target: Target::Mask(mask),
         });
+    }
+    // Annotations whose image is missing are not rows, but they are listed: nothing is
+    // dropped without a note.
+    for (path, _) in walk_files(&ann_dir)? {
+        if !paired.contains(&path) {
+            skipped.push(SkippedEntry {
+                path: rel_key(root, &path),
+                reason: "annotation without an image".into(),
+            });
+        }
     }
     let mut options = serde_json::Map::new();
     options.insert(

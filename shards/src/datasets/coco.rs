@@ -57,7 +57,11 @@ struct RawFile {
 #[derive(Deserialize)]
 struct RawImage {
     id: i64,
-    file_name: String,
+    /// Absent in LVIS v1, whose images carry only `coco_url`.
+    #[serde(default)]
+    file_name: Option<String>,
+    #[serde(default)]
+    coco_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -73,7 +77,11 @@ struct RawAnn {
     category_id: i64,
     bbox: Vec<f64>,
     area: f64,
+    /// Absent in LVIS (no crowd annotations): 0.
+    #[serde(default)]
     iscrowd: i64,
+    /// Absent in box-only datasets (Objects365): no polygons.
+    #[serde(default)]
     segmentation: RawSeg,
     #[serde(flatten)]
     extra: BTreeMap<String, serde_json::Value>,
@@ -84,6 +92,30 @@ struct RawAnn {
 enum RawSeg {
     Polygons(Vec<Vec<f64>>),
     Rle { counts: RawCounts, size: Vec<u32> },
+}
+
+impl Default for RawSeg {
+    fn default() -> Self {
+        RawSeg::Polygons(Vec::new())
+    }
+}
+
+/// An image's file name relative to the image folder: `file_name`, or for LVIS v1 (which has
+/// only `coco_url`) the URL's `split/name` when that exists under the folder, else its name.
+fn image_file_name(im: &RawImage, images: &Path) -> Option<String> {
+    if let Some(f) = &im.file_name {
+        return Some(f.clone());
+    }
+    let url = im.coco_url.as_deref()?;
+    let mut parts = url.rsplit('/').filter(|s| !s.is_empty());
+    let name = parts.next()?.to_string();
+    if let Some(split) = parts.next() {
+        let with_split = format!("{split}/{name}");
+        if images.join(&with_split).is_file() {
+            return Some(with_split);
+        }
+    }
+    Some(name)
 }
 
 #[derive(Deserialize)]
@@ -190,10 +222,16 @@ pub fn list(opts: &CocoOptions) -> Result<Listing> {
     let mut items = Vec::new();
     let mut skipped = Vec::new();
     for (im, annotations) in raw.images.into_iter().zip(per_image) {
-        let p = opts.images.join(&im.file_name);
+        let file_name = image_file_name(&im, &opts.images).ok_or_else(|| {
+            ShardError::dataset(
+                path,
+                format!("image {} has neither file_name nor coco_url", im.id),
+            )
+        })?;
+        let p = opts.images.join(&file_name);
         match std::fs::metadata(&p) {
             Ok(m) if m.is_file() => items.push(InputItem {
-                key: im.file_name,
+                key: file_name,
                 path: p,
                 size: m.len(),
                 modified: super::FileStat::of(&m).modified,
@@ -203,7 +241,7 @@ pub fn list(opts: &CocoOptions) -> Result<Listing> {
                 },
             }),
             _ => skipped.push(SkippedEntry {
-                path: im.file_name,
+                path: file_name,
                 reason: "listed in the annotation file but missing from the image folder".into(),
             }),
         }
