@@ -424,6 +424,9 @@ fn export_command_reads_checkpoints() {
     let hints = export::hints_from_config(&cfg);
     assert_eq!(hints.num_heads, Some(3));
     assert_eq!(hints.decoder_num_heads, Some(2));
+    // The reference's flat config (`decoder_num_heads` beside `num_heads`).
+    let flat = export::hints_from_config(&json!({"num_heads": 3, "decoder_num_heads": 2}));
+    assert_eq!((flat.num_heads, flat.decoder_num_heads), (Some(3), Some(2)));
     let err = export::build(&w2, &ArchHints::default(), What::Encoder, 16, Opset::V17).unwrap_err();
     assert!(err.to_string().contains("--num-heads"), "{err}");
     let err = export::build(&w2, &hints, What::Droppos, 32, Opset::V17).unwrap_err();

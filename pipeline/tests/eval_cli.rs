@@ -49,6 +49,10 @@ fn export_classifier(tmp: &Path, classes: u32) -> PathBuf {
     );
     let report: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["what"], "classifier");
+    assert_eq!(
+        report["global_pool"], "avg",
+        "the recipe's MAE-style head: {report}"
+    );
     out
 }
 
@@ -293,6 +297,21 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     let (top1, top5) = (unit(&r["top1"]), unit(&r["top5"]));
     assert!(top1 <= top5, "{r}");
     unit(&r["mean_class_top1"]);
+    // Settings that leave nothing to measure are refused.
+    for (args, needle) in [
+        (&["--k", "0"][..], "--k must be at least 1"),
+        (
+            &["--temperature", "0"][..],
+            "--temperature must be a positive",
+        ),
+        (
+            &["--temperature=-1"][..],
+            "--temperature must be a positive",
+        ),
+        (&["--limit", "0"][..], "--limit 0"),
+    ] {
+        fails_with(&mut eval("knn", &enc, args, &[("--train", &train)]), needle);
+    }
     // Too few classes for the shards' labels; an encoder is not a classifier; a pre-training
     // checkpoint has no head; a random classifier needs its class count.
     let small = export_classifier(t, 3);

@@ -79,6 +79,11 @@ impl Common {
 
     /// Loads the model and checks that it is the export kind the evaluation needs.
     fn load(&self, kind: ModelKind) -> Result<OrtModel> {
+        if self.limit == Some(0) {
+            bail!(
+                "--limit 0 leaves no images to evaluate; give at least 1 (or leave it out for all)"
+            );
+        }
         ort_runtime::init()?;
         let model = OrtModel::load(&self.model, self.threads)?;
         eval::check_model_kind(&model, &self.model, kind)?;
@@ -262,6 +267,15 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
 
 fn run_knn(a: KnnArgs) -> Result<()> {
     let start = Instant::now();
+    if a.k == 0 {
+        bail!("--k must be at least 1 (the neighbours that vote)");
+    }
+    if !(a.temperature.is_finite() && a.temperature > 0.0) {
+        bail!(
+            "--temperature must be a positive number, got {}",
+            a.temperature
+        );
+    }
     let listed = eval::check_label_meanings(&[&a.train, &a.val])?;
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();

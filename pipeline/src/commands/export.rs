@@ -117,6 +117,9 @@ pub struct Report {
     pub ir_version: i64,
     pub img_size: i64,
     pub num_heads: i64,
+    /// A classifier's pooling (`token` / `avg`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_pool: Option<&'static str>,
     /// The seed of a `--random-init` export (absent for trained weights).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_init_seed: Option<i64>,
@@ -145,7 +148,12 @@ pub fn hints_from_config(v: &Value) -> ArchHints {
     let int = |v: &Value, k: &str| v.get(k).and_then(Value::as_i64);
     ArchHints {
         num_heads: int(enc, "num_heads"),
-        decoder_num_heads: v.get("decoder").and_then(|d| int(d, "num_heads")),
+        // Ours nests it (`decoder.num_heads`); the reference's flat config says
+        // `decoder_num_heads`.
+        decoder_num_heads: v
+            .get("decoder")
+            .and_then(|d| int(d, "num_heads"))
+            .or_else(|| int(v, "decoder_num_heads")),
         img_size: int(enc, "img_size"),
         mask_token_type: v
             .get("mask_token_type")
@@ -251,6 +259,28 @@ pub fn encoder_heads(w: &Weights, hints: &ArchHints) -> Result<i64> {
          ViT-Ti/S/B/L/H); pass --num-heads if this model differs"
     );
     Ok(h)
+}
+
+/// A classifier's pooling when neither the checkpoint's config nor `--global-pool` says: timm's
+/// default for the weights (`avg` with `fc_norm`, else `token`), with a warning, since timm
+/// also builds models that pool otherwise.
+fn guess_pool(w: &Weights) -> GlobalPool {
+    let pool = if w.contains("fc_norm.weight") {
+        GlobalPool::Avg
+    } else {
+        GlobalPool::Token
+    };
+    tracing::warn!(
+        "no pooling in the checkpoint: using `{}` (timm's default for weights {} fc_norm); pass \
+         --global-pool if this model pools otherwise",
+        pool.as_str(),
+        if pool == GlobalPool::Avg {
+            "with"
+        } else {
+            "without"
+        }
+    );
+    pool
 }
 
 /// Builds the ONNX model for `what` at image size `img` (the size pos_embed was made for).
@@ -438,6 +468,9 @@ pub fn run(args: Args) -> Result<()> {
     let opset = Opset::from_version(args.opset)?;
     // Resolved once, so that the report says what the graph uses.
     hints.num_heads = Some(encoder_heads(&weights, &hints)?);
+    if args.what == What::Classifier && hints.global_pool.is_none() {
+        hints.global_pool = Some(guess_pool(&weights));
+    }
     let model = build(&weights, &hints, args.what, img, opset)?;
     let policy = match args.external_data {
         ExternalArg::Auto => ExternalData::Auto,
@@ -458,6 +491,9 @@ pub fn run(args: Args) -> Result<()> {
         ir_version: onnx::IR_VERSION,
         img_size: img,
         num_heads: hints.num_heads.unwrap_or_default(),
+        global_pool: (args.what == What::Classifier)
+            .then(|| hints.global_pool.map(GlobalPool::as_str))
+            .flatten(),
         random_init_seed: args.random_init.then_some(args.seed),
         seconds: start.elapsed().as_secs_f64(),
     };
