@@ -229,5 +229,26 @@ fn a_run_that_skips_every_input_says_so() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["num_rows"], 0);
-    assert!(!manifest["skipped"].as_array().unwrap().is_empty());
+    let skipped = manifest["skipped"].as_array().unwrap();
+    assert!(!skipped.is_empty());
+
+    // Under --on-error fail the same run stops before writing, naming the first missing image.
+    let fail_dir = tmp.path().join("fail");
+    let out = bin()
+        .args(["shard", "coco", "--quiet", "--on-error", "fail", "--images"])
+        .arg(&empty)
+        .arg("--annotations")
+        .arg(d.join("coco/annotations/instances_val2017.json"))
+        .arg("--out")
+        .arg(&fail_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let first = skipped[0]["path"].as_str().unwrap();
+    assert!(
+        err.contains(first) && err.contains("missing from the image folder"),
+        "{err}"
+    );
+    assert!(!fail_dir.join("manifest.json").exists());
 }
