@@ -1,6 +1,7 @@
 //! The top level both binaries parse: the global `--log` option and their set of commands.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use droppos_shards::OnError;
 
 #[derive(Parser, Debug)]
 #[command(name = "droppos-pipeline", bin_name = "droppos-pipeline", version, about, long_about = None)]
@@ -23,5 +24,25 @@ impl<C: Subcommand> Cli<C> {
         let cli = Self::parse_from(args);
         crate::logging::init(&cli.log);
         cli.command
+    }
+}
+
+/// `--on-error`: what `shard` does with an input it cannot store, and `bench loader` with a
+/// sample it cannot decode (the shards crate's one policy, [`OnError`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnErrorArg {
+    /// Go on without it: listed in the manifest's `skipped` (shard), or logged with shard and
+    /// key and counted in `skipped` (loader).
+    Skip,
+    /// Stop with an error naming it.
+    Fail,
+}
+
+impl From<OnErrorArg> for OnError {
+    fn from(a: OnErrorArg) -> Self {
+        match a {
+            OnErrorArg::Skip => OnError::Skip,
+            OnErrorArg::Fail => OnError::Fail,
+        }
     }
 }

@@ -7,6 +7,22 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// The policy for an input that cannot be used: an image the writer cannot store, a sample the
+/// loader cannot decode. One policy for both, so that `shard`, `train` and `bench loader` mean
+/// the same by `skip` and `fail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Go on without it, and say so: the writer lists it in the manifest's `skipped`; the loader
+    /// logs it (shard and key), records it in `Batch::skipped` and fills the slot with the next
+    /// sample of the order.
+    #[default]
+    Skip,
+    /// Stop with an error naming it ([`ShardError::BadInput`] / [`ShardError::BadListing`] in
+    /// the writer, `LoaderError::Sample` in the loader).
+    Fail,
+}
+
 /// Result alias of the crate.
 pub type Result<T, E = ShardError> = std::result::Result<T, E>;
 

@@ -21,6 +21,6 @@ mod turbo;
 pub mod verify;
 pub mod writer;
 
-pub use error::{ImageRejection, ShardError};
+pub use error::{ImageRejection, OnError, ShardError};
 pub use format::{Dataset, FORMAT_VERSION, MANIFEST_FILE};
 pub use manifest::Manifest;

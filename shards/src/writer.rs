@@ -42,15 +42,7 @@ use crate::manifest::{
 };
 use crate::patch_layout;
 
-/// What to do with an input that cannot be stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnError {
-    /// List it in `skipped` and go on.
-    Skip,
-    /// Stop with an error naming the file.
-    Fail,
-}
+pub use crate::error::OnError;
 
 /// Receives progress (rows done) from the writer; the CLI draws a bar with it.
 pub trait Progress: Sync {

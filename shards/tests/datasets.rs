@@ -4,10 +4,9 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{data_root, naive_patch_labels, read_all, write};
+use common::{data_root, naive_patch_labels, read_all, write, write_fail};
 use droppos_shards::codec;
 use droppos_shards::datasets::{ade20k, coco, imagenet};
-use droppos_shards::writer::{write_dataset, NoProgress, OnError, WriteOptions};
 
 #[test]
 fn imagenet_train_round_trip_with_quirks() {
@@ -387,16 +386,7 @@ fn missing_annotation_png_is_skipped_and_unreadable_roots_are_clear_errors() {
     // Under --on-error fail, inputs refused while listing stop the run before anything is
     // written, naming the first of them.
     let out = tmp.path().join("out");
-    let err = write_dataset(
-        &l,
-        &WriteOptions {
-            out: out.clone(),
-            on_error: OnError::Fail,
-            ..Default::default()
-        },
-        &NoProgress,
-    )
-    .unwrap_err();
+    let err = write_fail(&l, &out, |_| {});
     assert!(err.to_string().contains("--on-error fail"), "{err}");
     assert!(
         l.skipped.iter().any(|e| err.to_string().contains(&e.path)),

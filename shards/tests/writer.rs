@@ -5,13 +5,11 @@ mod common;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use common::{data_root, read_all, snapshot, write};
+use common::{data_root, read_all, snapshot, write, write_fail};
 use droppos_shards::codec::{encode_jpeg, Pixels};
 use droppos_shards::datasets::{imagenet, Listing};
 use droppos_shards::verify::verify_dataset;
-use droppos_shards::writer::{
-    merge_parts, write_dataset, NoProgress, OnError, Progress, WriteOptions,
-};
+use droppos_shards::writer::{merge_parts, write_dataset, NoProgress, Progress, WriteOptions};
 
 fn imagenet_train() -> Listing {
     let root = data_root().join("imagenet");
@@ -220,18 +218,7 @@ fn bad_inputs_are_skipped_and_listed_or_fail_naming_the_file() {
     verify_dataset(&out, true).unwrap();
 
     let out2 = tmp.path().join("out2");
-    let err = write_dataset(
-        &listing,
-        &WriteOptions {
-            out: out2.clone(),
-            on_error: OnError::Fail,
-            threads: 1,
-            shuffle: false,
-            ..Default::default()
-        },
-        &NoProgress,
-    )
-    .unwrap_err();
+    let err = write_fail(&listing, &out2, |o| o.shuffle = false);
     // Sorted order: bomb.JPEG is the first bad file.
     assert!(err.to_string().contains("bomb.JPEG"), "{err}");
     assert!(!out2.join("manifest.json").exists());
@@ -269,17 +256,7 @@ fn dangling_symlinks_are_skipped_with_their_reason_not_fatal() {
         "{reasons:?}"
     );
 
-    let err = write_dataset(
-        &listing,
-        &WriteOptions {
-            out: tmp.path().join("out2"),
-            on_error: OnError::Fail,
-            threads: 1,
-            ..Default::default()
-        },
-        &NoProgress,
-    )
-    .unwrap_err();
+    let err = write_fail(&listing, &tmp.path().join("out2"), |_| {});
     // The dangling folder link is refused while listing, before any image is read.
     let e = err.to_string();
     assert!(
@@ -289,17 +266,7 @@ fn dangling_symlinks_are_skipped_with_their_reason_not_fatal() {
     // Without it, the dangling file link stops the run while writing.
     let mut only_file = listing.clone();
     only_file.skipped.retain(|s| s.path != "n00000002");
-    let err = write_dataset(
-        &only_file,
-        &WriteOptions {
-            out: tmp.path().join("out3"),
-            on_error: OnError::Fail,
-            threads: 1,
-            ..Default::default()
-        },
-        &NoProgress,
-    )
-    .unwrap_err();
+    let err = write_fail(&only_file, &tmp.path().join("out3"), |_| {});
     assert!(err.to_string().contains("link.JPEG"), "{err}");
 }
 

@@ -8,10 +8,12 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use droppos_shards::loader::resample::Precision;
 use droppos_shards::loader::{
-    Batch, Geometry, Images, Loader, LoaderConfig, OnError, PixelFormat, ShardSet, IMAGENET_MEAN,
+    Batch, Geometry, Images, Loader, LoaderConfig, PixelFormat, ShardSet, IMAGENET_MEAN,
     IMAGENET_STD,
 };
 use serde::Serialize;
+
+use crate::cli::OnErrorArg;
 
 /// What the command does (its one-line help in both binaries).
 pub const ABOUT: &str =
@@ -23,15 +25,6 @@ pub enum Format {
     U8,
     /// f32 normalised with ImageNet mean/std (what a torchvision pipeline produces).
     F32,
-}
-
-/// What to do with a sample that cannot be decoded.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnErrorArg {
-    /// Log it with shard and key, count it, take the next sample.
-    Skip,
-    /// Stop with an error naming its shard and key.
-    Fail,
 }
 
 #[derive(clap::Args, Debug)]
@@ -305,10 +298,7 @@ pub fn run(a: Args) -> Result<()> {
     cfg.world = a.world_size;
     cfg.rank = a.rank;
     cfg.dct_scaling = !a.no_dct;
-    cfg.on_error = match a.on_error {
-        OnErrorArg::Skip => OnError::Skip,
-        OnErrorArg::Fail => OnError::Fail,
-    };
+    cfg.on_error = a.on_error.into();
     if a.pillow_exact {
         cfg.resample = Precision::Exact;
     }

@@ -9,8 +9,10 @@ use clap::{Subcommand, ValueEnum};
 use droppos_shards::codec::{ImagePolicy, Validation, DEFAULT_MAX_PIXELS};
 use droppos_shards::datasets::{ade20k, coco, imagenet, Listing};
 use droppos_shards::resample::Filter;
-use droppos_shards::writer::{self, OnError, Progress, WriteOptions};
+use droppos_shards::writer::{self, Progress, WriteOptions};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::OnErrorArg;
 
 /// What the command does (its one-line help in both binaries).
 pub const ABOUT: &str = "Turn ImageNet, COCO or ADE20K into zstd Parquet shards with a manifest";
@@ -76,12 +78,6 @@ enum ShardCommand {
         #[arg(required = true)]
         parts: Vec<PathBuf>,
     },
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum OnErrorArg {
-    Skip,
-    Fail,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -186,10 +182,7 @@ impl Common {
                     FilterArg::Bilinear => Filter::Bilinear,
                 },
             },
-            on_error: match self.on_error {
-                OnErrorArg::Skip => OnError::Skip,
-                OnErrorArg::Fail => OnError::Fail,
-            },
+            on_error: self.on_error.into(),
             threads: self.threads.unwrap_or(0),
             num_workers: self.num_workers,
             worker_index: self.worker_index,

@@ -51,20 +51,21 @@ impl LoaderSource {
         } else {
             Partition::Strided
         };
-        cfg.on_error = if recipe.data.on_error == "fail" {
+        // Validated to be `skip` or `fail` when the recipe was read.
+        let on_error = if recipe.data.on_error == "fail" {
             OnError::Fail
         } else {
             OnError::Skip
         };
+        cfg.on_error = on_error;
         if recipe.data.workers > 0 {
             cfg.threads = recipe.data.workers as usize;
         }
         cfg.prefetch = recipe.data.prefetch.max(1) as usize;
-        let cfg_on_error = cfg.on_error;
         let loader = Loader::new(Arc::new(set), cfg).context("configuring the loader")?;
         Ok(Self {
-            on_error: cfg_on_error,
             loader,
+            on_error,
             device,
             epoch: None,
         })

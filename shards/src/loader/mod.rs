@@ -35,6 +35,7 @@ pub mod transform;
 
 use std::sync::Arc;
 
+pub use crate::error::OnError;
 pub use batch::{Batch, Images, PixelFormat, SkippedSample, IMAGENET_MEAN, IMAGENET_STD};
 pub use pipeline::EpochLoader;
 pub use randaug::RandAugment;
@@ -43,17 +44,6 @@ pub use sampler::{Pad, Partition};
 pub use transform::{Augment, CropBox, Geometry, RrcParams};
 
 use std::path::{Path, PathBuf};
-
-/// What to do with a sample whose image (or mask) cannot be decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnError {
-    /// Log it (shard and key), record it in `Batch::skipped` and fill the slot with the next
-    /// sample of the order.
-    #[default]
-    Skip,
-    /// Stop the epoch with [`LoaderError::Sample`].
-    Fail,
-}
 
 /// Loader errors.
 #[derive(Debug, thiserror::Error)]

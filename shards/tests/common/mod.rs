@@ -7,7 +7,8 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Int32Type, Int64Type};
 use droppos_shards::datasets::Listing;
 use droppos_shards::manifest::Manifest;
-use droppos_shards::writer::{write_dataset, NoProgress, WriteOptions, WriteSummary};
+use droppos_shards::writer::{write_dataset, NoProgress, OnError, WriteOptions, WriteSummary};
+use droppos_shards::ShardError;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// Fixture root: `$DROPPOS_TEST_DATA`, else the repo's tests/fixtures/data.
@@ -26,6 +27,22 @@ pub fn write(listing: &Listing, out: &Path, tweak: impl FnOnce(&mut WriteOptions
     };
     tweak(&mut o);
     write_dataset(listing, &o, &NoProgress).expect("write_dataset")
+}
+
+/// [`write`] under `--on-error fail` (one thread), expected to fail: the error.
+pub fn write_fail(
+    listing: &Listing,
+    out: &Path,
+    tweak: impl FnOnce(&mut WriteOptions),
+) -> ShardError {
+    let mut o = WriteOptions {
+        out: out.to_path_buf(),
+        on_error: OnError::Fail,
+        threads: 1,
+        ..Default::default()
+    };
+    tweak(&mut o);
+    write_dataset(listing, &o, &NoProgress).expect_err("write_dataset should fail")
 }
 
 /// One row read back from a shard.
