@@ -9,12 +9,23 @@
 //! Tolerances (from the fixture README's suggestions):
 //! - masks / indices: exact;
 //! - forward values (loss, acc1, logits, latent, attention weights, MAE predictions): |Δ| ≤ 1e-5 ·
-//!   (1 + |ref|) — the explicit path is in fact bit-exact, the fused path differs by ~1e-6;
+//!   (1 + |ref|) — the explicit path is bit-exact on the fixtures' (Intel) machine and within
+//!   ~1e-6 on an AMD EPYC (CPU-dependent kernels), the fused path differs by ~1e-6;
 //! - gradients: |Δ| ≤ 1e-6 · max|ref grad| of the tensor;
 //! - gradient norms / clip factors: relative 1e-5;
-//! - optimizer in isolation (stored gradients → clip → AdamW): within 1 ulp;
-//! - after_step from our own gradients: |Δ| ≤ 1e-7 + 1 ulp, ignoring elements whose stored
-//!   gradient is below 1e-6 · max|grad| (rounding noise; the README's caveat for check 5).
+//! - optimizer in isolation (stored gradients → clip → AdamW): within 1 ulp of the parameter
+//!   plus 4 ulps of the update (see [`step_tolerance`]);
+//! - after_step from our own gradients: |Δ| ≤ 1e-7 + the same, plus our gradient difference
+//!   carried through the first AdamW step, ignoring elements whose stored gradient is below
+//!   1e-6 · max|grad| (rounding noise; the README's caveat for check 5).
+//!
+//! Why the update gets ulps of its own: libtorch computes `sqrt` of a float tensor through MKL's vector
+//! math, whose last-bit rounding depends on the CPU (the fixtures were written on an Intel
+//! CPU; on an AMD EPYC with the same libtorch, 17 % of the square roots differ from the
+//! correctly rounded value by 1 ulp, 0.2 % on the fixtures' machine). The reference's own
+//! `torch.optim.AdamW` run on that AMD machine misses the fixtures' `after_step` by that much
+//! (720 elements of the tiny fixture beyond 1 ulp of the parameter, where the update cancels
+//! most of it), and so does the same op sequence here. The rest of the step has no such freedom.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -243,31 +254,9 @@ impl Fixture {
 
 /// Max |a − b| after checking shapes; errors when any element exceeds `atol + rtol·|b|`.
 fn close(what: &str, ours: &Tensor, reference: &Tensor, atol: f64, rtol: f64) -> R<f64> {
-    let a = ours.detach().to_device(Device::Cpu).to_kind(Kind::Double);
-    let b = reference.to_kind(Kind::Double);
-    if a.size() != b.size() {
-        return Err(format!(
-            "{what}: shape {:?} vs reference {:?}",
-            a.size(),
-            b.size()
-        ));
-    }
-    if a.numel() == 0 {
-        return Ok(0.0);
-    }
-    let diff = (&a - &b).abs();
-    let bad = diff
-        .gt_tensor(&(b.abs() * rtol + atol))
-        .logical_or(&a.isnan());
-    let max = diff.max().double_value(&[]);
-    if bad.any().int64_value(&[]) != 0 {
-        return Err(format!(
-            "{what}: {} of {} elements outside atol {atol:e} rtol {rtol:e} (max |Δ| {max:e})",
-            bad.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]),
-            a.numel()
-        ));
-    }
-    Ok(max)
+    let tol = reference.to_kind(Kind::Double).abs() * rtol + atol;
+    close_within(what, ours, reference, &tol)
+        .map_err(|e| format!("{e} (atol {atol:e} rtol {rtol:e})"))
 }
 
 fn exact(what: &str, ours: &Tensor, reference: &Tensor) -> R<()> {
@@ -381,6 +370,57 @@ fn check_forward(
     Ok(())
 }
 
+/// Like [`close`] with a per-element tolerance tensor (same shape as `reference`).
+fn close_within(what: &str, ours: &Tensor, reference: &Tensor, tol: &Tensor) -> R<f64> {
+    let a = ours.detach().to_device(Device::Cpu).to_kind(Kind::Double);
+    let b = reference.to_kind(Kind::Double);
+    if a.size() != b.size() {
+        return Err(format!(
+            "{what}: shape {:?} vs reference {:?}",
+            a.size(),
+            b.size()
+        ));
+    }
+    if a.numel() == 0 {
+        return Ok(0.0);
+    }
+    let diff = (&a - &b).abs();
+    let bad = diff.gt_tensor(tol).logical_or(&a.isnan());
+    let max = diff.max().double_value(&[]);
+    if bad.any().int64_value(&[]) != 0 {
+        let worst = (&diff / tol.clamp_min(f64::MIN_POSITIVE))
+            .max()
+            .double_value(&[]);
+        return Err(format!(
+            "{what}: {} of {} elements outside the tolerance (max |Δ| {max:e}, worst |Δ|/tol \
+             {worst:.2})",
+            bad.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]),
+            a.numel()
+        ));
+    }
+    Ok(max)
+}
+
+/// Per-element tolerance of `after_step.<name>` for one AdamW step from the stored state:
+/// 1 ulp of the result (eps·|ref|) plus 4 ulps of the update `ref − p·(1 − lr·wd)`: the square
+/// root's CPU-dependent last bit (module docs) and one rounding flip in each of the three
+/// operations that follow it before the update is formed (÷ √bc2, + eps, m ÷ denom). On an AMD
+/// EPYC the largest difference measured was 1.95× the bound with 1 ulp of the update. A wrong
+/// learning rate, weight decay, bias correction or eps placement moves the update by orders of
+/// magnitude more.
+fn step_tolerance(fx: &Fixture, name: &str, reference: &Tensor) -> R<Tensor> {
+    let eps = f32::EPSILON as f64;
+    let wd = if fx.names("decay_params")?.iter().any(|n| n == name) {
+        fx.f("weight_decay")?
+    } else {
+        0.0
+    };
+    let before = fx.t(name)?.to_kind(Kind::Double) * (1.0 - fx.f("lr")? * wd);
+    let r = reference.to_kind(Kind::Double);
+    let update = (&r - before).abs();
+    Ok(r.abs() * eps + update * (4.0 * eps))
+}
+
 /// Tolerance of gradient checks: 1e-6 · max|reference|.
 fn grad_tol(reference: &Tensor) -> f64 {
     1e-6 * reference.abs().max().double_value(&[])
@@ -481,20 +521,24 @@ fn run_fixture(path: &Path) -> R<String> {
         .into_iter()
         .fold(0f64, f64::max);
     opt.step();
+    let (lr, adam_eps) = (fx.f("lr")?, fx.f("adam_eps")?);
+    let coefs = fx.t("clip_coefs")?.to_kind(Kind::Double);
     let mut worst = 0f64;
-    for (name, p) in &params {
+    for (i, (name, p)) in params.iter().enumerate() {
         let reference = fx.t(&format!("after_step.{name}"))?;
         let g_ref = fx.t(&format!("grad.{name}"))?;
         // Elements whose true gradient is rounding noise have ill-conditioned first-step updates.
         let keep = g_ref.abs().ge(1e-6 * grads_max);
         let ours = p.detach().where_self(&keep, reference);
-        let d = close(
-            &format!("after_step.{name}"),
-            &ours,
-            reference,
-            1e-7,
-            f32::EPSILON as f64,
-        )?;
+        // Our gradients differ from the stored ones within the gradient tolerance (CPU-dependent
+        // summation orders); the first step's update −lr·g/(|g| + eps) moves by
+        // lr·eps·|Δg|/(|g| + eps)² for a gradient change Δg (both after clipping).
+        let g = g_ref.to_kind(Kind::Double) * coefs.get(i as i64);
+        let dg = (p.grad().to_kind(Kind::Double) - &g).abs();
+        let sensitivity =
+            (g.abs() + adam_eps).pow_tensor_scalar(2.0).reciprocal() * (lr * adam_eps);
+        let tol = step_tolerance(&fx, name, reference)? + dg * sensitivity + 1e-7;
+        let d = close_within(&format!("after_step.{name}"), &ours, reference, &tol)?;
         worst = worst.max(d);
     }
     report.push(format!("after_step (own grads) {worst:.1e}"));
@@ -520,12 +564,12 @@ fn run_fixture(path: &Path) -> R<String> {
     let mut worst = 0f64;
     for (name, p) in &params {
         let reference = fx.t(&format!("after_step.{name}"))?;
-        let d = close(
+        let tol = step_tolerance(&fx, name, reference)?;
+        let d = close_within(
             &format!("after_step.{name} (stored grads)"),
             p,
             reference,
-            0.0,
-            f32::EPSILON as f64,
+            &tol,
         )?;
         worst = worst.max(d);
     }
