@@ -20,6 +20,38 @@ pub enum ImageFormat {
     Png,
     /// Windows bitmap (torchvision's ImageFolder takes `.bmp`): always converted.
     Bmp,
+    /// GIF (first frame, as Pillow opens it): always converted.
+    Gif,
+    /// WebP, lossy or lossless (first frame): always converted.
+    WebP,
+    /// TIFF (first page): always converted.
+    Tiff,
+}
+
+impl ImageFormat {
+    /// The `image` crate's name for a format it decodes here (all but JPEG go through it).
+    fn image_crate(self) -> image::ImageFormat {
+        match self {
+            ImageFormat::Jpeg => image::ImageFormat::Jpeg,
+            ImageFormat::Png => image::ImageFormat::Png,
+            ImageFormat::Bmp => image::ImageFormat::Bmp,
+            ImageFormat::Gif => image::ImageFormat::Gif,
+            ImageFormat::WebP => image::ImageFormat::WebP,
+            ImageFormat::Tiff => image::ImageFormat::Tiff,
+        }
+    }
+
+    /// Short lower-case name, as error messages and conversion records use it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Jpeg => "jpeg",
+            ImageFormat::Png => "png",
+            ImageFormat::Bmp => "bmp",
+            ImageFormat::Gif => "gif",
+            ImageFormat::WebP => "webp",
+            ImageFormat::Tiff => "tiff",
+        }
+    }
 }
 
 /// What the header says, read without decoding pixels.
@@ -57,17 +89,13 @@ impl HeaderInfo {
                 };
                 format!("png {ct}{}", self.bit_depth)
             }
-            ImageFormat::Bmp => "bmp".into(),
+            other => other.name().into(),
         }
     }
 
     /// The format's short name, as error messages use it.
     pub fn name(&self) -> &'static str {
-        match self.format {
-            ImageFormat::Jpeg => "jpeg",
-            ImageFormat::Png => "png",
-            ImageFormat::Bmp => "bmp",
-        }
+        self.format.name()
     }
 
     /// True when the bytes can be stored unchanged: an 8-bit gray or RGB JPEG or PNG.
@@ -75,7 +103,7 @@ impl HeaderInfo {
         match self.format {
             ImageFormat::Jpeg => self.bit_depth == 8 && matches!(self.components, 1 | 3),
             ImageFormat::Png => self.bit_depth == 8 && matches!(self.png_color_type, 0 | 2),
-            ImageFormat::Bmp => false,
+            ImageFormat::Bmp | ImageFormat::Gif | ImageFormat::WebP | ImageFormat::Tiff => false,
         }
     }
 }
@@ -91,13 +119,16 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, ImageRejection> {
     } else if starts(b"\x89PNG\r\n\x1a\n") {
         Ok(ImageFormat::Png)
     } else if starts(b"GIF87a") || starts(b"GIF89a") {
-        Err(ImageRejection::UnsupportedFormat("gif"))
+        Ok(ImageFormat::Gif)
     } else if starts(b"BM") && bytes.len() > 14 {
         Ok(ImageFormat::Bmp)
     } else if starts(b"RIFF") && bytes.get(8..12) == Some(b"WEBP") {
-        Err(ImageRejection::UnsupportedFormat("webp"))
+        Ok(ImageFormat::WebP)
     } else if starts(b"II*\0") || starts(b"MM\0*") {
-        Err(ImageRejection::UnsupportedFormat("tiff"))
+        Ok(ImageFormat::Tiff)
+    } else if starts(b"II+\0") || starts(b"MM\0+") {
+        // BigTIFF: the `image` crate's TIFF decoder does not take it.
+        Err(ImageRejection::UnsupportedFormat("bigtiff"))
     } else if bytes.len() < 8 && (b"\x89PNG\r\n\x1a\n".starts_with(bytes) || bytes == [0xFF, 0xD8])
     {
         Err(ImageRejection::Truncated {
@@ -128,7 +159,7 @@ pub fn read_header(bytes: &[u8], max_pixels: u64) -> Result<HeaderInfo, ImageRej
     let info = match sniff(bytes)? {
         ImageFormat::Jpeg => jpeg_header(bytes)?,
         ImageFormat::Png => png_header(bytes)?,
-        ImageFormat::Bmp => bmp_header(bytes)?,
+        other => generic_header(bytes, other)?,
     };
     let pixels = info.width as u64 * info.height as u64;
     if info.width == 0 || info.height == 0 {
@@ -178,14 +209,15 @@ fn png_header(b: &[u8]) -> Result<HeaderInfo, ImageRejection> {
     })
 }
 
-/// BMP dimensions from the header (the `image` crate reads no pixel for this).
-fn bmp_header(b: &[u8]) -> Result<HeaderInfo, ImageRejection> {
-    let reader = image::ImageReader::with_format(Cursor::new(b), image::ImageFormat::Bmp);
+/// BMP, GIF, WebP or TIFF dimensions from the header (the `image` crate reads no pixel for
+/// this). Channels and depth are only known after decoding, which converts them anyway.
+fn generic_header(b: &[u8], format: ImageFormat) -> Result<HeaderInfo, ImageRejection> {
+    let reader = image::ImageReader::with_format(Cursor::new(b), format.image_crate());
     let (width, height) = reader
         .into_dimensions()
-        .map_err(|e| classify("bmp", e.to_string()))?;
+        .map_err(|e| classify(format.name(), e.to_string()))?;
     Ok(HeaderInfo {
-        format: ImageFormat::Bmp,
+        format,
         width,
         height,
         components: 3,
@@ -403,15 +435,12 @@ pub(crate) fn from_dynamic(img: image::DynamicImage) -> Pixels {
     }
 }
 
-/// Decodes with the `image` crate (PNG, and JPEGs libjpeg-turbo does not take here: 12-bit) into
-/// Pillow's pixels (see [`from_dynamic`]).
+/// Decodes with the `image` crate (PNG, BMP, GIF, WebP, TIFF, and JPEGs libjpeg-turbo does not
+/// take here: 12-bit) into Pillow's pixels (see [`from_dynamic`]); animated GIF and WebP give
+/// their first frame, as Pillow's `open` does.
 fn decode_generic(bytes: &[u8], info: &HeaderInfo) -> Result<Pixels, ImageRejection> {
-    let (fmt, name) = match info.format {
-        ImageFormat::Jpeg => (image::ImageFormat::Jpeg, "jpeg"),
-        ImageFormat::Png => (image::ImageFormat::Png, "png"),
-        ImageFormat::Bmp => (image::ImageFormat::Bmp, "bmp"),
-    };
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), fmt);
+    let name = info.format.name();
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), info.format.image_crate());
     reader.limits(image_limits(info));
     let img = reader.decode().map_err(|e| classify(name, e.to_string()))?;
     Ok(from_dynamic(img))
@@ -948,9 +977,12 @@ mod tests {
             sniff(b"hello world").unwrap_err(),
             ImageRejection::NotAnImage
         );
+        assert_eq!(sniff(b"GIF89a....").unwrap(), ImageFormat::Gif);
+        assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 ").unwrap(), ImageFormat::WebP);
+        assert_eq!(sniff(b"II*\0\x08\0\0\0").unwrap(), ImageFormat::Tiff);
         assert_eq!(
-            sniff(b"GIF89a....").unwrap_err(),
-            ImageRejection::UnsupportedFormat("gif")
+            sniff(b"II+\0\x08\0\0\0").unwrap_err(),
+            ImageRejection::UnsupportedFormat("bigtiff")
         );
     }
 
@@ -1046,6 +1078,72 @@ mod tests {
             };
             assert_eq!(rgb, want.data, "{name}");
         }
+    }
+
+    #[test]
+    fn gif_webp_tiff_convert_as_pillow_does() {
+        // References: Pillow's `Image.open(f).convert("RGB")`
+        // (tests/fixtures/shards/make_other_formats.py).
+        for (name, format, lossy) in [
+            ("palette.gif", ImageFormat::Gif, false),
+            ("animated.gif", ImageFormat::Gif, false),
+            ("lossless_rgba.webp", ImageFormat::WebP, false),
+            ("lossy.webp", ImageFormat::WebP, true),
+            ("rgb_lzw.tif", ImageFormat::Tiff, false),
+            ("gray.tif", ImageFormat::Tiff, false),
+        ] {
+            let src = fixture(&format!("shards/other_formats/{name}"));
+            assert_eq!(sniff(&src).unwrap(), format, "{name}");
+            let want = decode(
+                &fixture(&format!("shards/other_formats/{name}.pillow_rgb.png")),
+                DEFAULT_MAX_PIXELS,
+            )
+            .unwrap();
+            let p = prepare_image(src.clone(), &ImagePolicy::default()).unwrap();
+            let (from, to) = p.conversion.clone().unwrap();
+            assert_eq!(from, format.name(), "{name}");
+            assert!(to.starts_with("png "), "{name}: {to}");
+            assert_eq!((p.width, p.height), (want.width, want.height), "{name}");
+            let got = decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
+            let rgb: Vec<u8> = if got.channels == 1 {
+                got.data.iter().flat_map(|&v| [v; 3]).collect()
+            } else {
+                got.data
+            };
+            if lossy {
+                // Two lossy-WebP decoders (libwebp in Pillow, image-webp here) may round the
+                // chroma upsampling differently; within a grey level on average.
+                let diffs: Vec<u32> = rgb
+                    .iter()
+                    .zip(&want.data)
+                    .map(|(&a, &b)| a.abs_diff(b) as u32)
+                    .collect();
+                let mean = diffs.iter().sum::<u32>() as f64 / diffs.len() as f64;
+                assert!(mean < 1.0, "{name}: mean abs diff {mean}");
+            } else {
+                assert_eq!(rgb, want.data, "{name}");
+            }
+            // Resizing takes them too (decoded, resized, stored as JPEG).
+            let small = ImagePolicy {
+                resize_short_side: Some(4),
+                ..ImagePolicy::default()
+            };
+            let r = prepare_image(src.clone(), &small).unwrap();
+            assert_eq!(r.width.min(r.height), 4, "{name}");
+            assert_eq!(sniff(&r.bytes).unwrap(), ImageFormat::Jpeg);
+            // A cut file is refused with the format named.
+            let cut = prepare_image(src[..src.len() / 2].to_vec(), &ImagePolicy::default());
+            assert!(
+                cut.unwrap_err().to_string().contains(format.name()),
+                "{name}"
+            );
+        }
+        // A GIF whose screen claims 60000 x 60000 pixels is refused before decoding.
+        let mut gif = fixture("shards/other_formats/palette.gif");
+        gif[6..8].copy_from_slice(&60000u16.to_le_bytes());
+        gif[8..10].copy_from_slice(&60000u16.to_le_bytes());
+        let err = prepare_image(gif, &ImagePolicy::default()).unwrap_err();
+        assert!(matches!(err, ImageRejection::TooLarge { .. }), "{err}");
     }
 
     #[test]

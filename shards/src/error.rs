@@ -127,7 +127,7 @@ pub enum ImageRejection {
     /// The magic bytes match no image format.
     #[error("not an image (unrecognised magic bytes)")]
     NotAnImage,
-    /// An image format this tool does not read (GIF, BMP, WebP, TIFF, ...).
+    /// An image format this tool does not read (BigTIFF, ...).
     #[error("unsupported image format: {0}")]
     UnsupportedFormat(&'static str),
     /// The data ends before the image does.
