@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{bin, run_ok, shard_imagenet_sample};
+use common::{bin, break_first_image, run_ok, shard_imagenet_sample};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
@@ -115,6 +115,10 @@ fn finetune_from_pretraining_then_export_and_classify() {
         2,
         "{evals}"
     );
+    for l in evals.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["val_skipped_images"], 0, "{l}");
+    }
     // The trainer's metrics format: `plot` draws the run.
     run_ok(bin().arg("plot").arg(&run));
     assert!(run.join("curves.png").is_file());
@@ -182,6 +186,21 @@ fn finetune_from_pretraining_then_export_and_classify() {
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["num_classes"], 1000);
     assert_eq!(r["images"], 4);
+
+    // An undecodable validation image is counted in eval.jsonl, not silently dropped.
+    let broken_val = t.join("val-broken");
+    std::fs::create_dir(&broken_val).unwrap();
+    for e in std::fs::read_dir(&val).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), broken_val.join(e.file_name())).unwrap();
+    }
+    break_first_image(&broken_val);
+    let one = t.join("ft-broken-val");
+    run_ok(&mut finetune(&train, &broken_val, &one, &pre, "1"));
+    let evals = std::fs::read_to_string(one.join("eval.jsonl")).unwrap();
+    let v: Value = serde_json::from_str(evals.lines().last().unwrap()).unwrap();
+    assert_eq!(v["val_skipped_images"], 1, "{evals}");
+    assert_eq!(v["val_images"], 3, "{evals}");
 
     // An existing model is not overwritten; the architecture must be known.
     let o = finetune(&train, &val, &run, &pre, "1").output().unwrap();

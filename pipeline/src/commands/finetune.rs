@@ -210,7 +210,8 @@ fn open_set(dirs: &[PathBuf]) -> Result<Arc<ShardSet>> {
 }
 
 /// Top-1 / top-5 of the classifier on the validation shards: the evaluation transform and the
-/// top-k counting of `eval classify`, run with tch.
+/// top-k counting of `eval classify`, run with tch; also how many images the loader skipped as
+/// undecodable (the scores leave them out).
 fn evaluate(
     model: &VitClassifier,
     placement: &crate::train::device::Placement,
@@ -219,7 +220,7 @@ fn evaluate(
     img: usize,
     batch: usize,
     workers: usize,
-) -> Result<ClassifyResult> {
+) -> Result<(ClassifyResult, u64)> {
     let feed = FeedConfig {
         batch_size: batch,
         loader_threads: workers.max(1),
@@ -247,7 +248,10 @@ fn evaluate(
             counter.add(&Vec::<f32>::try_from(logits.view(-1))?, b.labels)
         },
     )?;
-    Ok(counter.result())
+    Ok((
+        counter.result(),
+        feed.skipped.load(std::sync::atomic::Ordering::Relaxed),
+    ))
 }
 
 /// The classifier (fine-tuning form) with the pre-trained encoder loaded, and its AdamW with
@@ -532,7 +536,7 @@ pub fn run(args: Args) -> Result<()> {
             pb.inc(1);
         }
         if let Some(val_set) = &val_set {
-            let r = evaluate(
+            let (r, skipped) = evaluate(
                 &model,
                 &placement,
                 val_set,
@@ -542,8 +546,14 @@ pub fn run(args: Args) -> Result<()> {
                 args.workers,
             )?;
             last = json!({"epoch": epoch, "val_top1": r.top1, "val_top5": r.top5,
-                          "val_images": r.images});
+                          "val_images": r.images, "val_skipped_images": skipped});
             evals.write(&last)?;
+            if skipped > 0 {
+                tracing::warn!(
+                    "epoch {epoch}: {skipped} validation image(s) could not be decoded and are \
+                     not scored"
+                );
+            }
             tracing::info!(
                 "epoch {epoch}: val top-1 {:.4} top-5 {:.4} ({} images)",
                 r.top1,
