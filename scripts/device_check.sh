@@ -5,6 +5,10 @@
 # bf16 peak of 989.4 TFLOP/s, memory), and a short CUDA training run of the tiny recipe on the
 # bundled samples. Needs device-carry/ from scripts/pack_for_device.sh. Results go to $OUT (or
 # ./device-out) as JSON lines and logs.
+#
+# DEVICE_CHECK_DRY=1 runs the same steps on the CPU at toy sizes (ViT-Ti, batch 4, 2 steps, one
+# epoch), so the script's paths and plumbing can be checked on a machine without a GPU before
+# device time is spent on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device-out}"
@@ -16,8 +20,14 @@ export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BIN=/tmp/droppos-bin/droppos-pipeline-torch
 mkdir -p /tmp/droppos-bin
 gzip -dc device-carry/droppos-pipeline-torch.gz >"$BIN" && chmod +x "$BIN"
-log "commit $(cat device-carry/COMMIT 2>/dev/null || echo unknown); $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))')"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee -a "$OUT/summary.txt"
+if [ "${DEVICE_CHECK_DRY:-0}" = 1 ]; then
+    DEVICE=cpu SIZE=tiny BATCHES="4" STEPS=(--steps 2 --warmup 1 --rounds 1) EPOCHS=1
+    log "dry run on the CPU (DEVICE_CHECK_DRY=1): toy sizes, figures meaningless"
+else
+    DEVICE=cuda SIZE=base BATCHES="64 256" STEPS=(--steps 20 --warmup 5 --rounds 2) EPOCHS=20
+    log "commit $(cat device-carry/COMMIT 2>/dev/null || echo unknown); $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))')"
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee -a "$OUT/summary.txt"
+fi
 
 log "doctor"
 "$BIN" doctor 2>&1 | tee "$OUT/doctor.txt" | tail -n 20
@@ -25,17 +35,20 @@ log "doctor"
 # The recipe's step: ViT-B/16 + 512-d x 2 decoder, 224², attention guide on; per-GPU batches of
 # the 2048 global batch (64 on 32 GPUs, 256 on 8). Both sides: bf16 autocast + TF32, fused
 # attention, fused AdamW, per-parameter clipping.
-for batch in 64 256; do
-    log "train step ViT-B/16, batch $batch (PyTorch eager, then ours)"
-    PYTHONUNBUFFERED=1 "$PY" scripts/bench_train_step.py --device cuda --size base --batch "$batch" \
-        --steps 20 --warmup 5 --rounds 2 --rust-bin "$BIN" 2>>"$OUT/bench_train_step.log" \
-        | tee -a "$OUT/train_step.jsonl"
+for batch in $BATCHES; do
+    log "train step ViT-$SIZE/16, batch $batch (PyTorch eager, then ours)"
+    PYTHONUNBUFFERED=1 "$PY" scripts/bench_train_step.py --device "$DEVICE" --size "$SIZE" \
+        --batch "$batch" "${STEPS[@]}" --rust-bin "$BIN" 2>>"$OUT/bench_train_step.log" \
+        | tee -a "$OUT/train_step.jsonl" ||
+        log "train step benchmark failed (see bench_train_step.log)"
 done
 
-log "tiny recipe on CUDA, bundled samples"
-"$BIN" shard imagenet --root tests/fixtures/data/imagenet/train --out /tmp/dp-shards >/dev/null 2>&1 ||
-    log "sharding the bundled samples failed"
+log "tiny recipe on $DEVICE, bundled samples"
+rm -rf /tmp/dp-shards /tmp/dp-run
+"$BIN" shard imagenet --root tests/fixtures/data/imagenet/train --out /tmp/dp-shards \
+    >"$OUT/shard.log" 2>&1 || log "sharding the bundled samples failed (see shard.log)"
 "$BIN" train --config configs/tiny-cpu.toml --data /tmp/dp-shards --output /tmp/dp-run \
-    --set train.epochs=20 --set runtime.device=\"cuda\" 2>&1 | tail -n 5 | tee -a "$OUT/summary.txt"
-cp /tmp/dp-run/metrics.jsonl "$OUT/tiny_cuda_metrics.jsonl" 2>/dev/null || true
+    --set train.epochs=$EPOCHS --set runtime.device=\"$DEVICE\" 2>&1 | tail -n 5 | tee -a "$OUT/summary.txt"
+cp /tmp/dp-run/metrics.jsonl "$OUT/tiny_${DEVICE}_metrics.jsonl" 2>/dev/null ||
+    log "the tiny run wrote no metrics"
 log "done"
