@@ -10,7 +10,9 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{bin, break_first_image, data_root, run_ok, shard, shard_imagenet_sample};
+use common::{
+    bin, break_first_image, data_root, manifest_rows, run_ok, shard, shard_imagenet_sample,
+};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
@@ -97,6 +99,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     let t = tmp.path();
     let d = data_root();
     let (train, val) = shard_imagenet_sample(t);
+    let (n_train, n_val) = (manifest_rows(&train), manifest_rows(&val));
     let coco = shard(
         t,
         "coco",
@@ -139,7 +142,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     );
     assert_eq!(
         (r["num_train"].as_u64(), r["num_queries"].as_u64()),
-        (Some(39), Some(4))
+        (Some(n_train), Some(n_val))
     );
     assert!(unit(&r["top1"]) <= unit(&r["top5"]));
     let r = json(&mut eval(
@@ -149,7 +152,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
         &[("--train", &train)],
     ));
     assert_eq!(r["leave_one_out"], true);
-    assert_eq!(r["num_queries"], 39);
+    assert_eq!(r["num_queries"], n_train);
     assert!(unit(&r["top1"]) <= unit(&r["top5"]));
     let out = t.join("knn.json");
     let mut c = eval("knn", &enc, &["--limit", "10"], &[("--train", &train)]);
@@ -172,7 +175,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         (r["num_train"].as_u64(), r["skipped_images"].as_u64()),
-        (Some(38), Some(1))
+        (Some(n_train - 1), Some(1))
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -189,14 +192,14 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     ));
     assert_eq!(
         (r["num_train"].as_u64(), r["num_val"].as_u64()),
-        (Some(39), Some(4))
+        (Some(n_train), Some(n_val))
     );
     assert!(unit(&r["top1"]) <= unit(&r["top5"]));
     unit(&r["train_top1"]);
     assert!(r["final_train_loss"].as_f64().unwrap().is_finite());
 
     // Position accuracy at two mask ratios: 16 patches; ratio 0.5 keeps 8 and drops the
-    // positions of int(8 · 0.75) = 6 of them; 0.75 keeps 4 and drops 3. 4 val images.
+    // positions of int(8 · 0.75) = 6 of them; 0.75 keeps 4 and drops 3.
     let r = json(&mut eval(
         "position",
         &dp,
@@ -205,14 +208,14 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     ));
     assert_eq!(
         (r["images"].as_u64(), r["num_positions"].as_u64()),
-        (Some(4), Some(16))
+        (Some(n_val), Some(16))
     );
     let s = r["scores"].as_array().unwrap();
     assert_eq!(s.len(), 2);
     for (s, (visible, dropped)) in s.iter().zip([(8, 6), (4, 3)]) {
         assert_eq!(s["visible"], visible);
-        assert_eq!(s["predictions_visible"], 4 * visible);
-        assert_eq!(s["predictions_dropped"], 4 * dropped);
+        assert_eq!(s["predictions_visible"], n_val * visible);
+        assert_eq!(s["predictions_dropped"], n_val * dropped);
         assert_eq!(s["chance"], 1.0 / 16.0);
         unit(&s["acc_dropped"]);
         unit(&s["acc_visible"]);
@@ -225,7 +228,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
         &[("--data", &val)],
     ));
     assert_eq!(again["scores"], r["scores"]);
-    // Masks are drawn per image: the batch size changes nothing (39 train images, 5 vs 8).
+    // Masks are drawn per image: the batch size changes nothing (batches of 5 vs 8).
     let by_batch = |size: &str| {
         let mut c = bin();
         c.args([
@@ -251,7 +254,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
         &["--mask-ratio", "0.5", "--repeats", "3"],
         &[("--data", &val)],
     ));
-    assert_eq!(r["scores"][0]["predictions_visible"], 3 * 4 * 8);
+    assert_eq!(r["scores"][0]["predictions_visible"], 3 * n_val * 8);
 
     // Dense probe on COCO (train = val here) and ADE20K patch labels.
     for (dirs, extra) in [(&coco, None), (&ade, Some("--ignore-label=0"))] {

@@ -47,6 +47,14 @@ pub fn shard(tmp: &Path, name: &str, args: &[&str], paths: &[(&str, PathBuf)]) -
     out
 }
 
+/// `num_rows` of a shard folder's manifest: tests derive counts from it so that they also run
+/// on other data (`DROPPOS_TEST_DATA`).
+pub fn manifest_rows(shards: &Path) -> u64 {
+    let text = std::fs::read_to_string(shards.join("manifest.json")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    m["num_rows"].as_u64().unwrap()
+}
+
 /// The sample ImageNet train and val folders as shards under `tmp` (`inet-train`, `inet-val`),
 /// labelled by the synset_words.txt class list (val via val.txt).
 pub fn shard_imagenet_sample(tmp: &Path) -> (PathBuf, PathBuf) {
