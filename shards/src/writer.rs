@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BinaryArray, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch,
-    StringArray, StructArray,
+    ArrayRef, BinaryArray, BinaryBuilder, Float64Array, Int32Array, Int64Array, ListArray,
+    RecordBatch, StringArray, StructArray,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer};
 use arrow::datatypes::{DataType, FieldRef};
@@ -750,7 +750,7 @@ impl ShardCtx<'_> {
 
     fn batch(&self, rows: &[Row]) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
         let keys = StringArray::from_iter_values(rows.iter().map(|r| r.item.key.as_str()));
-        let images = BinaryArray::from_iter_values(rows.iter().map(|r| r.image.as_slice()));
+        let images = binary_column(rows.iter().map(|r| r.image.as_slice()));
         let i32col = |f: &dyn Fn(&Row) -> u32| -> ArrayRef {
             Arc::new(Int32Array::from_iter_values(
                 rows.iter().map(|r| f(r) as i32),
@@ -791,7 +791,7 @@ impl ShardCtx<'_> {
                 cols.push(annotations_array(&per_row, &self.schema)?);
             }
             Dataset::Ade20k => {
-                cols.push(Arc::new(BinaryArray::from_iter_values(
+                cols.push(Arc::new(binary_column(
                     rows.iter().map(|r| r.mask.as_deref().unwrap_or_default()),
                 )));
             }
@@ -1116,4 +1116,15 @@ pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
     };
     merged.save(out)?;
     Ok(merged)
+}
+
+/// A binary column sized up front: `from_iter_values` grows its value buffer by doubling, which
+/// copies the image bytes again on every growth.
+fn binary_column<'a>(values: impl Iterator<Item = &'a [u8]> + Clone) -> BinaryArray {
+    let bytes = values.clone().map(<[u8]>::len).sum();
+    let mut b = BinaryBuilder::with_capacity(values.size_hint().0, bytes);
+    for v in values {
+        b.append_value(v);
+    }
+    b.finish()
 }
