@@ -591,8 +591,10 @@ impl ShardCtx<'_> {
         let rows_idx = &self.order[range];
 
         let file = File::create(&tmp).map_err(|e| ShardError::io(&tmp, e))?;
+        // Small buffer on purpose: Parquet pages of images (~1 MB) are then written straight
+        // through instead of being copied into the buffer first; headers still get batched.
         let hw = HashingWriter {
-            inner: BufWriter::with_capacity(4 << 20, file),
+            inner: BufWriter::with_capacity(64 << 10, file),
             hasher: Sha256::new(),
             bytes: 0,
         };
