@@ -11,13 +11,21 @@
 //! - forward values (loss, acc1, logits, latent, attention weights, MAE predictions): |Δ| ≤ 1e-5 ·
 //!   (1 + |ref|) — the explicit path is bit-exact on the fixtures' (Intel) machine and within
 //!   ~1e-6 on an AMD EPYC (CPU-dependent kernels), the fused path differs by ~1e-6;
-//! - gradients: |Δ| ≤ 1e-6 · max|ref grad| of the tensor;
+//! - gradients: |Δ| ≤ 1e-6 · max|ref grad| of the tensor when our forward is bit-exact with the
+//!   fixture (this CPU runs the fixture machine's kernels), else 1e-5 · max|ref grad|, the bound
+//!   of the fused attention path (a different summation order either way);
 //! - gradient norms / clip factors: relative 1e-5;
 //! - optimizer in isolation (stored gradients → clip → AdamW): within 1 ulp of the parameter
 //!   plus 4 ulps of the update (see [`step_tolerance`]);
 //! - after_step from our own gradients: |Δ| ≤ 1e-7 + the same, plus our gradient difference
 //!   carried through the first AdamW step, ignoring elements whose stored gradient is below
 //!   1e-6 · max|grad| (rounding noise; the README's caveat for check 5).
+//!
+//! Why the gradients get the looser bound on other CPUs: MKL picks its GEMM kernels by CPU, so
+//! the summation orders differ. On an AMD EPYC our gradients equal, to the bit, those of the
+//! PyTorch implementation in scripts/make_golden_variants.py run there, and both miss the
+//! stored (Intel) gradients by up to 0.95 · 1e-6 · max|grad| on the bundled fixtures: larger
+//! fixtures would cross 1e-6 with no error of ours.
 //!
 //! Why the update gets ulps of its own: libtorch computes `sqrt` of a float tensor through MKL's vector
 //! math, whose last-bit rounding depends on the CPU (the fixtures were written on an Intel
@@ -421,6 +429,12 @@ fn step_tolerance(fx: &Fixture, name: &str, reference: &Tensor) -> R<Tensor> {
     Ok(r.abs() * eps + update * (4.0 * eps))
 }
 
+/// True when our forward reproduces the fixture's `latent` and `pos_logits` bit for bit: this
+/// CPU then runs the kernels of the machine that wrote the fixture (module docs).
+fn same_kernels(fx: &Fixture, out: &StepOutput) -> R<bool> {
+    Ok(out.latent.equal(fx.t("latent")?) && out.pos_logits.equal(fx.t("pos_logits")?))
+}
+
 /// Tolerance of gradient checks: 1e-6 · max|reference|.
 fn grad_tol(reference: &Tensor) -> f64 {
     1e-6 * reference.abs().max().double_value(&[])
@@ -485,6 +499,10 @@ fn run_fixture(path: &Path) -> R<String> {
         p.shallow_clone().zero_grad();
     }
     out.loss.backward();
+    // Same kernels as the fixture's machine: 1e-6 · max|grad|. Otherwise the summation orders
+    // differ (module docs) and the fused attention path's bound applies.
+    let same = same_kernels(&fx, &out)?;
+    let factor = if same { 1.0 } else { 10.0 };
     let mut worst = 0f64;
     for (name, p) in &params {
         let g = p.grad();
@@ -496,12 +514,13 @@ fn run_fixture(path: &Path) -> R<String> {
             &format!("grad.{name}"),
             &g,
             reference,
-            grad_tol(reference),
+            factor * grad_tol(reference),
             0.0,
         )?;
         worst = worst.max(d);
     }
-    report.push(format!("grads max|Δ| {worst:.1e}"));
+    let kernels = if same { "same" } else { "other" };
+    report.push(format!("grads max|Δ| {worst:.1e} ({kernels} kernels)"));
 
     // Clipping with our gradients.
     let mut opt = AdamW::new(shallow(&params), acfg);
