@@ -27,9 +27,9 @@
 //! stored (Intel) gradients by up to 0.95 · 1e-6 · max|grad| on the bundled fixtures: larger
 //! fixtures would cross 1e-6 with no error of ours.
 //!
-//! Why the update gets ulps of its own: libtorch computes `sqrt` of a float tensor through MKL's vector
-//! math, whose last-bit rounding depends on the CPU (the fixtures were written on an Intel
-//! CPU; on an AMD EPYC with the same libtorch, 17 % of the square roots differ from the
+//! Why the update gets ulps of its own: libtorch computes `sqrt` of a float tensor through
+//! MKL's vector math, whose last-bit rounding depends on the CPU (the fixtures were written on an
+//! Intel CPU; on an AMD EPYC with the same libtorch, 17 % of the square roots differ from the
 //! correctly rounded value by 1 ulp, 0.2 % on the fixtures' machine). The reference's own
 //! `torch.optim.AdamW` run on that AMD machine misses the fixtures' `after_step` by that much
 //! (720 elements of the tiny fixture beyond 1 ulp of the parameter, where the update cancels

@@ -1057,6 +1057,15 @@ mod tests {
         std::fs::read(fixtures_root().join(rel)).unwrap()
     }
 
+    /// Decoded pixels as RGB (gray replicated), the form Pillow's `convert("RGB")` references take.
+    fn as_rgb(p: Pixels) -> Vec<u8> {
+        if p.channels == 1 {
+            p.data.iter().flat_map(|&v| [v; 3]).collect()
+        } else {
+            p.data
+        }
+    }
+
     #[test]
     fn sixteen_bit_pngs_convert_as_pillow_does() {
         // References: Pillow's `Image.open(f).convert("RGB")` (tests/fixtures/shards/make_png16.py).
@@ -1071,11 +1080,7 @@ mod tests {
             assert!(p.conversion.is_some(), "{name}");
             let got = decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
             assert_eq!(got.channels, if name.starts_with("gray") { 1 } else { 3 });
-            let rgb: Vec<u8> = if got.channels == 1 {
-                got.data.iter().flat_map(|&v| [v; 3]).collect()
-            } else {
-                got.data
-            };
+            let rgb = as_rgb(got);
             assert_eq!(rgb, want.data, "{name}");
         }
     }
@@ -1105,11 +1110,7 @@ mod tests {
             assert!(to.starts_with("png "), "{name}: {to}");
             assert_eq!((p.width, p.height), (want.width, want.height), "{name}");
             let got = decode(&p.bytes, DEFAULT_MAX_PIXELS).unwrap();
-            let rgb: Vec<u8> = if got.channels == 1 {
-                got.data.iter().flat_map(|&v| [v; 3]).collect()
-            } else {
-                got.data
-            };
+            let rgb = as_rgb(got);
             if lossy {
                 // Two lossy-WebP decoders (libwebp in Pillow, image-webp here) may round the
                 // chroma upsampling differently; within a grey level on average.
