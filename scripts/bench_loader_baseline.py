@@ -21,10 +21,12 @@ Steps (each repeated --runs times, median reported):
     `--no-restarts` skips this). Ratios are printed for every variant.
 """
 import argparse
+import atexit
 import glob
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -188,11 +190,17 @@ def main():
     print(f"torchvision (num_workers={args.workers}): {res['torchvision']['images_per_s']:.0f} img/s "
           f"({res['torchvision']['steady_images_per_s']:.0f} steady), peak RSS {res['torchvision']['peak_rss_mib']:.0f} MiB")
     if args.bin:
-        sets = [("", args.shards or write_shards(args.images, tempfile.mkdtemp(prefix="droppos-bench-")))]
+        # Shard folders made here are removed at exit (a given --shards folder is left alone).
+        temps = []
+        atexit.register(lambda: [shutil.rmtree(t, ignore_errors=True) for t in temps])
+        if not args.shards:
+            temps.append(tempfile.mkdtemp(prefix="droppos-bench-"))
+        sets = [("", args.shards or write_shards(args.images, temps[0]))]
         if not args.no_restarts:
             # The same images through our writer with lossless restart markers (opt-in there:
             # default shards keep the original bytes), so the loader can skip entropy decoding.
-            out = os.path.join(tempfile.mkdtemp(prefix="droppos-bench-rst-"), "shards")
+            temps.append(tempfile.mkdtemp(prefix="droppos-bench-rst-"))
+            out = os.path.join(temps[-1], "shards")
             subprocess.run([args.bin, "--log", "warn", "shard", "imagenet", "--quiet", "--jpeg-restarts",
                             "--root", args.images, "--out", out], check=True, capture_output=True)
             sets.append(("_restarts", out))

@@ -9,6 +9,7 @@
 mod bench_loader;
 mod cli;
 mod logging;
+mod malloc;
 #[path = "commands/shard.rs"]
 mod shard;
 #[path = "commands/stats.rs"]
@@ -73,6 +74,7 @@ fn runs_here(args: &[OsString]) -> bool {
 }
 
 fn main() -> Result<()> {
+    malloc::tune();
     let args: Vec<OsString> = std::env::args_os().collect();
     if !runs_here(&args) {
         return exec_torch(&args);

@@ -5,6 +5,7 @@ mod commands;
 mod config;
 mod eval;
 mod logging;
+mod malloc;
 mod ort_runtime;
 mod train;
 
@@ -54,6 +55,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    malloc::tune();
     match cli::Cli::<Command>::command_from(std::env::args_os()) {
         Command::Doctor(args) => commands::doctor::run(args),
         Command::Bench(args) => commands::bench::run(args),

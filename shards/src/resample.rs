@@ -528,8 +528,13 @@ fn resize_box_impl<const AVX2: bool>(
     let mut temp = std::mem::take(&mut s.temp);
     let (tview, shift) = if need_h {
         let rows = ybox_last - ybox_first;
-        // Every byte is written below: keep old contents rather than zero-fill each image.
-        temp.resize(out_w * rows * c, 0);
+        // Every byte is written below: keep old contents rather than zero-fill each image (the
+        // buffer only grows; `t` is this image's part).
+        let need = out_w * rows * c;
+        if temp.len() < need {
+            temp.resize(need, 0);
+        }
+        let t = &mut temp[..need];
         if opts.precision == Precision::Fast {
             let ch = Coeffs16::cached(ax);
             #[allow(unused_mut)]
@@ -539,16 +544,16 @@ fn resize_box_impl<const AVX2: bool>(
                 // SAFETY: AVX2 is available (the AVX2 entry point is the only caller with
                 // AVX2 = true).
                 first = unsafe {
-                    horizontal_fast_avx2(src, &ch, ybox_first..ybox_last, opts.mirror, &mut temp)
+                    horizontal_fast_avx2(src, &ch, ybox_first..ybox_last, opts.mirror, t)
                 };
             }
-            let rows_out = temp[(first - ybox_first) * out_w * c..].chunks_exact_mut(out_w * c);
+            let rows_out = t[(first - ybox_first) * out_w * c..].chunks_exact_mut(out_w * c);
             for (y, dst) in (first..ybox_last).zip(rows_out) {
                 horizontal_row_fast(src.row(y), c, &ch, opts.mirror, dst);
             }
         } else {
             let ch = Coeffs::from_weights(Weights::new(ax));
-            let rows_out = temp.chunks_exact_mut(out_w * c);
+            let rows_out = t.chunks_exact_mut(out_w * c);
             for (y, dst) in (ybox_first..ybox_last).zip(rows_out) {
                 #[cfg(target_arch = "x86_64")]
                 if AVX2 && c == 3 {
@@ -559,7 +564,7 @@ fn resize_box_impl<const AVX2: bool>(
                 horizontal_row(src.row(y), c, &ch, opts.mirror, dst);
             }
         }
-        (View::new(&temp, out_w, rows, c), ybox_first)
+        (View::new(&temp[..need], out_w, rows, c), ybox_first)
     } else {
         (src, 0)
     };

@@ -270,8 +270,13 @@ impl Decoder {
         } else {
             &mut out.pixels
         };
-        buf.clear();
-        buf.resize(n, 0);
+        // TurboJPEG writes all `n` bytes (pitch = row width), so a reused buffer keeps its
+        // stale bytes instead of being zeroed first (a memset of every decoded image).
+        if buf.len() < n {
+            buf.resize(n, 0);
+        } else {
+            buf.truncate(n);
+        }
         self.tj
             .decompress8(bytes, buf, rw * ch_in, pf)
             .map_err(DecodeError::Jpeg)?;
