@@ -182,6 +182,17 @@ pub fn write_u8(src: &[u8], c: usize, size: usize, dst: &mut [u8]) {
 
 /// Like [`write_u8`] with normalisation to f32.
 pub fn write_f32(src: &[u8], c: usize, size: usize, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is available (checked just above).
+        unsafe { write_f32_avx2(src, c, size, dst) };
+        return;
+    }
+    write_f32_scalar(src, c, size, dst, 0);
+}
+
+/// The portable form from pixel `from` on.
+fn write_f32_scalar(src: &[u8], c: usize, size: usize, dst: &mut [f32], from: usize) {
     let plane = size * size;
     for ch in 0..3 {
         let sc = if c == 1 { 0 } else { ch };
@@ -190,11 +201,50 @@ pub fn write_f32(src: &[u8], c: usize, size: usize, dst: &mut [f32]) {
         for (v, l) in lut.iter_mut().enumerate() {
             *l = (v as f32 / 255.0 - IMAGENET_MEAN[ch]) / IMAGENET_STD[ch];
         }
-        let d = &mut dst[ch * plane..(ch + 1) * plane];
-        for (o, px) in d.iter_mut().zip(src.chunks_exact(c)) {
+        let d = &mut dst[ch * plane + from..(ch + 1) * plane];
+        for (o, px) in d.iter_mut().zip(src[from * c..].chunks_exact(c)) {
             *o = lut[px[sc] as usize];
         }
     }
+}
+
+/// 16 pixels at a time: the byte deinterleave, then per channel `(v / 255 - mean) / std` as
+/// the same three IEEE f32 operations in 8-wide vectors (bit-identical to the scalar form; no
+/// multiply by a reciprocal), in one pass over the pixels instead of three table passes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn write_f32_avx2(src: &[u8], c: usize, size: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let plane = size * size;
+    assert!(src.len() >= plane * c && dst.len() >= 3 * plane);
+    let whole = plane / GROUP * GROUP;
+    let k255 = _mm256_set1_ps(255.0);
+    let mean = IMAGENET_MEAN.map(|m| _mm256_set1_ps(m));
+    let std = IMAGENET_STD.map(|s| _mm256_set1_ps(s));
+    let out = dst.as_mut_ptr();
+    let mut ch = [[0u8; GROUP]; 3];
+    for g in (0..whole).step_by(GROUP) {
+        if c == 1 {
+            ch[0].copy_from_slice(&src[g..g + GROUP]);
+            ch[1] = ch[0];
+            ch[2] = ch[0];
+        } else {
+            deinterleave16(&src[3 * g..3 * (g + GROUP)], &mut ch);
+        }
+        for (k, bytes) in ch.iter().enumerate() {
+            let b = _mm_loadu_si128(bytes.as_ptr() as *const __m128i);
+            let halves = [
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))),
+            ];
+            for (h, v) in halves.into_iter().enumerate() {
+                let n = _mm256_div_ps(_mm256_sub_ps(_mm256_div_ps(v, k255), mean[k]), std[k]);
+                // In bounds: g + 16 <= plane, so plane k's 8 floats at g + 8h are inside dst.
+                _mm256_storeu_ps(out.add(k * plane + g + 8 * h), n);
+            }
+        }
+    }
+    write_f32_scalar(src, c, size, dst, whole);
 }
 
 #[cfg(test)]
@@ -236,6 +286,15 @@ mod tests {
                     "f32 size {size} c {c}"
                 );
             }
+        }
+        // Every byte value in every channel (3 and 256 are coprime), through the vector path.
+        let src: Vec<u8> = (0..16 * 16 * 3).map(|i| (i % 256) as u8).collect();
+        let mut got = vec![0f32; 3 * 256];
+        write_f32(&src, 3, 16, &mut got);
+        for (i, g) in got.iter().enumerate() {
+            let (ch, p) = (i / 256, i % 256);
+            let want = (src[3 * p + ch] as f32 / 255.0 - IMAGENET_MEAN[ch]) / IMAGENET_STD[ch];
+            assert_eq!(g.to_bits(), want.to_bits(), "channel {ch} pixel {p}");
         }
         let src: Vec<u8> = (0..48).map(|v| v as u8).collect();
         let mut a = [[0u8; GROUP]; 3];
