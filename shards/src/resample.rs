@@ -750,7 +750,23 @@ unsafe fn horizontal_rows4_rgb_fast_avx2(
     mirror: bool,
     dst: &mut [u8],
 ) {
+    // The direction as a constant, so that the pixel loop carries no branch on it.
+    if mirror {
+        horizontal_rows4_rgb_fast_avx2_in::<true>(src, co, dst)
+    } else {
+        horizontal_rows4_rgb_fast_avx2_in::<false>(src, co, dst)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_rows4_rgb_fast_avx2_in<const MIRROR: bool>(
+    src: [&[u8]; 4],
+    co: &Coeffs16,
+    dst: &mut [u8],
+) {
     use std::arch::x86_64::*;
+    let mirror = MIRROR;
     let pairs = _mm_setr_epi8(0, 3, 1, 4, 2, 5, -1, -1, 6, 9, 7, 10, 8, 11, -1, -1);
     let dup = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     let half = _mm256_set1_epi32(1 << (co.bits - 1));
@@ -809,8 +825,28 @@ unsafe fn horizontal_rows4_rgb_fast_avx2(
             _mm_extract_epi32(lo, 1),
             _mm_extract_epi32(hi, 1),
         ];
-        for (r, v) in vals.into_iter().enumerate() {
-            dst[r * row + xo..r * row + xo + 3].copy_from_slice(&(v as u32).to_le_bytes()[..3]);
+        // One 4-byte store per row where it can spill onto a neighbour still to be written (the
+        // next pixel in output order: the right one, or the left one when mirroring), instead of
+        // a 3-byte copy; the row's last pixel in output order takes the 3-byte copy.
+        if !mirror && xo + 3 < row {
+            for (r, v) in vals.into_iter().enumerate() {
+                let at = r * row + xo;
+                debug_assert!(at + 4 <= dst.len());
+                // SAFETY: xo + 4 <= row, so the 4 bytes lie inside dst's row r.
+                std::ptr::write_unaligned(dst.as_mut_ptr().add(at) as *mut u32, v as u32);
+            }
+        } else if mirror && xo > 0 {
+            for (r, v) in vals.into_iter().enumerate() {
+                let at = r * row + xo - 1;
+                debug_assert!(at + 4 <= dst.len());
+                // SAFETY: xo >= 1 (in bytes, xo >= 3) and xo + 3 <= row, so the 4 bytes lie
+                // inside dst's row r.
+                std::ptr::write_unaligned(dst.as_mut_ptr().add(at) as *mut u32, (v as u32) << 8);
+            }
+        } else {
+            for (r, v) in vals.into_iter().enumerate() {
+                dst[r * row + xo..r * row + xo + 3].copy_from_slice(&(v as u32).to_le_bytes()[..3]);
+            }
         }
     }
 }
