@@ -264,22 +264,15 @@ impl Decoder {
         } else {
             (raw::TJPF_TJPF_RGB, 3)
         };
-        let n = rw * rh * ch_in;
         let buf = if ch_in == 4 {
             &mut self.cmyk
         } else {
             &mut out.pixels
         };
-        // TurboJPEG writes all `n` bytes (pitch = row width), so a reused buffer keeps its
-        // stale bytes instead of being zeroed first (a memset of every decoded image).
-        if buf.len() < n {
-            buf.resize(n, 0);
-        } else {
-            buf.truncate(n);
-        }
         self.tj
-            .decompress8(bytes, buf, rw * ch_in, pf)
+            .decompress8_to_vec(bytes, buf, pf)
             .map_err(DecodeError::Jpeg)?;
+        debug_assert_eq!(buf.len(), rw * rh * ch_in);
         if ch_in == 4 {
             cmyk_pixels_to_rgb(&self.cmyk, &mut out.pixels);
         }
