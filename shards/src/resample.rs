@@ -955,9 +955,10 @@ impl GrayPlan {
     }
 }
 
-/// The 16-bit one-channel horizontal pass for one row, four output pixels per step: one 16-byte
+/// The 16-bit one-channel horizontal pass for one row, four output pixels per group: one 16-byte
 /// load broadcast to both lanes, two byte shuffles into the four pixels' taps (16-bit lanes,
-/// zero high bytes), two `vpmaddwd` with their coefficients and two horizontal adds. The same
+/// zero high bytes) and two `vpmaddwd` with their coefficients; two groups at a time share the
+/// horizontal adds, the rounding and the packing, and go out as one 8-byte store. The same
 /// integer arithmetic as [`horizontal_row_fast`]; groups that do not fit and the last
 /// `out_w % 4` pixels take the scalar path.
 #[cfg(target_arch = "x86_64")]
@@ -969,21 +970,33 @@ unsafe fn horizontal_row_gray_planned_avx2(
     mirror: bool,
     dst: &mut [u8],
 ) {
+    // The direction as a constant, so that the group loop carries no branch on it.
+    if mirror {
+        gray_planned_avx2_in::<true>(src, co, plan, dst)
+    } else {
+        gray_planned_avx2_in::<false>(src, co, plan, dst)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gray_planned_avx2_in<const MIRROR: bool>(
+    src: &[u8],
+    co: &Coeffs16,
+    plan: &GrayPlan,
+    dst: &mut [u8],
+) {
     use std::arch::x86_64::*;
-    let half = _mm_set1_epi32(1 << (co.bits - 1));
+    let half = _mm256_set1_epi32(1 << (co.bits - 1));
     let shift = _mm_cvtsi32_si128(co.bits as i32);
+    // [A0 A2 B0 B2 | A1 A3 B1 B3] (see below) into [A0 A1 A2 A3 | B0 B1 B2 B3].
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let out_w = dst.len();
-    for (g, &base) in plan.base.iter().enumerate() {
-        let x0 = 4 * g;
-        if base == usize::MAX {
-            for xx in x0..x0 + 4 {
-                let xo = out_x(xx, out_w, mirror);
-                fast_pixel(src, 1, co, xx, &mut dst[xo..xo + 1]);
-            }
-            continue;
-        }
+    let groups = plan.base.len();
+    // Pixel sums of group g, per 128-bit lane: [p0a p0b p2a p2b | p1a p1b p3a p3b].
+    let sums = |g: usize| {
         // In bounds: the plan only keeps windows with base + 16 <= the row's length.
-        let win = _mm_loadu_si128(src.as_ptr().add(base) as *const __m128i);
+        let win = _mm_loadu_si128(src.as_ptr().add(plan.base[g]) as *const __m128i);
         let win = _mm256_broadcastsi128_si256(win);
         let sh = plan.shuf[g].as_ptr() as *const __m256i;
         let kp = plan.k[g].as_ptr() as *const __m256i;
@@ -995,23 +1008,82 @@ unsafe fn horizontal_row_gray_planned_avx2(
             _mm256_shuffle_epi8(win, _mm256_loadu_si256(sh.add(1))),
             _mm256_loadu_si256(kp.add(1)),
         );
-        // [p0 p0 p2 p2 | p1 p1 p3 p3], then [p0 p2 . . | p1 p3 . .], then [p0 p1 p2 p3].
-        let h = _mm256_hadd_epi32(m01, m23);
-        let h = _mm256_hadd_epi32(h, h);
-        let sums = _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        let v = _mm_sra_epi32(_mm_add_epi32(sums, half), shift);
-        let b = _mm_packus_epi16(_mm_packs_epi32(v, v), _mm_setzero_si128());
-        let four = _mm_cvtsi128_si32(b) as u32;
-        if mirror {
-            let at = out_w - x0 - 4;
-            dst[at..at + 4].copy_from_slice(&four.swap_bytes().to_le_bytes());
+        _mm256_hadd_epi32(m01, m23)
+    };
+    let scalar = |g: usize, dst: &mut [u8]| {
+        for xx in 4 * g..4 * g + 4 {
+            let xo = out_x(xx, out_w, MIRROR);
+            fast_pixel(src, 1, co, xx, &mut dst[xo..xo + 1]);
+        }
+    };
+    let mut g = 0;
+    while g + 1 < groups {
+        let (a, b) = (plan.base[g], plan.base[g + 1]);
+        if a == usize::MAX || b == usize::MAX {
+            for gg in [g, g + 1] {
+                if plan.base[gg] == usize::MAX {
+                    scalar(gg, dst);
+                } else {
+                    gray_group_avx2::<MIRROR>(sums(gg), half, shift, 4 * gg, dst);
+                }
+            }
+            g += 2;
+            continue;
+        }
+        // [A0 A2 B0 B2 | A1 A3 B1 B3], then the pixel order, rounding and packing of both.
+        let h = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(sums(g), sums(g + 1)), order);
+        let v = _mm256_sra_epi32(_mm256_add_epi32(h, half), shift);
+        let p = _mm256_packs_epi32(v, v);
+        let p = _mm256_packus_epi16(p, p);
+        // Lane 0 byte 0-3: A0..A3; lane 1 bytes 0-3: B0..B3.
+        let lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(p)) as u32 as u64;
+        let hi = _mm_cvtsi128_si32(_mm256_extracti128_si256(p, 1)) as u32 as u64;
+        let eight = lo | (hi << 32);
+        let x0 = 4 * g;
+        if MIRROR {
+            let at = out_w - x0 - 8;
+            dst[at..at + 8].copy_from_slice(&eight.swap_bytes().to_le_bytes());
         } else {
-            dst[x0..x0 + 4].copy_from_slice(&four.to_le_bytes());
+            dst[x0..x0 + 8].copy_from_slice(&eight.to_le_bytes());
+        }
+        g += 2;
+    }
+    if g < groups {
+        if plan.base[g] == usize::MAX {
+            scalar(g, dst);
+        } else {
+            gray_group_avx2::<MIRROR>(sums(g), half, shift, 4 * g, dst);
         }
     }
-    for xx in 4 * plan.base.len()..out_w {
-        let xo = out_x(xx, out_w, mirror);
+    for xx in 4 * groups..out_w {
+        let xo = out_x(xx, out_w, MIRROR);
         fast_pixel(src, 1, co, xx, &mut dst[xo..xo + 1]);
+    }
+}
+
+/// One group's four pixels from its [`gray_planned_avx2_in`] sums: [p0 p2 . . | p1 p3 . .],
+/// then [p0 p1 p2 p3], rounded, packed and stored at output pixel `x0` (mirrored if asked).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gray_group_avx2<const MIRROR: bool>(
+    h: std::arch::x86_64::__m256i,
+    half: std::arch::x86_64::__m256i,
+    shift: std::arch::x86_64::__m128i,
+    x0: usize,
+    dst: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    let out_w = dst.len();
+    let h = _mm256_hadd_epi32(h, h);
+    let sums = _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    let v = _mm_sra_epi32(_mm_add_epi32(sums, _mm256_castsi256_si128(half)), shift);
+    let b = _mm_packus_epi16(_mm_packs_epi32(v, v), _mm_setzero_si128());
+    let four = _mm_cvtsi128_si32(b) as u32;
+    if MIRROR {
+        let at = out_w - x0 - 4;
+        dst[at..at + 4].copy_from_slice(&four.swap_bytes().to_le_bytes());
+    } else {
+        dst[x0..x0 + 4].copy_from_slice(&four.to_le_bytes());
     }
 }
 
