@@ -1010,7 +1010,12 @@ unsafe fn gray_planned_avx2_in<const MIRROR: bool>(
         );
         _mm256_hadd_epi32(m01, m23)
     };
-    let scalar = |g: usize, dst: &mut [u8]| {
+    // One group on its own: the scalar path where its taps do not fit the plan.
+    let single = |g: usize, dst: &mut [u8]| {
+        if plan.base[g] != usize::MAX {
+            gray_group_avx2::<MIRROR>(sums(g), half, shift, 4 * g, dst);
+            return;
+        }
         for xx in 4 * g..4 * g + 4 {
             let xo = out_x(xx, out_w, MIRROR);
             fast_pixel(src, 1, co, xx, &mut dst[xo..xo + 1]);
@@ -1018,15 +1023,9 @@ unsafe fn gray_planned_avx2_in<const MIRROR: bool>(
     };
     let mut g = 0;
     while g + 1 < groups {
-        let (a, b) = (plan.base[g], plan.base[g + 1]);
-        if a == usize::MAX || b == usize::MAX {
-            for gg in [g, g + 1] {
-                if plan.base[gg] == usize::MAX {
-                    scalar(gg, dst);
-                } else {
-                    gray_group_avx2::<MIRROR>(sums(gg), half, shift, 4 * gg, dst);
-                }
-            }
+        if plan.base[g] == usize::MAX || plan.base[g + 1] == usize::MAX {
+            single(g, dst);
+            single(g + 1, dst);
             g += 2;
             continue;
         }
@@ -1049,11 +1048,7 @@ unsafe fn gray_planned_avx2_in<const MIRROR: bool>(
         g += 2;
     }
     if g < groups {
-        if plan.base[g] == usize::MAX {
-            scalar(g, dst);
-        } else {
-            gray_group_avx2::<MIRROR>(sums(g), half, shift, 4 * g, dst);
-        }
+        single(g, dst);
     }
     for xx in 4 * groups..out_w {
         let xo = out_x(xx, out_w, MIRROR);
