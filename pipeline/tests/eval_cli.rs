@@ -10,9 +10,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{
-    bin, break_first_image, data_root, manifest_rows, run_ok, shard, shard_imagenet_sample,
-};
+use common::{bin, broken_copy, data_root, manifest_rows, run_ok, shard, shard_imagenet_sample};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
@@ -162,15 +160,7 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     assert_eq!(saved["top1"], r["top1"]);
     assert_eq!(saved["skipped_images"], 0);
     // An undecodable image is skipped, logged, and counted in the results.
-    let broken = t.join("train-broken");
-    std::fs::create_dir(&broken).unwrap();
-    for e in std::fs::read_dir(&train).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, broken.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-    break_first_image(&broken);
+    let broken = broken_copy(&train, &t.join("train-broken"));
     let o = run_ok(&mut eval("knn", &enc, &[], &[("--train", &broken)]));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(

@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{bin, break_first_image, manifest_rows, run_ok, shard_imagenet_sample};
+use common::{bin, broken_copy, manifest_rows, run_ok, shard_imagenet_sample};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
@@ -188,13 +188,7 @@ fn finetune_from_pretraining_then_export_and_classify() {
     assert_eq!(r["images"], manifest_rows(&val));
 
     // An undecodable validation image is counted in eval.jsonl, not silently dropped.
-    let broken_val = t.join("val-broken");
-    std::fs::create_dir(&broken_val).unwrap();
-    for e in std::fs::read_dir(&val).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), broken_val.join(e.file_name())).unwrap();
-    }
-    break_first_image(&broken_val);
+    let broken_val = broken_copy(&val, &t.join("val-broken"));
     let one = t.join("ft-broken-val");
     run_ok(&mut finetune(&train, &broken_val, &one, &pre, "1"));
     let evals = std::fs::read_to_string(one.join("eval.jsonl")).unwrap();

@@ -79,6 +79,20 @@ pub fn shard_imagenet_sample(tmp: &Path) -> (PathBuf, PathBuf) {
     (train, val)
 }
 
+/// A copy of the shard folder `shards` at `dst` with its first image broken (see
+/// [`break_first_image`]).
+pub fn broken_copy(shards: &Path, dst: &Path) -> PathBuf {
+    std::fs::create_dir(dst).unwrap();
+    for e in std::fs::read_dir(shards).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    break_first_image(dst);
+    dst.to_path_buf()
+}
+
 /// Breaks the first JPEG of the first shard (its start-of-image marker; image bytes are stored
 /// uncompressed) and re-hashes the shard in the manifest, so that the shard opens and only the
 /// sample fails to decode.
