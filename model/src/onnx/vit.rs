@@ -2,7 +2,7 @@
 //! parameter names.
 //!
 //! Linear layers become MatMul with the weight stored transposed (`{name}.weight.T`, [in, out])
-//! plus Add; LayerNorm is `LayerNormalization` (opset 17+); GELU is the exact erf form, either as
+//! plus Add; attention takes per-head q/k/v weights (see `Ctx::attention`); LayerNorm is `LayerNormalization` (opset 17+); GELU is the exact erf form, either as
 //! the Div-Erf-Add-Mul-Mul pattern ONNX Runtime fuses (opset 17) or the `Gelu` op (opset 20).
 
 use super::builder::{Attr, Dim, ElemType, GraphBuilder};
@@ -260,7 +260,39 @@ impl Ctx<'_> {
         Ok(self.g.weight(name, &t.dims, &t.data))
     }
 
+    /// `x @ weight^T + bias` over a token tensor [N, T, d_in] (see [`Self::linear_with`]).
     fn linear(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        d_in: i64,
+        d_out: i64,
+    ) -> Result<String, OnnxError> {
+        self.linear_with(x, prefix, d_in, d_out, 3)
+    }
+
+    /// `x @ weight^T + bias` for an input of rank `rank`, the bias stored with that rank
+    /// ([1, 1, d_out] for tokens): with a 1-D bias ONNX Runtime fuses the Add into a following
+    /// GELU (`BiasGelu`, measured slower than Add then GELU) or, for static shapes, MatMul + Add
+    /// into Gemm (whose bias pass made these layers ~17 % slower). BENCHMARKS.md, "ONNX inference".
+    fn linear_with(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        d_in: i64,
+        d_out: i64,
+        rank: usize,
+    ) -> Result<String, OnnxError> {
+        let mm = self.matmul_weight(x, prefix, d_in, d_out)?;
+        let t = self.w.get_shaped(&format!("{prefix}.bias"), &[d_out])?;
+        let mut dims = vec![1; rank.max(1) - 1];
+        dims.push(d_out);
+        let b = self.g.weight(&format!("{prefix}.bias"), &dims, &t.data);
+        Ok(self.g.op("Add", &[&mm, &b], vec![]))
+    }
+
+    /// `x @ weight^T` with `{prefix}.weight` [d_out, d_in] stored transposed as `{prefix}.weight.T`.
+    fn matmul_weight(
         &mut self,
         x: &str,
         prefix: &str,
@@ -270,14 +302,7 @@ impl Ctx<'_> {
         let wname = format!("{prefix}.weight");
         let wt = self.w.get_shaped(&wname, &[d_out, d_in])?.transposed_2d()?;
         let wt = self.g.weight(&format!("{wname}.T"), &wt.dims, &wt.data);
-        let mm = self.g.op("MatMul", &[x, &wt], vec![]);
-        // timm's `qkv_bias=False` saves no bias.
-        let bname = format!("{prefix}.bias");
-        if !self.w.contains(&bname) && prefix.ends_with(".qkv") {
-            return Ok(mm);
-        }
-        let b = self.param(&bname, &[d_out])?;
-        Ok(self.g.op("Add", &[&mm, &b], vec![]))
+        Ok(self.g.op("MatMul", &[x, &wt], vec![]))
     }
 
     fn layer_norm(&mut self, x: &str, prefix: &str, d: i64, eps: f32) -> Result<String, OnnxError> {
@@ -310,7 +335,19 @@ impl Ctx<'_> {
         }
     }
 
-    /// Multi-head self-attention over x [N, T, D] (timm `Attention`, qkv with bias).
+    /// Multi-head self-attention over x [N, T, D]: timm's `Attention` (qkv bias optional),
+    /// written for ONNX Runtime's CPU kernels as the same function:
+    /// - q, k and v each come from one broadcasting MatMul with per-head weights,
+    ///   [N, 1, T, D] x [H, D, dh] -> [N, H, T, dh], so no [N, T, 3, H, dh] output is transposed
+    ///   and split;
+    /// - the 1/sqrt(dh) scale is folded into q's weights and bias;
+    /// - k's bias is left out: it adds q·b_k to every score in a query's row, which softmax
+    ///   ignores;
+    /// - v's bias moves into proj's bias: each row of attention weights sums to 1, so it adds
+    ///   b_v to every output token, i.e. W_proj·b_v after the projection.
+    ///
+    /// ViT-S/16 in ONNX Runtime: ~8 % faster than the qkv / transpose / split form
+    /// (BENCHMARKS.md, "ONNX inference"); outputs within ~2e-6 of it.
     fn attention(
         &mut self,
         x: &str,
@@ -319,33 +356,56 @@ impl Ctx<'_> {
         heads: i64,
     ) -> Result<String, OnnxError> {
         let dh = d / heads;
-        let qkv = self.linear(x, &format!("{prefix}.qkv"), d, 3 * d)?;
-        let shape = self.g.const_i64(&[0, -1, 3, heads, dh]);
-        let r = self.g.op("Reshape", &[&qkv, &shape], vec![]);
-        // [N, T, 3, H, dh] -> [3, N, H, T, dh]
-        let p = self.g.op(
-            "Transpose",
-            &[&r],
-            vec![("perm", Attr::Ints(vec![2, 0, 3, 1, 4]))],
-        );
-        let mut qkv3 = Vec::with_capacity(3);
-        for i in 0..3 {
-            let idx = self.g.scalar_i64(i);
-            qkv3.push(
-                self.g
-                    .op("Gather", &[&p, &idx], vec![("axis", Attr::Int(0))]),
-            );
+        let wname = format!("{prefix}.qkv.weight");
+        let w = &self.w.get_shaped(&wname, &[3 * d, d])?.data;
+        // timm's `qkv_bias=False` saves no bias.
+        let bname = format!("{prefix}.qkv.bias");
+        let b = if self.w.contains(&bname) {
+            Some(&self.w.get_shaped(&bname, &[3 * d])?.data)
+        } else {
+            None
+        };
+        let (du, hu, dhu) = (d as usize, heads as usize, dh as usize);
+        // Part p (0 q, 1 k, 2 v) of the qkv weight [3D, D] as per-head [H, D, dh], times `scale`.
+        let per_head = |p: usize, scale: f32| {
+            let mut out = vec![0f32; du * du];
+            for h in 0..hu {
+                for i in 0..du {
+                    for j in 0..dhu {
+                        out[(h * du + i) * dhu + j] = w[(p * du + h * dhu + j) * du + i] * scale;
+                    }
+                }
+            }
+            out
+        };
+        let scale = (dh as f32).powf(-0.5);
+        let (wq, wk, wv) = (per_head(0, scale), per_head(1, 1.0), per_head(2, 1.0));
+        let bq: Option<Vec<f32>> = b.map(|b| b[..du].iter().map(|v| v * scale).collect());
+        let bv: Option<Vec<f32>> = b.map(|b| b[2 * du..].to_vec());
+        let axes = self.g.const_i64(&[1]);
+        let x4 = self.g.op("Unsqueeze", &[x, &axes], vec![]);
+        let head_matmul = |cx: &mut Self, part: &str, wh: &[f32]| {
+            let wh =
+                cx.g.weight(&format!("{wname}.{part}_heads"), &[heads, d, dh], wh);
+            cx.g.op("MatMul", &[&x4, &wh], vec![])
+        };
+        let mut q = head_matmul(self, "q", &wq);
+        if let Some(bq) = bq {
+            let bq = self
+                .g
+                .weight(&format!("{bname}.q_heads"), &[heads, 1, dh], &bq);
+            q = self.g.op("Add", &[&q, &bq], vec![]);
         }
-        let scale = self.g.scalar_f32((dh as f32).powf(-0.5));
-        let q = self.g.op("Mul", &[&qkv3[0], &scale], vec![]);
+        let k = head_matmul(self, "k", &wk);
+        let v = head_matmul(self, "v", &wv);
         let kt = self.g.op(
             "Transpose",
-            &[&qkv3[1]],
+            &[&k],
             vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
         );
         let s = self.g.op("MatMul", &[&q, &kt], vec![]);
         let a = self.g.op("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
-        let o = self.g.op("MatMul", &[&a, &qkv3[2]], vec![]);
+        let o = self.g.op("MatMul", &[&a, &v], vec![]);
         let o = self.g.op(
             "Transpose",
             &[&o],
@@ -353,7 +413,31 @@ impl Ctx<'_> {
         );
         let shape = self.g.const_i64(&[0, -1, d]);
         let o = self.g.op("Reshape", &[&o, &shape], vec![]);
-        self.linear(&o, &format!("{prefix}.proj"), d, d)
+        let proj = format!("{prefix}.proj");
+        let mm = self.matmul_weight(&o, &proj, d, d)?;
+        let pbname = format!("{proj}.bias");
+        let mut pb: Vec<f64> = self
+            .w
+            .get_shaped(&pbname, &[d])?
+            .data
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        if let Some(bv) = bv {
+            let pw = &self.w.get_shaped(&format!("{proj}.weight"), &[d, d])?.data;
+            for (o, acc) in pb.iter_mut().enumerate() {
+                *acc += pw[o * du..(o + 1) * du]
+                    .iter()
+                    .zip(&bv)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>();
+            }
+        }
+        let pb: Vec<f32> = pb.into_iter().map(|v| v as f32).collect();
+        let pb = self
+            .g
+            .weight(&format!("{pbname}.with_v_bias"), &[1, 1, d], &pb);
+        Ok(self.g.op("Add", &[&mm, &pb], vec![]))
     }
 
     /// A pre-norm transformer block (timm `Block`).
@@ -781,7 +865,7 @@ pub fn classifier_model(
     if head.fc_norm {
         pooled = cx.layer_norm(&pooled, "fc_norm", d, s.eps)?;
     }
-    let logits = cx.linear(&pooled, "head", d, head.num_classes)?;
+    let logits = cx.linear_with(&pooled, "head", d, head.num_classes, 2)?;
     cx.g.output(
         &logits,
         LOGITS,
