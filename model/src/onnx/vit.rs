@@ -337,16 +337,16 @@ impl Ctx<'_> {
 
     /// Multi-head self-attention over x [N, T, D]: timm's `Attention` (qkv bias optional),
     /// written for ONNX Runtime's CPU kernels as the same function:
-    /// - q, k and v each come from one broadcasting MatMul with per-head weights,
-    ///   [N, 1, T, D] x [H, D, dh] -> [N, H, T, dh], so no [N, T, 3, H, dh] output is transposed
-    ///   and split;
+    /// - one branch per head: q, k and v from 2-D weights [D, dh] (which ort pre-packs), scores
+    ///   [N, T, T] (a head's fit in cache where all heads' [N, H, T, T] at batch 32 do not), the
+    ///   heads' outputs concatenated on the feature axis, so nothing is transposed but k;
     /// - the 1/sqrt(dh) scale is folded into q's weights and bias;
     /// - k's bias is left out: it adds q·b_k to every score in a query's row, which softmax
     ///   ignores;
     /// - v's bias moves into proj's bias: each row of attention weights sums to 1, so it adds
     ///   b_v to every output token, i.e. W_proj·b_v after the projection.
     ///
-    /// ViT-S/16 in ONNX Runtime: ~8 % faster than the qkv / transpose / split form
+    /// ViT-S/16 in ONNX Runtime: ~8-10 % faster than the qkv / transpose / split form
     /// (BENCHMARKS.md, "ONNX inference"); outputs within ~2e-6 of it.
     fn attention(
         &mut self,
@@ -365,54 +365,47 @@ impl Ctx<'_> {
         } else {
             None
         };
-        let (du, hu, dhu) = (d as usize, heads as usize, dh as usize);
-        // Part p (0 q, 1 k, 2 v) of the qkv weight [3D, D] as per-head [H, D, dh], times `scale`.
-        let per_head = |p: usize, scale: f32| {
-            let mut out = vec![0f32; du * du];
-            for h in 0..hu {
-                for i in 0..du {
-                    for j in 0..dhu {
-                        out[(h * du + i) * dhu + j] = w[(p * du + h * dhu + j) * du + i] * scale;
-                    }
+        let (du, dhu) = (d as usize, dh as usize);
+        let scale = (dh as f32).powf(-0.5);
+        // Rows [p*D + h*dh, p*D + (h+1)*dh) of the qkv weight [3D, D] (p: 0 q, 1 k, 2 v),
+        // transposed to a MatMul operand [D, dh], times `scale`.
+        let head_weight = |p: usize, h: usize, scale: f32| {
+            let mut out = vec![0f32; du * dhu];
+            for j in 0..dhu {
+                let row = &w[(p * du + h * dhu + j) * du..][..du];
+                for (i, &v) in row.iter().enumerate() {
+                    out[i * dhu + j] = v * scale;
                 }
             }
             out
         };
-        let scale = (dh as f32).powf(-0.5);
-        let (wq, wk, wv) = (per_head(0, scale), per_head(1, 1.0), per_head(2, 1.0));
-        let bq: Option<Vec<f32>> = b.map(|b| b[..du].iter().map(|v| v * scale).collect());
-        let bv: Option<Vec<f32>> = b.map(|b| b[2 * du..].to_vec());
-        let axes = self.g.const_i64(&[1]);
-        let x4 = self.g.op("Unsqueeze", &[x, &axes], vec![]);
-        let head_matmul = |cx: &mut Self, part: &str, wh: &[f32]| {
-            let wh =
-                cx.g.weight(&format!("{wname}.{part}_heads"), &[heads, d, dh], wh);
-            cx.g.op("MatMul", &[&x4, &wh], vec![])
-        };
-        let mut q = head_matmul(self, "q", &wq);
-        if let Some(bq) = bq {
-            let bq = self
-                .g
-                .weight(&format!("{bname}.q_heads"), &[heads, 1, dh], &bq);
-            q = self.g.op("Add", &[&q, &bq], vec![]);
+        let mut outs = Vec::with_capacity(heads as usize);
+        for h in 0..heads as usize {
+            let matmul = |cx: &mut Self, part: &str, p: usize, scale: f32| {
+                let wh = head_weight(p, h, scale);
+                let wh = cx.g.weight(&format!("{wname}.{part}{h}"), &[d, dh], &wh);
+                cx.g.op("MatMul", &[x, &wh], vec![])
+            };
+            let mut q = matmul(self, "q", 0, scale);
+            let k = matmul(self, "k", 1, 1.0);
+            let v = matmul(self, "v", 2, 1.0);
+            if let Some(b) = b {
+                let bq: Vec<f32> = b[h * dhu..][..dhu].iter().map(|v| v * scale).collect();
+                let bq = self.g.weight(&format!("{bname}.q{h}"), &[1, 1, dh], &bq);
+                q = self.g.op("Add", &[&q, &bq], vec![]);
+            }
+            let kt = self.g.op(
+                "Transpose",
+                &[&k],
+                vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+            );
+            let s = self.g.op("MatMul", &[&q, &kt], vec![]);
+            let a = self.g.op("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
+            outs.push(self.g.op("MatMul", &[&a, &v], vec![]));
         }
-        let k = head_matmul(self, "k", &wk);
-        let v = head_matmul(self, "v", &wv);
-        let kt = self.g.op(
-            "Transpose",
-            &[&k],
-            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
-        );
-        let s = self.g.op("MatMul", &[&q, &kt], vec![]);
-        let a = self.g.op("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
-        let o = self.g.op("MatMul", &[&a, &v], vec![]);
-        let o = self.g.op(
-            "Transpose",
-            &[&o],
-            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
-        );
-        let shape = self.g.const_i64(&[0, -1, d]);
-        let o = self.g.op("Reshape", &[&o, &shape], vec![]);
+        let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+        let o = self.g.op("Concat", &refs, vec![("axis", Attr::Int(-1))]);
+        let bv: Option<Vec<f32>> = b.map(|b| b[2 * du..].to_vec());
         let proj = format!("{prefix}.proj");
         let mm = self.matmul_weight(&o, &proj, d, d)?;
         let pbname = format!("{proj}.bias");
