@@ -2,8 +2,9 @@
 //! parameter names.
 //!
 //! Linear layers become MatMul with the weight stored transposed (`{name}.weight.T`, [in, out])
-//! plus Add; attention takes per-head q/k/v weights (see `Ctx::attention`); LayerNorm is `LayerNormalization` (opset 17+); GELU is the exact erf form, either as
-//! the Div-Erf-Add-Mul-Mul pattern ONNX Runtime fuses (opset 17) or the `Gelu` op (opset 20).
+//! plus Add; attention is one branch per head with its own q/k/v weights (`Ctx::attention`);
+//! LayerNorm is `LayerNormalization` (opset 17+); GELU is the exact erf form, either as the
+//! Div-Erf-Add-Mul-Mul pattern ONNX Runtime fuses (opset 17) or the `Gelu` op (opset 20).
 
 use super::builder::{Attr, Dim, ElemType, GraphBuilder};
 use super::weights::{HostTensor, Weights};
@@ -405,32 +406,36 @@ impl Ctx<'_> {
         }
         let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
         let o = self.g.op("Concat", &refs, vec![("axis", Attr::Int(-1))]);
-        let bv: Option<Vec<f32>> = b.map(|b| b[2 * du..].to_vec());
         let proj = format!("{prefix}.proj");
         let mm = self.matmul_weight(&o, &proj, d, d)?;
-        let pbname = format!("{proj}.bias");
-        let mut pb: Vec<f64> = self
-            .w
-            .get_shaped(&pbname, &[d])?
-            .data
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
-        if let Some(bv) = bv {
-            let pw = &self.w.get_shaped(&format!("{proj}.weight"), &[d, d])?.data;
-            for (o, acc) in pb.iter_mut().enumerate() {
-                *acc += pw[o * du..(o + 1) * du]
-                    .iter()
-                    .zip(&bv)
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum::<f64>();
-            }
-        }
-        let pb: Vec<f32> = pb.into_iter().map(|v| v as f32).collect();
+        let pb = self.proj_bias_with(&proj, d, b.map(|b| &b[2 * du..]))?;
         let pb = self
             .g
-            .weight(&format!("{pbname}.with_v_bias"), &[1, 1, d], &pb);
+            .weight(&format!("{proj}.bias.with_v_bias"), &[1, 1, d], &pb);
         Ok(self.g.op("Add", &[&mm, &pb], vec![]))
+    }
+
+    /// `{proj}.bias` plus `{proj}.weight` · `v_bias` (accumulated in f64): the attention's value
+    /// bias moved past the projection.
+    fn proj_bias_with(
+        &self,
+        proj: &str,
+        d: i64,
+        v_bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>, OnnxError> {
+        let bias = &self.w.get_shaped(&format!("{proj}.bias"), &[d])?.data;
+        let Some(bv) = v_bias else {
+            return Ok(bias.clone());
+        };
+        let pw = &self.w.get_shaped(&format!("{proj}.weight"), &[d, d])?.data;
+        Ok(bias
+            .iter()
+            .zip(pw.chunks_exact(d as usize))
+            .map(|(&b0, row)| {
+                let dot: f64 = row.iter().zip(bv).map(|(&a, &b)| a as f64 * b as f64).sum();
+                (b0 as f64 + dot) as f32
+            })
+            .collect())
     }
 
     /// A pre-norm transformer block (timm `Block`).
