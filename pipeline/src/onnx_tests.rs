@@ -613,3 +613,23 @@ fn head_count_defaults_for_standard_widths() {
         .to_string();
     assert!(err.contains("--num-heads") && err.contains("48"), "{err}");
 }
+
+/// A timm model without a class-token row in `pos_embed` (`class_token=False` or
+/// `no_embed_class=True`) is refused with an error that says so.
+#[test]
+fn pos_embed_without_class_row_is_refused_by_name() {
+    use crate::commands::export;
+    let mut w = synthetic_weights(48, 8, 32, 1, None);
+    let pe = w.get("pos_embed").unwrap();
+    let d = pe.dims[2] as usize;
+    let rows = pe.data[d..].to_vec();
+    w.insert(
+        "pos_embed",
+        onnx::HostTensor::new(vec![1, 16, d as i64], rows).unwrap(),
+    );
+    let err = export::trained_img_size(&w).unwrap_err().to_string();
+    assert!(
+        err.contains("class-token row") && err.contains("no_embed_class"),
+        "{err}"
+    );
+}

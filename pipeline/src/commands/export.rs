@@ -233,10 +233,7 @@ pub fn trained_img_size(w: &Weights) -> Result<i64> {
     let l = pe.dims.get(1).copied().unwrap_or(0) - 1;
     let g = (l as f64).sqrt().round() as i64;
     if g <= 0 || g * g != l || p <= 0 {
-        bail!(
-            "pos_embed {:?} is not a square grid plus a cls row",
-            pe.dims
-        );
+        return Err(not_grid_plus_cls(&pe.dims));
     }
     Ok(g * p)
 }
@@ -339,6 +336,16 @@ pub fn build(
     })
 }
 
+/// The error for a `pos_embed` that is not [1, 1 + g², D]: most often a timm model without a
+/// class-token row (`class_token=False` or `no_embed_class=True`).
+fn not_grid_plus_cls(dims: &[i64]) -> anyhow::Error {
+    anyhow::anyhow!(
+        "pos_embed {dims:?} is not a square grid plus a class-token row: timm models built with \
+         class_token=False or no_embed_class=True are not supported (the graphs' `cls` output is \
+         the class token)"
+    )
+}
+
 /// pos_embed [1, 1+g², D] resampled to a `grid`² patch grid as MAE's `interpolate_pos_embed`
 /// does it (bicubic, align_corners=False, no antialiasing); the cls row is kept.
 pub fn resample_pos_embed(pe: &HostTensor, grid: i64) -> Result<HostTensor> {
@@ -347,10 +354,7 @@ pub fn resample_pos_embed(pe: &HostTensor, grid: i64) -> Result<HostTensor> {
     };
     let g = ((t - 1) as f64).sqrt().round() as i64;
     if g * g != t - 1 || grid <= 0 {
-        bail!(
-            "pos_embed {:?} is not a square grid plus a cls row",
-            pe.dims
-        );
+        return Err(not_grid_plus_cls(&pe.dims));
     }
     let (cls, rows) = pe.data.split_at(d as usize);
     let x = tch::Tensor::from_slice(rows)
