@@ -485,9 +485,8 @@ fn decode_jpeg_turbo(
     };
     let denom = min_short.map_or(1, |t| dct_denom(header.width.min(header.height), t));
     let (w, h) = d.set_scale(denom).map_err(|e| corrupt("jpeg", e))?;
-    let pitch = w * channels as usize;
-    let mut data = vec![0u8; pitch * h];
-    d.decompress8(bytes, &mut data, pitch, pf)
+    let mut data = Vec::new();
+    d.decompress8_to_vec(bytes, &mut data, pf)
         .map_err(|e| classify("jpeg", e))?;
     if channels == 4 {
         // CMYK and YCCK come out as Pillow converts them (the loader's conversion).

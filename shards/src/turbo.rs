@@ -176,7 +176,7 @@ impl Decompressor {
         let (w, h) = match (self.crop, self.scaled_size()) {
             (Some((_, _, w, h)), _) => (w, h),
             (None, Some(s)) => s,
-            (None, None) => return Err("decompress8 before a header was read".into()),
+            (None, None) => return Err("decompress8_to_vec before a header was read".into()),
         };
         let ps = match pf {
             raw::TJPF_TJPF_GRAY => 1,
@@ -187,49 +187,11 @@ impl Decompressor {
         Ok((w, h, ps))
     }
 
-    /// Decodes `bytes` to 8-bit pixels of format `pf` (a `TJPF_*` code) into `out`, rows `pitch`
-    /// bytes apart. `out` must hold the (scaled, cropped) image: the caller sized it from the
-    /// header of the same bytes, read last with [`Self::read_header`]; a smaller one is an error.
-    pub fn decompress8(
-        &mut self,
-        bytes: &[u8],
-        out: &mut [u8],
-        pitch: usize,
-        pf: raw::TJPF,
-    ) -> Result<(), String> {
-        let (w, h, ps) = self.output_geometry(pf)?;
-        if pitch < w * ps || out.len() < pitch * h {
-            return Err(format!("output buffer too small for {w}x{h}"));
-        }
-        // SAFETY: `out` holds the `h` rows of `pitch` bytes checked above.
-        let rc = unsafe { self.decompress8_raw(bytes, out.as_mut_ptr(), pitch, pf) };
-        self.check(rc)
-    }
-
-    /// `tj3Decompress8` into `dst`.
-    ///
-    /// # Safety
-    /// `dst` must be valid for writes of the next decode's rows, `pitch` bytes apart.
-    unsafe fn decompress8_raw(
-        &mut self,
-        bytes: &[u8],
-        dst: *mut u8,
-        pitch: usize,
-        pf: raw::TJPF,
-    ) -> CInt {
-        raw::tj3Decompress8(
-            self.handle,
-            bytes.as_ptr(),
-            bytes.len() as raw::size_t,
-            dst,
-            pitch as CInt,
-            pf as CInt,
-        )
-    }
-
-    /// Like [`Self::decompress8`] with unpadded rows, into `out` (cleared first, its allocation
-    /// reused): on success it holds exactly the image, on failure nothing. Unlike sizing a
-    /// buffer with `resize`, nothing is zero-filled before TurboJPEG overwrites it.
+    /// Decodes `bytes` to 8-bit pixels of format `pf` (a `TJPF_*` code), unpadded rows, at the
+    /// scale and crop set since the header of the same bytes was read last with
+    /// [`Self::read_header`], into `out` (cleared first, its allocation reused): on success it
+    /// holds exactly the image, on failure nothing. Unlike sizing a buffer with `resize`, nothing
+    /// is zero-filled before TurboJPEG overwrites it.
     pub fn decompress8_to_vec(
         &mut self,
         bytes: &[u8],
@@ -240,9 +202,18 @@ impl Decompressor {
         let n = w * h * ps;
         out.clear();
         out.reserve(n);
-        // SAFETY: `out` has capacity for the `h` rows of `w * ps` bytes (the pitch) that
-        // TurboJPEG writes.
-        let rc = unsafe { self.decompress8_raw(bytes, out.as_mut_ptr(), w * ps, pf) };
+        // SAFETY: valid handle; `out` has capacity for the `h` rows of `w * ps` bytes (the
+        // pitch) that TurboJPEG writes.
+        let rc = unsafe {
+            raw::tj3Decompress8(
+                self.handle,
+                bytes.as_ptr(),
+                bytes.len() as raw::size_t,
+                out.as_mut_ptr(),
+                (w * ps) as CInt,
+                pf as CInt,
+            )
+        };
         self.check(rc)?;
         // SAFETY: the call succeeded (or ended with a warning `check` lets pass, which libjpeg
         // only gives after producing every row, filling what it could not decode), so all `n`
