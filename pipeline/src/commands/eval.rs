@@ -40,8 +40,9 @@ pub struct Common {
     /// The ONNX model (`droppos-pipeline export`).
     #[arg(long)]
     pub model: PathBuf,
-    /// Images per ONNX Runtime call.
-    #[arg(long, default_value_t = 32)]
+    /// Images per ONNX Runtime call. Small batches are faster on CPU: a batch's activations stay
+    /// in cache between ops (ViT-S/B, 2 threads: 8 images per call 8-15 % faster than 32).
+    #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// ONNX Runtime intra-op threads (0: ONNX Runtime's choice).
     #[arg(long, default_value_t = 0)]
