@@ -547,9 +547,6 @@ fn resize_jpeg_ycbcr(
         subsamp: out_sub,
     };
     let ((yw, yh), (cw, ch)) = (src.y_size(), src.uv_size());
-    let mut planes = vec![0u8; yw * yh + 2 * cw * ch];
-    d.decompress_to_yuv8(bytes, &mut planes)
-        .map_err(|e| classify("jpeg", e))?;
     let ((oyw, oyh), (ocw, och)) = (dst.y_size(), dst.uv_size());
     // Output pixel i covers source pixels [i*s, (i+1)*s) with s = source / output size, i.e.
     // source plane samples [i*s/g, (i+1)*s/g) (g: the source plane's subsampling). The luma
@@ -560,30 +557,7 @@ fn resize_jpeg_ycbcr(
     // blurs more: up to 0.7 dB lower at strong downscales).
     let (sx, sy) = (sw as f32 / tw as f32, sh as f32 / th as f32);
     let (gx, gy) = sub.size();
-    let mut scratch = Scratch::default();
-    let mut plane = |data: &[u8], (w, h), (ow, oh), bx, pairs_of| {
-        let mut out = vec![0u8; ow * oh];
-        let opts = ResizeOpts {
-            filter: policy.filter,
-            precision: RESIZE_PRECISION,
-            mirror: false,
-            pairs_of,
-        };
-        resample::resize_box(
-            View::new(data, w, h, 1),
-            bx,
-            ow,
-            oh,
-            opts,
-            &mut out,
-            &mut scratch,
-        );
-        out
-    };
-    let (y, rest) = planes.split_at(yw * yh);
-    let (u, v) = rest.split_at(cw * ch);
     let luma_box = [0.0, 0.0, oyw as f32 * sx, oyh as f32 * sy];
-    let oy = plane(y, (yw, yh), (oyw, oyh), luma_box, None);
     let chroma_box = [
         0.0,
         0.0,
@@ -591,8 +565,48 @@ fn resize_jpeg_ycbcr(
         th as f32 * sy / gy as f32,
     ];
     let full = Some((tw as usize, th as usize));
-    let ou = plane(u, (cw, ch), (ocw, och), chroma_box, full);
-    let ov = plane(v, (cw, ch), (ocw, och), chroma_box, full);
+    let resize_planes = |[y, u, v]: [View<'_>; 3]| {
+        let mut scratch = Scratch::default();
+        let mut plane = |src: View<'_>, (ow, oh), bx, pairs_of| {
+            let mut out = vec![0u8; ow * oh];
+            let opts = ResizeOpts {
+                filter: policy.filter,
+                precision: RESIZE_PRECISION,
+                mirror: false,
+                pairs_of,
+            };
+            resample::resize_box(src, bx, ow, oh, opts, &mut out, &mut scratch);
+            out
+        };
+        [
+            plane(y, (oyw, oyh), luma_box, None),
+            plane(u, (ocw, och), chroma_box, full),
+            plane(v, (ocw, och), chroma_box, full),
+        ]
+    };
+    // The common baseline case without TurboJPEG's entropy decoder, resized straight from the
+    // decoder's planes (the same planes, see `baseline_jpeg`); anything it does not handle goes
+    // through TurboJPEG and its warning policy.
+    let dims = [(yw, yh), (cw, ch), (cw, ch)];
+    let fast = match denom {
+        1 => crate::baseline_jpeg::with_planes(bytes, dims, resize_planes),
+        _ => None,
+    };
+    let [oy, ou, ov] = match fast {
+        Some(resized) => resized,
+        None => {
+            let mut planes = vec![0u8; yw * yh + 2 * cw * ch];
+            d.decompress_to_yuv8(bytes, &mut planes)
+                .map_err(|e| classify("jpeg", e))?;
+            let (y, rest) = planes.split_at(yw * yh);
+            let (u, v) = rest.split_at(cw * ch);
+            resize_planes([
+                View::new(y, yw, yh, 1),
+                View::new(u, cw, ch, 1),
+                View::new(v, cw, ch, 1),
+            ])
+        }
+    };
     let mut c = Compressor::new().map_err(err)?;
     c.set_quality(policy.quality as i32).map_err(err)?;
     let out = c

@@ -8,6 +8,7 @@
 //! [`datasets::ade20k::list`], then [`writer::write_dataset`]; check with
 //! [`verify::verify_dataset`].
 
+mod baseline_jpeg;
 pub mod codec;
 pub mod datasets;
 pub mod error;
