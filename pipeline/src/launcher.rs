@@ -1,10 +1,12 @@
 //! `droppos-pipeline`: the command users run. The data commands (`shard`, `verify`, `stats`,
-//! `bench loader`) run in this binary, which does not link libtorch: libtorch's static
+//! `bench loader`, `bench jpeg-decode`) run in this binary, which does not link libtorch: libtorch's static
 //! initialisation alone takes ~0.6 s, more than sharding a few thousand images. Every other
 //! command (and the top-level help) runs in `droppos-pipeline-torch`, installed next to this
 //! binary, which this one `exec`s with the same arguments (same process, environment and
 //! signals, so `torchrun` / Slurm launches are unchanged).
 
+#[path = "commands/bench_jpeg.rs"]
+mod bench_jpeg;
 #[path = "commands/bench_loader.rs"]
 mod bench_loader;
 mod cli;
@@ -33,7 +35,8 @@ enum Command {
     Verify(verify::Args),
     #[command(about = stats::ABOUT)]
     Stats(stats::Args),
-    /// Performance measurements (here: the loader; the others run in the torch binary).
+    /// Performance measurements (here: the loader and JPEG decoding; the others run in the
+    /// torch binary).
     #[command(subcommand)]
     Bench(Bench),
 }
@@ -42,6 +45,8 @@ enum Command {
 enum Bench {
     #[command(about = bench_loader::ABOUT)]
     Loader(bench_loader::Args),
+    #[command(about = bench_jpeg::ABOUT)]
+    JpegDecode(bench_jpeg::Args),
 }
 
 /// Whether `args` name a command this binary runs: the first two positional arguments after
@@ -68,7 +73,10 @@ fn runs_here(args: &[OsString]) -> bool {
     }
     match positional.first().map(String::as_str) {
         Some("shard" | "verify" | "stats") => true,
-        Some("bench") => positional.get(1).map(String::as_str) == Some("loader"),
+        Some("bench") => matches!(
+            positional.get(1).map(String::as_str),
+            Some("loader" | "jpeg-decode")
+        ),
         _ => false,
     }
 }
@@ -84,6 +92,7 @@ fn main() -> Result<()> {
         Command::Verify(a) => verify::run(a),
         Command::Stats(a) => stats::run(a),
         Command::Bench(Bench::Loader(a)) => bench_loader::run(a),
+        Command::Bench(Bench::JpegDecode(a)) => bench_jpeg::run(a),
     }
 }
 
@@ -125,6 +134,7 @@ mod tests {
             "stats out --json",
             "bench loader --data d",
             "--log warn bench loader --data d",
+            "bench jpeg-decode --images d",
             "shard --help",
         ] {
             assert!(here(s), "{s}");

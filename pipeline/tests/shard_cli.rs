@@ -252,3 +252,32 @@ fn a_run_that_skips_every_input_says_so() {
     );
     assert!(!fail_dir.join("manifest.json").exists());
 }
+
+/// `bench jpeg-decode` on the sample photos: the resize path's own decoder handles the colour
+/// JPEGs and gives TurboJPEG's planes for every one of them (where the CPU has what it needs).
+#[test]
+fn bench_jpeg_decode_reports_identical_planes() {
+    let mut c = bin();
+    c.args(["bench", "jpeg-decode", "--rounds", "1", "--images"])
+        .arg(data_root().join("imagenet/train"));
+    #[cfg(target_arch = "x86_64")]
+    let fast_path = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("bmi2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast_path = false;
+    if !fast_path {
+        let out = c.output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("AVX2 and BMI2"), "{err}");
+        return;
+    }
+    let out = run_ok(&mut c);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let handled = report["baseline_handles"].as_u64().unwrap();
+    assert_eq!(report["identical"].as_u64(), Some(handled), "{report}");
+    assert!(
+        handled > 0 && handled <= report["planar"].as_u64().unwrap(),
+        "{report}"
+    );
+    assert!(report["baseline_ms_per_image"].as_f64().unwrap() > 0.0);
+}

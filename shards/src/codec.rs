@@ -501,6 +501,117 @@ fn decode_jpeg_turbo(
     })
 }
 
+/// Which decoder produces a YCbCr JPEG's planes (see [`decode_ycbcr_planes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlaneDecoder {
+    /// The shard crate's baseline decoder where it handles the file, TurboJPEG otherwise (what
+    /// the shard writer's resize mode does).
+    Auto,
+    /// Only the baseline decoder: files it does not handle give `Ok(None)`.
+    Baseline,
+    /// Only TurboJPEG.
+    TurboJpeg,
+}
+
+/// A YCbCr JPEG whose planes the planar resize path takes (4:2:0, 4:2:2, 4:4:0 or 4:4:4), its
+/// header read.
+struct PlanarJpeg {
+    d: crate::turbo::Decompressor,
+    sub: turbojpeg::Subsamp,
+    width: usize,
+    height: usize,
+    denom: usize,
+}
+
+impl PlanarJpeg {
+    /// `None` for other images (the RGB path handles them).
+    fn open(bytes: &[u8]) -> Result<Option<PlanarJpeg>, ImageRejection> {
+        use turbojpeg::{raw, Subsamp};
+        let mut d = crate::turbo::Decompressor::new().map_err(|e| corrupt("jpeg", e))?;
+        let header = d.read_header(bytes).map_err(|e| classify("jpeg", e))?;
+        let sub = match header.subsamp {
+            raw::TJSAMP_TJSAMP_420 => Subsamp::Sub2x2,
+            raw::TJSAMP_TJSAMP_422 => Subsamp::Sub2x1,
+            raw::TJSAMP_TJSAMP_440 => Subsamp::Sub1x2,
+            raw::TJSAMP_TJSAMP_444 => Subsamp::None,
+            _ => return Ok(None),
+        };
+        if header.colorspace as u32 != raw::TJCS_TJCS_YCbCr {
+            return Ok(None);
+        }
+        Ok(Some(PlanarJpeg {
+            d,
+            sub,
+            width: header.width,
+            height: header.height,
+            denom: 1,
+        }))
+    }
+
+    /// Decodes at 1/`denom` from now on; the scaled size.
+    fn set_scale(&mut self, denom: usize) -> Result<(usize, usize), ImageRejection> {
+        self.denom = denom;
+        self.d.set_scale(denom).map_err(|e| corrupt("jpeg", e))
+    }
+
+    /// Decodes `bytes` (the file `open` read) and calls `f` with its Y, Cb and Cr planes, in
+    /// TurboJPEG's plane sizes. `Ok(None)` only for [`PlaneDecoder::Baseline`] on a file the
+    /// baseline decoder does not handle (it only decodes at full scale).
+    fn with_planes<R>(
+        &mut self,
+        bytes: &[u8],
+        decoder: PlaneDecoder,
+        f: impl FnOnce([resample::View<'_>; 3]) -> R + Copy,
+    ) -> Result<Option<R>, ImageRejection> {
+        use resample::View;
+        let (w, h) = self.d.scaled_size().unwrap_or((self.width, self.height));
+        let geometry = turbojpeg::YuvImage {
+            pixels: (),
+            width: w,
+            align: 1,
+            height: h,
+            subsamp: self.sub,
+        };
+        let ((yw, yh), (cw, ch)) = (geometry.y_size(), geometry.uv_size());
+        if decoder != PlaneDecoder::TurboJpeg && self.denom == 1 {
+            let dims = [(yw, yh), (cw, ch), (cw, ch)];
+            if let Some(r) = crate::baseline_jpeg::with_planes(bytes, dims, f) {
+                return Ok(Some(r));
+            }
+        }
+        if decoder == PlaneDecoder::Baseline {
+            return Ok(None);
+        }
+        let mut planes = vec![0u8; yw * yh + 2 * cw * ch];
+        self.d
+            .decompress_to_yuv8(bytes, &mut planes)
+            .map_err(|e| classify("jpeg", e))?;
+        let (y, rest) = planes.split_at(yw * yh);
+        let (u, v) = rest.split_at(cw * ch);
+        Ok(Some(f([
+            View::new(y, yw, yh, 1),
+            View::new(u, cw, ch, 1),
+            View::new(v, cw, ch, 1),
+        ])))
+    }
+}
+
+/// Decodes a YCbCr JPEG (4:2:0, 4:2:2, 4:4:0 or 4:4:4) at full size with `decoder` and calls
+/// `f` with its Y, Cb and Cr planes (TurboJPEG's plane sizes: luma padded to the sampling
+/// factors, chroma the luma's divided by them; `View::stride` may exceed the width).
+/// `Ok(None)` for other images, and for [`PlaneDecoder::Baseline`] on files it does not handle.
+/// What `droppos-pipeline bench jpeg-decode` times.
+pub fn decode_ycbcr_planes<R>(
+    bytes: &[u8],
+    decoder: PlaneDecoder,
+    f: impl FnOnce([resample::View<'_>; 3]) -> R + Copy,
+) -> Result<Option<R>, ImageRejection> {
+    match PlanarJpeg::open(bytes)? {
+        Some(mut jpeg) => jpeg.with_planes(bytes, decoder, f),
+        None => Ok(None),
+    }
+}
+
 /// Resize-mode re-encoding of a YCbCr JPEG without leaving YCbCr: decode to planes (no chroma
 /// upsampling, no colour conversion), resize the luma plane to the output size and the chroma
 /// planes to the 4:2:0 output's chroma size as 2x2 averages of a full-size resize (one pass,
@@ -515,29 +626,14 @@ fn resize_jpeg_ycbcr(
     policy: &ImagePolicy,
 ) -> Result<Option<Vec<u8>>, ImageRejection> {
     use resample::{ResizeOpts, Scratch, View};
-    use turbojpeg::{raw, Compressor, Subsamp, YuvImage, YuvPlanesImage};
+    use turbojpeg::{Compressor, Subsamp, YuvImage, YuvPlanesImage};
     let err = |e: turbojpeg::Error| corrupt("jpeg", e.to_string());
-    let mut d = crate::turbo::Decompressor::new().map_err(|e| corrupt("jpeg", e))?;
-    let header = d.read_header(bytes).map_err(|e| classify("jpeg", e))?;
-    let sub = match header.subsamp {
-        raw::TJSAMP_TJSAMP_420 => Subsamp::Sub2x2,
-        raw::TJSAMP_TJSAMP_422 => Subsamp::Sub2x1,
-        raw::TJSAMP_TJSAMP_440 => Subsamp::Sub1x2,
-        raw::TJSAMP_TJSAMP_444 => Subsamp::None,
-        _ => return Ok(None),
-    };
-    if header.colorspace as u32 != raw::TJCS_TJCS_YCbCr {
+    let Some(mut jpeg) = PlanarJpeg::open(bytes)? else {
         return Ok(None);
-    }
-    let denom = dct_denom(header.width.min(header.height), tw.min(th));
-    let (sw, sh) = d.set_scale(denom).map_err(|e| corrupt("jpeg", e))?;
-    let src = YuvImage {
-        pixels: (),
-        width: sw,
-        align: 1,
-        height: sh,
-        subsamp: sub,
     };
+    let denom = dct_denom(jpeg.width.min(jpeg.height), tw.min(th));
+    let (sw, sh) = jpeg.set_scale(denom)?;
+    let sub = jpeg.sub;
     let out_sub = Subsamp::Sub2x2;
     let dst = YuvImage {
         pixels: (),
@@ -546,7 +642,6 @@ fn resize_jpeg_ycbcr(
         height: th as usize,
         subsamp: out_sub,
     };
-    let ((yw, yh), (cw, ch)) = (src.y_size(), src.uv_size());
     let ((oyw, oyh), (ocw, och)) = (dst.y_size(), dst.uv_size());
     // Output pixel i covers source pixels [i*s, (i+1)*s) with s = source / output size, i.e.
     // source plane samples [i*s/g, (i+1)*s/g) (g: the source plane's subsampling). The luma
@@ -584,28 +679,11 @@ fn resize_jpeg_ycbcr(
             plane(v, (ocw, och), chroma_box, full),
         ]
     };
-    // The common baseline case without TurboJPEG's entropy decoder, resized straight from the
-    // decoder's planes (the same planes, see `baseline_jpeg`); anything it does not handle goes
-    // through TurboJPEG and its warning policy.
-    let dims = [(yw, yh), (cw, ch), (cw, ch)];
-    let fast = match denom {
-        1 => crate::baseline_jpeg::with_planes(bytes, dims, resize_planes),
-        _ => None,
-    };
-    let [oy, ou, ov] = match fast {
-        Some(resized) => resized,
-        None => {
-            let mut planes = vec![0u8; yw * yh + 2 * cw * ch];
-            d.decompress_to_yuv8(bytes, &mut planes)
-                .map_err(|e| classify("jpeg", e))?;
-            let (y, rest) = planes.split_at(yw * yh);
-            let (u, v) = rest.split_at(cw * ch);
-            resize_planes([
-                View::new(y, yw, yh, 1),
-                View::new(u, cw, ch, 1),
-                View::new(v, cw, ch, 1),
-            ])
-        }
+    // The common baseline case goes through the shard crate's own decoder and is resized
+    // straight from its planes (the same planes, see `baseline_jpeg`); anything it does not
+    // handle through TurboJPEG and its warning policy.
+    let Some([oy, ou, ov]) = jpeg.with_planes(bytes, PlaneDecoder::Auto, resize_planes)? else {
+        return Err(corrupt("jpeg", "no planes decoded"));
     };
     let mut c = Compressor::new().map_err(err)?;
     c.set_quality(policy.quality as i32).map_err(err)?;

@@ -17,6 +17,8 @@ pub enum BenchCommand {
     Loader(super::bench_loader::Args),
     /// Encoder inference: ONNX Runtime on our export vs our tch forward of the same weights.
     Onnx(super::bench_onnx::Args),
+    #[command(about = super::bench_jpeg::ABOUT)]
+    JpegDecode(super::bench_jpeg::Args),
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -24,5 +26,6 @@ pub fn run(args: Args) -> Result<()> {
         BenchCommand::TrainStep(a) => super::bench_train_step::run(a),
         BenchCommand::Loader(a) => super::bench_loader::run(a),
         BenchCommand::Onnx(a) => super::bench_onnx::run(a),
+        BenchCommand::JpegDecode(a) => super::bench_jpeg::run(a),
     }
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_jpeg;
 pub mod bench_loader;
 pub mod bench_onnx;
 pub mod bench_train_step;
