@@ -5,8 +5,8 @@
 //!
 //! Why: libjpeg-turbo's entropy decoding was half of the resize run's CPU time. This decoder
 //! strips the byte stuffing first (so the bit reader needs no per-byte marker checks), reads
-//! codes through one 10-bit table whose entries carry the run, value size and sign bias (no
-//! data-dependent branch per coefficient), and writes the blocks straight into padded planes
+//! codes through one 10-bit table whose entries carry the bits to consume, the value mask and
+//! the run (no data-dependent branch per coefficient), and writes the blocks into padded planes
 //! with libjpeg-turbo's own AVX2 integer IDCT (`jsimd_idct_islow_avx2`, the function TurboJPEG
 //! calls for the same blocks), so the output equals TurboJPEG's exactly.
 //!
@@ -125,14 +125,15 @@ mod x86 {
         vals: Vec<u8>,
     }
 
-    /// A table entry (nonzero): bits 0-4, code length + value bits (t); 5-9, code length (l);
-    /// 10-13, value bits (s); 16-23, how far the coefficient index moves before the value is
-    /// written: the run, or for EOB (symbol 0) `EOB_SKIP`, which ends the block loop with the
+    /// A table entry (nonzero): bits 0-4, code length + value bits (t); 5-11, 64 - t; 12-22,
+    /// the value-bits mask 2^s - 1 (s up to 11); 23-30, how far the coefficient index moves before the value
+    /// is written: the run, or for EOB (symbol 0) `EOB_SKIP`, which ends the block loop with the
     /// same `k >= 64` test as a full block. 4 KiB per table keeps the four a scan uses in L1.
     fn entry(l: u32, sym: u32) -> u32 {
         let (r, s) = (sym >> 4, sym & 15);
         let skip = if sym == 0 { EOB_SKIP } else { r };
-        (l + s) | (l << 5) | (s << 10) | (skip << 16)
+        let t = l + s;
+        t | ((64 - t) << 5) | (((1 << s) - 1) << 12) | (skip << 23)
     }
 
     impl Huffman {
@@ -245,15 +246,15 @@ mod x86 {
                     }
                 }
                 let t = e & 31;
-                let top = buf << ((e >> 5) & 31);
-                let s = (e >> 10) & 15;
-                let raw = ((top >> 1) >> (s ^ 63)) as i32;
-                // A value whose first bit is 0 is negative: raw - (2^s - 1), without a branch.
-                let negative = ((top >> 63) as i32).wrapping_sub(1);
-                let v = raw - (((1i32 << s) - 1) & negative);
+                // The value's s bits end the t bits; a first bit 0 (raw below half the
+                // range) means negative: raw - (2^s - 1), computed without a branch.
+                let mask = (e >> 12) & 2047;
+                let raw = ((buf >> ((e >> 5) & 127)) as u32 & mask) as i32;
+                let negative = (raw - ((mask >> 1) + 1) as i32) >> 31;
+                let v = raw - (mask as i32 & negative);
                 buf <<= t;
                 cnt -= t;
-                ((e >> 16) as usize, v)
+                ((e >> 23) as usize, v)
             }};
         }
         blk.0[..64].fill(0);
@@ -770,6 +771,34 @@ mod tests {
                     }
                 }
             }
+        }
+        // Black and white 8x8 blocks at quality 100: DC differences of 11 bits, the largest
+        // baseline allows.
+        let (w, h) = (64, 40);
+        let px: Vec<u8> = (0..w * h * 3)
+            .map(|i| {
+                let (x, y) = ((i / 3) % w, (i / 3) / w);
+                if (x / 8 + y / 8) % 2 == 0 {
+                    0
+                } else {
+                    255
+                }
+            })
+            .collect();
+        for sub in SUBSAMPLINGS {
+            let mut c = Compressor::new().unwrap();
+            c.set_quality(100).unwrap();
+            c.set_subsamp(sub).unwrap();
+            let b = c
+                .compress_to_vec(Image {
+                    pixels: &px[..],
+                    width: w,
+                    pitch: w * 3,
+                    height: h,
+                    format: PixelFormat::RGB,
+                })
+                .unwrap();
+            decodes_like_turbojpeg(&b, &format!("8x8 checkerboard {sub:?} q100"));
         }
     }
 
