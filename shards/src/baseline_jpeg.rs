@@ -126,9 +126,10 @@ mod x86 {
     }
 
     /// A table entry (nonzero): bits 0-4, code length + value bits (t); 5-11, 64 - t; 12-22,
-    /// the value-bits mask 2^s - 1 (s up to 11); 23-30, how far the coefficient index moves before the value
-    /// is written: the run, or for EOB (symbol 0) `EOB_SKIP`, which ends the block loop with the
-    /// same `k >= 64` test as a full block. 4 KiB per table keeps the four a scan uses in L1.
+    /// the value-bits mask 2^s - 1 (s up to 11); 23-30, how far the coefficient index moves
+    /// before the value is written: the run, or for EOB (symbol 0) `EOB_SKIP`, which ends the
+    /// block loop with the same `k >= 64` test as a full block. 4 KiB per table keeps the four
+    /// a scan uses in L1.
     fn entry(l: u32, sym: u32) -> u32 {
         let (r, s) = (sym >> 4, sym & 15);
         let skip = if sym == 0 { EOB_SKIP } else { r };
@@ -673,13 +674,7 @@ mod tests {
     fn fast_planes(b: &[u8]) -> Option<Vec<u8>> {
         let dims = plane_dims(b).unwrap_or([(1, 1); 3]);
         with_planes(b, dims, |views| {
-            let mut out = Vec::new();
-            for v in views {
-                for r in 0..v.height {
-                    out.extend_from_slice(&v.data[r * v.stride..][..v.width]);
-                }
-            }
-            out
+            views.iter().flat_map(|v| v.to_vec()).collect()
         })
     }
 

@@ -518,9 +518,8 @@ pub enum PlaneDecoder {
 struct PlanarJpeg {
     d: crate::turbo::Decompressor,
     sub: turbojpeg::Subsamp,
-    width: usize,
-    height: usize,
-    denom: usize,
+    /// The full-size shorter side.
+    short_side: usize,
 }
 
 impl PlanarJpeg {
@@ -542,15 +541,12 @@ impl PlanarJpeg {
         Ok(Some(PlanarJpeg {
             d,
             sub,
-            width: header.width,
-            height: header.height,
-            denom: 1,
+            short_side: header.width.min(header.height),
         }))
     }
 
     /// Decodes at 1/`denom` from now on; the scaled size.
     fn set_scale(&mut self, denom: usize) -> Result<(usize, usize), ImageRejection> {
-        self.denom = denom;
         self.d.set_scale(denom).map_err(|e| corrupt("jpeg", e))
     }
 
@@ -564,7 +560,10 @@ impl PlanarJpeg {
         f: impl FnOnce([resample::View<'_>; 3]) -> R + Copy,
     ) -> Result<Option<R>, ImageRejection> {
         use resample::View;
-        let (w, h) = self.d.scaled_size().unwrap_or((self.width, self.height));
+        let (w, h) = self
+            .d
+            .scaled_size()
+            .ok_or_else(|| corrupt("jpeg", "no header read"))?;
         let geometry = turbojpeg::YuvImage {
             pixels: (),
             width: w,
@@ -573,7 +572,7 @@ impl PlanarJpeg {
             subsamp: self.sub,
         };
         let ((yw, yh), (cw, ch)) = (geometry.y_size(), geometry.uv_size());
-        if decoder != PlaneDecoder::TurboJpeg && self.denom == 1 {
+        if decoder != PlaneDecoder::TurboJpeg && self.d.scale_denom() == 1 {
             let dims = [(yw, yh), (cw, ch), (cw, ch)];
             if let Some(r) = crate::baseline_jpeg::with_planes(bytes, dims, f) {
                 return Ok(Some(r));
@@ -631,7 +630,7 @@ fn resize_jpeg_ycbcr(
     let Some(mut jpeg) = PlanarJpeg::open(bytes)? else {
         return Ok(None);
     };
-    let denom = dct_denom(jpeg.width.min(jpeg.height), tw.min(th));
+    let denom = dct_denom(jpeg.short_side, tw.min(th));
     let (sw, sh) = jpeg.set_scale(denom)?;
     let sub = jpeg.sub;
     let out_sub = Subsamp::Sub2x2;

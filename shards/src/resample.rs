@@ -395,6 +395,14 @@ impl<'a> View<'a> {
         }
     }
 
+    /// The pixels with rows packed (`stride` = `width × channels`).
+    pub fn to_vec(&self) -> Vec<u8> {
+        (0..self.height)
+            .flat_map(|y| self.row(y))
+            .copied()
+            .collect()
+    }
+
     #[inline(always)]
     fn row(&self, y: usize) -> &'a [u8] {
         let off = y * self.stride;

@@ -171,6 +171,11 @@ impl Decompressor {
             .ok_or_else(|| "set_scale before a header was read".into())
     }
 
+    /// The scale denominator set with [`Self::set_scale`] (1 until then).
+    pub fn scale_denom(&self) -> usize {
+        self.denom
+    }
+
     /// Width, height and bytes per pixel of the next decode in format `pf`.
     fn output_geometry(&self, pf: raw::TJPF) -> Result<(usize, usize, usize), String> {
         let (w, h) = match (self.crop, self.scaled_size()) {

@@ -65,13 +65,7 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 
 /// The planes one after the other (what TurboJPEG writes), for the identity check.
 fn concat(views: [View<'_>; 3]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for v in views {
-        for r in 0..v.height {
-            out.extend_from_slice(&v.data[r * v.stride..][..v.width]);
-        }
-    }
-    out
+    views.iter().flat_map(View::to_vec).collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
