@@ -877,6 +877,61 @@ fn with_restarts(bytes: Vec<u8>, policy: &ImagePolicy) -> Vec<u8> {
     }
 }
 
+/// Size and channels of an input that [`prepare_image`] stores as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsIs {
+    pub width: u32,
+    pub height: u32,
+    pub channels: u8,
+}
+
+/// [`prepare_image`]'s decision for inputs stored unchanged, without taking the bytes: `Some`
+/// when they pass its checks and need no resize or conversion (restart markers, which rewrite a
+/// JPEG, are left to the caller), `None` when `prepare_image` would re-encode or convert them,
+/// and the same rejection it gives otherwise. Lets the shard writer keep the bytes where it read
+/// them instead of copying them into the shard's column.
+pub fn stored_as_is(bytes: &[u8], policy: &ImagePolicy) -> Result<Option<AsIs>, ImageRejection> {
+    let info = read_header(bytes, policy.max_pixels)?;
+    as_is_with(bytes, &info, policy)
+}
+
+/// The output size of `policy`'s resize, `None` when the image keeps its size.
+fn resize_target(info: &HeaderInfo, policy: &ImagePolicy) -> Option<(u32, u32)> {
+    let (w, h) = (info.width, info.height);
+    policy
+        .resize_short_side
+        .map(|s| resample::short_side_size(w, h, s))
+        .filter(|&t| t != (w, h))
+}
+
+fn as_is_with(
+    bytes: &[u8],
+    info: &HeaderInfo,
+    policy: &ImagePolicy,
+) -> Result<Option<AsIs>, ImageRejection> {
+    // A PNG whose chunk CRCs do not match is re-encoded: Pillow refuses one with a bad ancillary
+    // chunk and libpng one with a bad critical chunk, even when the pixels decode.
+    if resize_target(info, policy).is_some()
+        || !info.is_storable_as_is()
+        || (info.format == ImageFormat::Png && !png_crcs_match(bytes))
+    {
+        return Ok(None);
+    }
+    // PNGs are always decoded (rare in these datasets); JPEGs get the structural walk, or a full
+    // decode on request.
+    match (info.format, policy.validation) {
+        (ImageFormat::Jpeg, Validation::Structure) => check_jpeg_structure(bytes)?,
+        _ => {
+            decode_with(bytes, info, None)?;
+        }
+    }
+    Ok(Some(AsIs {
+        width: info.width,
+        height: info.height,
+        channels: if info.components == 1 { 1 } else { 3 },
+    }))
+}
+
 /// An image ready to store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreparedImage {
@@ -899,12 +954,24 @@ pub fn prepare_image(
     policy: &ImagePolicy,
 ) -> Result<PreparedImage, ImageRejection> {
     let info = read_header(&bytes, policy.max_pixels)?;
+    if let Some(a) = as_is_with(&bytes, &info, policy)? {
+        let bytes = if info.format == ImageFormat::Jpeg {
+            with_restarts(bytes, policy)
+        } else {
+            bytes
+        };
+        return Ok(PreparedImage {
+            bytes,
+            width: a.width,
+            height: a.height,
+            orig_width: a.width,
+            orig_height: a.height,
+            channels: a.channels,
+            conversion: None,
+        });
+    }
     let (ow, oh) = (info.width, info.height);
-    let target = policy
-        .resize_short_side
-        .map(|s| resample::short_side_size(ow, oh, s))
-        .filter(|&t| t != (ow, oh));
-    if let Some((tw, th)) = target {
+    if let Some((tw, th)) = resize_target(&info, policy) {
         let plain_jpeg = info.format == ImageFormat::Jpeg && info.is_storable_as_is();
         if info.format == ImageFormat::Jpeg {
             check_jpeg_structure(&bytes)?;
@@ -965,34 +1032,7 @@ pub fn prepare_image(
             conversion,
         });
     }
-    // A PNG whose chunk CRCs do not match is re-encoded: Pillow refuses one with a bad ancillary
-    // chunk and libpng one with a bad critical chunk, even when the pixels decode.
     let intact = info.format != ImageFormat::Png || png_crcs_match(&bytes);
-    if info.is_storable_as_is() && intact {
-        // PNGs are always decoded (rare in these datasets); JPEGs get the structural walk, or a
-        // full decode on request.
-        match (info.format, policy.validation) {
-            (ImageFormat::Jpeg, Validation::Structure) => check_jpeg_structure(&bytes)?,
-            _ => {
-                decode_with(&bytes, &info, None)?;
-            }
-        }
-        let channels = if info.components == 1 { 1 } else { 3 };
-        let bytes = if info.format == ImageFormat::Jpeg {
-            with_restarts(bytes, policy)
-        } else {
-            bytes
-        };
-        return Ok(PreparedImage {
-            bytes,
-            width: ow,
-            height: oh,
-            orig_width: ow,
-            orig_height: oh,
-            channels,
-            conversion: None,
-        });
-    }
     // Convert losslessly to an 8-bit PNG of the decoded pixels (a PNG with bad CRCs decoded as
     // Pillow reads its image data: checksums ignored).
     let px = if intact {

@@ -532,10 +532,18 @@ struct ShardCtx<'a> {
     progress: &'a dyn Progress,
 }
 
+/// Where a row's stored image bytes are.
+enum Image {
+    /// Unchanged input bytes at this range of the row group's read buffer (see
+    /// [`ShardCtx::prepare_in_place`]).
+    InBuffer(std::ops::Range<usize>),
+    Owned(Vec<u8>),
+}
+
 /// A row ready to be appended.
 struct Row<'a> {
     item: &'a InputItem,
-    image: Vec<u8>,
+    image: Image,
     width: u32,
     height: u32,
     orig_width: u32,
@@ -621,10 +629,15 @@ impl ShardCtx<'_> {
         let mut conversions = Vec::new();
         let mut rows_written = 0u64;
         for chunk in rows_idx.chunks(self.opts.row_group_rows) {
-            let prepared: Vec<std::result::Result<Row, ImageRejection>> = chunk
-                .par_iter()
-                .map(|&k| self.prepare(&self.listing.items[k]))
-                .collect();
+            let (group_buf, prepared) = if self.reads_in_place() {
+                self.prepare_in_place(chunk)
+            } else {
+                let rows = chunk
+                    .par_iter()
+                    .map(|&k| self.prepare(&self.listing.items[k]))
+                    .collect();
+                (Vec::new(), rows)
+            };
             let mut rows = Vec::with_capacity(prepared.len());
             for (r, &k) in prepared.into_iter().zip(chunk) {
                 match r {
@@ -649,7 +662,7 @@ impl ShardCtx<'_> {
             }
             if !rows.is_empty() {
                 let batch = self
-                    .batch(&rows)
+                    .batch(&rows, group_buf)
                     .map_err(|e| ShardError::parquet(&tmp, e))?;
                 writer
                     .write(&batch)
@@ -699,26 +712,124 @@ impl ShardCtx<'_> {
     fn prepare<'b>(&self, item: &'b InputItem) -> std::result::Result<Row<'b>, ImageRejection> {
         let bytes = std::fs::read(&item.path)
             .map_err(|e| ImageRejection::Unreadable(crate::datasets::read_error(&item.path, &e)))?;
-        let img = codec::prepare_image(bytes, &self.opts.image)?;
+        self.prepared_row(item, codec::prepare_image(bytes, &self.opts.image)?)
+    }
+
+    fn prepared_row<'b>(
+        &self,
+        item: &'b InputItem,
+        img: codec::PreparedImage,
+    ) -> std::result::Result<Row<'b>, ImageRejection> {
+        let size = Stored {
+            width: img.width,
+            height: img.height,
+            orig_width: img.orig_width,
+            orig_height: img.orig_height,
+        };
+        self.row(item, Image::Owned(img.bytes), size, img.conversion)
+    }
+
+    /// Whether row groups are read into one buffer that becomes the image column
+    /// ([`Self::prepare_in_place`]): when images are stored as they are (no resize, no restart
+    /// markers), on Unix.
+    fn reads_in_place(&self) -> bool {
+        cfg!(unix) && self.opts.image.resize_short_side.is_none() && !self.opts.image.jpeg_restarts
+    }
+
+    /// [`Self::prepare`] for a row group whose images are stored as they are: each file is read
+    /// (in parallel) straight into its place in one buffer sized from the listing, which then
+    /// becomes the image column's values without a copy (see [`Self::batch`]): no per-file
+    /// allocation, no copy of the bytes into the column. A file whose size changed since listing,
+    /// an unreadable one and any input that needs converting go through [`Self::prepare`].
+    fn prepare_in_place<'b>(
+        &'b self,
+        chunk: &[usize],
+    ) -> (Vec<u8>, Vec<std::result::Result<Row<'b>, ImageRejection>>) {
+        let items = &self.listing.items;
+        let sizes: Vec<usize> = chunk
+            .iter()
+            .map(|&k| usize::try_from(items[k].size).unwrap_or(usize::MAX))
+            .collect();
+        let Some(total) = sizes.iter().try_fold(0usize, |a, &n| a.checked_add(n)) else {
+            let rows = chunk.par_iter().map(|&k| self.prepare(&items[k])).collect();
+            return (Vec::new(), rows);
+        };
+        let mut buf: Vec<u8> = Vec::with_capacity(total);
+        let mut slots = Vec::with_capacity(chunk.len());
+        let mut rest = &mut buf.spare_capacity_mut()[..total];
+        let mut start = 0;
+        for &n in &sizes {
+            let (slot, tail) = rest.split_at_mut(n);
+            slots.push((start, slot));
+            rest = tail;
+            start += n;
+        }
+        let rows = chunk
+            .par_iter()
+            .zip(slots.into_par_iter())
+            .map(|(&k, (start, slot))| {
+                let item = &items[k];
+                if !matches!(read_whole_file(&item.path, slot), Ok(true)) {
+                    slot.fill(std::mem::MaybeUninit::new(0));
+                    return self.prepare(item);
+                }
+                // SAFETY: `read_whole_file` returned true: every byte of the slot was written.
+                let bytes =
+                    unsafe { &*(slot as *const [std::mem::MaybeUninit<u8>] as *const [u8]) };
+                match codec::stored_as_is(bytes, &self.opts.image)? {
+                    Some(a) => {
+                        let size = Stored {
+                            width: a.width,
+                            height: a.height,
+                            orig_width: a.width,
+                            orig_height: a.height,
+                        };
+                        self.row(
+                            item,
+                            Image::InBuffer(start..start + bytes.len()),
+                            size,
+                            None,
+                        )
+                    }
+                    None => self.prepared_row(
+                        item,
+                        codec::prepare_image(bytes.to_vec(), &self.opts.image)?,
+                    ),
+                }
+            })
+            .collect();
+        // SAFETY: every slot of `buf[..total]` was filled by a read or with zeros above.
+        unsafe { buf.set_len(total) };
+        (buf, rows)
+    }
+
+    /// The rest of a row once its image is settled: masks and patch labels.
+    fn row<'b>(
+        &self,
+        item: &'b InputItem,
+        image: Image,
+        size: Stored,
+        conversion: Option<(String, String)>,
+    ) -> std::result::Result<Row<'b>, ImageRejection> {
         let mut conversions = Vec::new();
-        if let Some((from, to)) = &img.conversion {
+        if let Some((from, to)) = conversion {
             conversions.push(ConversionEntry {
                 key: item.key.clone(),
-                from: from.clone(),
-                to: to.clone(),
+                from,
+                to,
             });
         }
-        let (w, h) = (img.width, img.height);
-        let resized = (w, h) != (img.orig_width, img.orig_height);
+        let (w, h) = (size.width, size.height);
+        let resized = (w, h) != (size.orig_width, size.orig_height);
         let p = self.opts.patch_size;
         let (mask, patch_labels) = match &item.target {
             Target::Label(_) => (None, None),
             Target::Coco { annotations, .. } => {
                 let map =
-                    patch_layout::coco_dense_map(annotations, img.orig_height, img.orig_width)
+                    patch_layout::coco_dense_map(annotations, size.orig_height, size.orig_width)
                         .map_err(ImageRejection::BadAnnotation)?;
                 let map = if resized {
-                    patch_layout::resize_nearest(&map, img.orig_width, img.orig_height, w, h)
+                    patch_layout::resize_nearest(&map, size.orig_width, size.orig_height, w, h)
                 } else {
                     map
                 };
@@ -733,10 +844,10 @@ impl ShardCtx<'_> {
                     ))
                 })?;
                 let m = codec::decode_mask(&mbytes, self.opts.image.max_pixels)?;
-                if (m.width, m.height) != (img.orig_width, img.orig_height) {
+                if (m.width, m.height) != (size.orig_width, size.orig_height) {
                     return Err(ImageRejection::BadMask(format!(
                         "mask is {}x{} but the image is {}x{}",
-                        m.width, m.height, img.orig_width, img.orig_height
+                        m.width, m.height, size.orig_width, size.orig_height
                     )));
                 }
                 if resized {
@@ -757,20 +868,26 @@ impl ShardCtx<'_> {
         };
         Ok(Row {
             item,
-            image: img.bytes,
+            image,
             width: w,
             height: h,
-            orig_width: img.orig_width,
-            orig_height: img.orig_height,
+            orig_width: size.orig_width,
+            orig_height: size.orig_height,
             mask,
             patch_labels,
             conversions,
         })
     }
 
-    fn batch(&self, rows: &[Row]) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+    /// The row group's record batch; `read_buf` is the buffer [`Self::prepare_in_place`] read
+    /// the images into (empty otherwise).
+    fn batch(
+        &self,
+        rows: &[Row],
+        read_buf: Vec<u8>,
+    ) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
         let keys = StringArray::from_iter_values(rows.iter().map(|r| r.item.key.as_str()));
-        let images = binary_column(rows.iter().map(|r| r.image.as_slice()));
+        let images = image_column(rows, read_buf)?;
         let i32col = |f: &dyn Fn(&Row) -> u32| -> ArrayRef {
             Arc::new(Int32Array::from_iter_values(
                 rows.iter().map(|r| f(r) as i32),
@@ -1136,6 +1253,85 @@ pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
     };
     merged.save(out)?;
     Ok(merged)
+}
+
+/// The stored size of a row's image and the source's.
+struct Stored {
+    width: u32,
+    height: u32,
+    orig_width: u32,
+    orig_height: u32,
+}
+
+/// The image column: the read buffer itself when the rows' images are all in it, back to back
+/// and covering it (every row of the group kept and stored as read), else a copy.
+fn image_column(
+    rows: &[Row],
+    read_buf: Vec<u8>,
+) -> std::result::Result<BinaryArray, arrow::error::ArrowError> {
+    let mut offsets = Vec::with_capacity(rows.len() + 1);
+    offsets.push(0i32);
+    let mut end = 0usize;
+    let contiguous = rows.iter().all(|r| match &r.image {
+        Image::InBuffer(range) if range.start == end => {
+            end = range.end;
+            i32::try_from(end).is_ok_and(|e| {
+                offsets.push(e);
+                true
+            })
+        }
+        _ => false,
+    });
+    if contiguous && end == read_buf.len() {
+        return BinaryArray::try_new(
+            OffsetBuffer::new(offsets.into()),
+            arrow::buffer::Buffer::from_vec(read_buf),
+            None,
+        );
+    }
+    Ok(binary_column(rows.iter().map(|r| match &r.image {
+        Image::InBuffer(range) => &read_buf[range.clone()],
+        Image::Owned(v) => v.as_slice(),
+    })))
+}
+
+/// Reads the whole file at `path` into `slot` if it holds exactly `slot.len()` bytes: `Ok(true)`
+/// with every byte of `slot` written, `Ok(false)` when the size differs (changed since listing).
+#[cfg(unix)]
+fn read_whole_file(path: &Path, slot: &mut [std::mem::MaybeUninit<u8>]) -> std::io::Result<bool> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut f = File::open(path)?;
+    let mut done = 0;
+    while done < slot.len() {
+        let rest = &mut slot[done..];
+        // SAFETY: read(2) writes at most `rest.len()` bytes at `rest`'s start, memory this
+        // function holds exclusively; nothing reads it as initialised until it returns true.
+        let n = unsafe { libc::read(f.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        done += n as usize;
+    }
+    let mut probe = [0u8; 1];
+    loop {
+        match f.read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return Ok(r? == 0),
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn read_whole_file(_: &Path, _: &mut [std::mem::MaybeUninit<u8>]) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 /// A binary column sized up front: `from_iter_values` grows its value buffer by doubling, which

@@ -353,15 +353,79 @@ fn tagged_jpeg(tag: &[u8; 4]) -> Vec<u8> {
     out
 }
 
-#[test]
-fn rerunning_after_inputs_change_in_place_redoes_their_shards() {
+/// A temp dir with an ImageFolder root `train/` of one class folder holding `n` identical
+/// `tagged_jpeg(b"AAAA")` files `0.JPEG`...: (dir, root, class folder).
+fn one_class_of_tagged_jpegs(
+    n: usize,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("train");
     let class = root.join("n00000001");
     std::fs::create_dir_all(&class).unwrap();
-    for i in 0..4 {
+    for i in 0..n {
         std::fs::write(class.join(format!("{i}.JPEG")), tagged_jpeg(b"AAAA")).unwrap();
     }
+    (tmp, root, class)
+}
+
+/// A 16-bit gray PNG: stored converted (to 8-bit), never as it is.
+fn png16() -> Vec<u8> {
+    let img =
+        image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_pixel(8, 8, image::Luma([40_000]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn inputs_changed_after_listing_are_stored_as_they_are_when_read() {
+    // Files are read straight into the row group's column buffer at offsets taken from the
+    // listing's sizes; any file whose size changed since, vanished or needs converting must
+    // still come out as a fresh read of it would, next to rows that stayed in the buffer.
+    let (tmp, root, class) = one_class_of_tagged_jpegs(8);
+    std::fs::write(class.join("8.png"), png16()).unwrap();
+    let listing = folder_listing(&root);
+    let mut longer = tagged_jpeg(b"BBBB");
+    longer.splice(2..2, [0xFF, 0xFE, 0x00, 0x04, b'x', b'y']);
+    std::fs::write(class.join("1.JPEG"), &longer).unwrap();
+    let shorter = {
+        let mut j = tagged_jpeg(b"CCCC");
+        j.drain(2..10); // drop the comment segment
+        j
+    };
+    std::fs::write(class.join("2.JPEG"), &shorter).unwrap();
+    std::fs::remove_file(class.join("3.JPEG")).unwrap();
+    std::fs::write(class.join("4.JPEG"), tagged_jpeg(b"DDDD")).unwrap(); // same size
+    for group in [3, 4, 16] {
+        let out = tmp.path().join(format!("out{group}"));
+        let summary = write(&listing, &out, |o| {
+            o.shuffle = false;
+            o.row_group_rows = group;
+        });
+        let (m, rows) = read_all(&out);
+        assert_eq!(m.num_rows, 8, "row groups of {group}");
+        assert_eq!(skip_reasons(&m).len(), 1);
+        assert!(skip_reasons(&m).contains_key("n00000001/3.JPEG"));
+        assert_eq!(summary.converted, 1);
+        let by_key: std::collections::HashMap<_, _> = rows
+            .iter()
+            .map(|r| (r.key.rsplit('/').next().unwrap(), r))
+            .collect();
+        assert_eq!(by_key["1.JPEG"].image, longer);
+        assert_eq!(by_key["2.JPEG"].image, shorter);
+        assert_eq!(by_key["4.JPEG"].image, tagged_jpeg(b"DDDD"));
+        for k in ["0.JPEG", "5.JPEG", "6.JPEG", "7.JPEG"] {
+            assert_eq!(by_key[k].image, tagged_jpeg(b"AAAA"), "{k}");
+        }
+        let png = &by_key["8.png"];
+        assert_ne!(png.image, png16());
+        assert_eq!((png.width, png.height), (8, 8));
+    }
+}
+
+#[test]
+fn rerunning_after_inputs_change_in_place_redoes_their_shards() {
+    let (tmp, root, class) = one_class_of_tagged_jpegs(4);
     let out = tmp.path().join("out");
     let set = |o: &mut WriteOptions| {
         o.shard_rows = 2;
