@@ -57,6 +57,10 @@ du -sh "$WORK/input" >&2
 cat "$WORK"/input/*/* > /dev/null  # warm the page cache
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# Every timed run starts with the previous run's output gone and nothing left to write back
+# (untimed `sync`): otherwise a run competes for the disk with the other tool's last output
+# (the baseline never waits for its writes; our command fsyncs its shards), which at 10,000
+# images (1.1 GB per output) swung our original-bytes runs by 1.5x.
 ours() {  # mode -> "wall_seconds in_process_images_per_s"
     # Wall time includes process start (the `shard` command runs in the launcher binary, which
     # does not link libtorch); the in-process figure is the command's own summary, timed like the
@@ -64,6 +68,7 @@ ours() {  # mode -> "wall_seconds in_process_images_per_s"
     local extra=()
     [ "$1" = resize ] && extra=(--resize-short-side 256 --quality 90)
     rm -rf "$WORK/ours"
+    sync
     local t0 t1 out
     t0=$(date +%s.%N)
     out=$("$BIN" --log warn shard imagenet --quiet --threads 2 --root "$WORK/input" --out "$WORK/ours" "${extra[@]}")
@@ -72,6 +77,8 @@ ours() {  # mode -> "wall_seconds in_process_images_per_s"
 }
 baseline() {  # mode -> "in_process_seconds wall_seconds"
     local t0 t1 s
+    rm -rf "$WORK/hf"
+    sync
     t0=$(date +%s.%N)
     s=$("$PY" scripts/bench_shard_baseline.py --root "$WORK/input" --out "$WORK/hf" --mode "$1" --num-proc 2 |
         sed -E 's/.*"seconds": *([0-9.eE+-]+).*/\1/')
