@@ -44,6 +44,7 @@ mod x86 {
     use std::sync::OnceLock;
 
     use super::View;
+    use crate::jpeg_restart::{be16, marker_at};
 
     unsafe extern "C" {
         /// libjpeg-turbo's AVX2 islow IDCT (simd/x86_64/jidctint-avx2.asm), exported by the
@@ -298,10 +299,6 @@ mod x86 {
         ac: usize,
     }
 
-    fn be16(b: &[u8], i: usize) -> Option<usize> {
-        Some(((*b.get(i)? as usize) << 8) | *b.get(i + 1)? as usize)
-    }
-
     /// The frame, tables and scan of a JPEG this decoder handles.
     struct Header {
         width: usize,
@@ -327,14 +324,8 @@ mod x86 {
         let mut frame: Option<(usize, usize, Vec<Component>)> = None;
         let mut i = 2;
         loop {
-            if *b.get(i)? != 0xFF {
-                return None;
-            }
-            while *b.get(i)? == 0xFF {
-                i += 1;
-            }
-            let m = b[i];
-            i += 1;
+            let m;
+            (m, i) = marker_at(b, i)?;
             let len = be16(b, i)?;
             if len < 2 || i + len > b.len() {
                 return None;

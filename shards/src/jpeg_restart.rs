@@ -46,8 +46,21 @@ struct Frame {
     sampling: Vec<(usize, usize)>,
 }
 
-fn be16(b: &[u8], i: usize) -> Option<usize> {
+/// The big-endian 16-bit value at `b[i..i + 2]`.
+pub(crate) fn be16(b: &[u8], i: usize) -> Option<usize> {
     Some(((*b.get(i)? as usize) << 8) | *b.get(i + 1)? as usize)
+}
+
+/// The marker of the segment that must start at `b[i]` (an 0xFF, fill 0xFF bytes allowed) and
+/// the position after it; `None` if no marker starts there.
+pub(crate) fn marker_at(b: &[u8], mut i: usize) -> Option<(u8, usize)> {
+    if *b.get(i)? != 0xFF {
+        return None;
+    }
+    while *b.get(i)? == 0xFF {
+        i += 1;
+    }
+    Some((b[i], i + 1))
 }
 
 impl Layout {
@@ -62,14 +75,8 @@ impl Layout {
         let mut sof: Option<Frame> = None;
         let mut interval = 0;
         loop {
-            if *bytes.get(i)? != 0xFF {
-                return None;
-            }
-            while *bytes.get(i)? == 0xFF {
-                i += 1;
-            }
-            let m = *bytes.get(i)?;
-            i += 1;
+            let m;
+            (m, i) = marker_at(bytes, i)?;
             if matches!(m, 0x01 | 0xD0..=0xD9) {
                 return None;
             }
