@@ -1,6 +1,6 @@
 //! `droppos-pipeline`: the command users run. The data commands (`shard`, `verify`, `stats`,
-//! `bench loader`, `bench jpeg-decode`) run in this binary, which does not link libtorch: libtorch's static
-//! initialisation alone takes ~0.6 s, more than sharding a few thousand images. Every other
+//! `bench loader`, `bench jpeg-decode`, `bench sha256`) run in this binary, which does not link
+//! libtorch: libtorch's static initialisation alone takes ~0.6 s, more than sharding a few thousand images. Every other
 //! command (and the top-level help) runs in `droppos-pipeline-torch`, installed next to this
 //! binary, which this one `exec`s with the same arguments (same process, environment and
 //! signals, so `torchrun` / Slurm launches are unchanged).
@@ -9,6 +9,8 @@
 mod bench_jpeg;
 #[path = "commands/bench_loader.rs"]
 mod bench_loader;
+#[path = "commands/bench_sha256.rs"]
+mod bench_sha256;
 mod cli;
 mod logging;
 mod malloc;
@@ -47,6 +49,8 @@ enum Bench {
     Loader(bench_loader::Args),
     #[command(about = bench_jpeg::ABOUT)]
     JpegDecode(bench_jpeg::Args),
+    #[command(about = bench_sha256::ABOUT)]
+    Sha256(bench_sha256::Args),
 }
 
 /// Whether `args` name a command this binary runs: the first two positional arguments after
@@ -75,7 +79,7 @@ fn runs_here(args: &[OsString]) -> bool {
         Some("shard" | "verify" | "stats") => true,
         Some("bench") => matches!(
             positional.get(1).map(String::as_str),
-            Some("loader" | "jpeg-decode")
+            Some("loader" | "jpeg-decode" | "sha256")
         ),
         _ => false,
     }
@@ -93,6 +97,7 @@ fn main() -> Result<()> {
         Command::Stats(a) => stats::run(a),
         Command::Bench(Bench::Loader(a)) => bench_loader::run(a),
         Command::Bench(Bench::JpegDecode(a)) => bench_jpeg::run(a),
+        Command::Bench(Bench::Sha256(a)) => bench_sha256::run(a),
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,6 +37,7 @@ use crate::codec::{self, ImagePolicy};
 use crate::datasets::{CocoAnnotation, InputItem, Listing, Segmentation, Target};
 use crate::error::{ImageRejection, Result, ShardError};
 use crate::format::{self, columns, Dataset, FORMAT_VERSION, MANIFEST_FILE};
+use crate::hash_pairs::{HashPairs, Stream};
 use crate::manifest::{
     self, ConversionEntry, InputsInfo, Manifest, PartInfo, ShardEntry, SkippedEntry,
 };
@@ -317,6 +318,7 @@ pub fn write_dataset(
         .build()
         .map_err(|e| ShardError::InvalidOptions(format!("thread pool: {e}")))?;
     let schema = format::schema(listing.dataset);
+    let hashes = HashPairs::new();
     let ctx = ShardCtx {
         listing,
         opts,
@@ -324,6 +326,7 @@ pub fn write_dataset(
         schema,
         fingerprint: &fingerprint,
         progress,
+        hashes: &hashes,
     };
     // At most `threads` shards in flight: memory stays bounded by a few row groups per thread.
     for batch in todo.chunks(threads) {
@@ -333,6 +336,13 @@ pub fn write_dataset(
             records.insert(i, rec?);
         }
     }
+
+    let (paired, alone) = hashes.counts();
+    tracing::debug!(
+        paired,
+        alone,
+        "shard bytes hashed two streams at a time, and alone"
+    );
 
     // Assemble the manifest.
     let mut shards = Vec::new();
@@ -530,6 +540,7 @@ struct ShardCtx<'a> {
     schema: arrow::datatypes::SchemaRef,
     fingerprint: &'a str,
     progress: &'a dyn Progress,
+    hashes: &'a HashPairs<Written>,
 }
 
 /// Where a row's stored image bytes are.
@@ -570,22 +581,114 @@ fn start_writeback(file: &File) {
     let _ = file;
 }
 
-/// Write wrapper that hashes and counts everything passing through.
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
-    bytes: u64,
+/// The Parquet writer's sink. Bytes go to the file as they come (small writes batched), and
+/// every [`HASH_CHUNK`] or so of the file is handed to the shard's hash as a read-only mapping
+/// of the pages just written: no copy, and [`HashPairs`] can hash it together with another
+/// shard's chunk, two streams at a time. (Copying the bytes instead cost more than the paired
+/// hash saves: BENCHMARKS.md.)
+struct ShardSink<'p> {
+    file: File,
+    small: Vec<u8>,
+    /// Bytes in the file, and of those, handed to the hash.
+    written: u64,
+    handed: u64,
+    hash: Stream<'p, Written>,
 }
 
-impl<W: Write> Write for HashingWriter<W> {
+/// A chunk of a shard file as written, for its hash.
+enum Written {
+    Mapped(memmap2::Mmap),
+    /// Read back where the file system refuses a mapping.
+    Read(Vec<u8>),
+}
+
+impl AsRef<[u8]> for Written {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Written::Mapped(m) => m,
+            Written::Read(v) => v,
+        }
+    }
+}
+
+/// Writes smaller than this are batched.
+const SMALL_WRITE: usize = 64 << 10;
+/// Bytes of the file handed to the hash at a time.
+const HASH_CHUNK: u64 = 4 << 20;
+
+impl ShardSink<'_> {
+    fn write_small(&mut self) -> std::io::Result<()> {
+        self.file.write_all(&self.small)?;
+        self.written += self.small.len() as u64;
+        self.small.clear();
+        Ok(())
+    }
+
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        let len = usize::try_from(self.written - self.handed).map_err(std::io::Error::other)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the mapping covers bytes already written to our own temp file (its name
+        // carries our pid), which nothing truncates or rewrites while the shard is written:
+        // the file only grows at the end.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(self.handed)
+                .len(len)
+                .populate()
+                .map(&self.file)
+        };
+        let chunk = match map {
+            Ok(m) => Written::Mapped(m),
+            Err(e) => Written::Read(self.read_back(len, e)?),
+        };
+        self.hash.submit(chunk);
+        self.handed = self.written;
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    fn read_back(&self, len: usize, _: std::io::Error) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut v = vec![0; len];
+        self.file.read_exact_at(&mut v, self.handed)?;
+        Ok(v)
+    }
+
+    #[cfg(not(unix))]
+    fn read_back(&self, _: usize, e: std::io::Error) -> std::io::Result<Vec<u8>> {
+        Err(e)
+    }
+
+    /// Writes what is left; returns the file, its length and its SHA-256.
+    fn finish(mut self) -> std::io::Result<(File, u64, [u8; 32])> {
+        self.write_small()?;
+        self.hand_over()?;
+        Ok((self.file, self.written, self.hash.finish()))
+    }
+}
+
+impl Write for ShardSink<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
+        if self.small.len() + buf.len() <= SMALL_WRITE {
+            self.small.extend_from_slice(buf);
+        } else {
+            self.write_small()?;
+            if buf.len() < SMALL_WRITE {
+                self.small.extend_from_slice(buf);
+            } else {
+                self.file.write_all(buf)?;
+                self.written += buf.len() as u64;
+            }
+        }
+        if self.written - self.handed >= HASH_CHUNK {
+            self.hand_over()?;
+        }
+        Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        Ok(())
     }
 }
 
@@ -615,15 +718,22 @@ impl ShardCtx<'_> {
         let range = shard_range(index, self.opts.shard_rows, self.order.len());
         let rows_idx = &self.order[range];
 
-        let file = File::create(&tmp).map_err(|e| ShardError::io(&tmp, e))?;
-        // Small buffer on purpose: Parquet pages of images (~1 MB) are then written straight
-        // through instead of being copied into the buffer first; headers still get batched.
-        let hw = HashingWriter {
-            inner: BufWriter::with_capacity(64 << 10, file),
-            hasher: Sha256::new(),
-            bytes: 0,
+        // Readable too: the hash reads back what was written (see `ShardSink`).
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| ShardError::io(&tmp, e))?;
+        let sink = ShardSink {
+            file,
+            small: Vec::with_capacity(SMALL_WRITE),
+            written: 0,
+            handed: 0,
+            hash: self.hashes.stream(),
         };
-        let mut writer = ArrowWriter::try_new(hw, self.schema.clone(), Some(self.props()))
+        let mut writer = ArrowWriter::try_new(sink, self.schema.clone(), Some(self.props()))
             .map_err(|e| ShardError::parquet(&tmp, e))?;
         let mut skipped = Vec::new();
         let mut conversions = Vec::new();
@@ -668,7 +778,7 @@ impl ShardCtx<'_> {
                     .write(&batch)
                     .and_then(|_| writer.flush())
                     .map_err(|e| ShardError::parquet(&tmp, e))?;
-                start_writeback(writer.inner().inner.get_ref());
+                start_writeback(&writer.inner().file);
                 rows_written += rows.len() as u64;
             }
             for r in rows {
@@ -676,17 +786,11 @@ impl ShardCtx<'_> {
             }
             self.progress.advance(chunk.len() as u64);
         }
-        let hw = writer
+        let (file, bytes, sha256) = writer
             .into_inner()
-            .map_err(|e| ShardError::parquet(&tmp, e))?;
-        let HashingWriter {
-            inner,
-            hasher,
-            bytes,
-        } = hw;
-        let file = inner
-            .into_inner()
-            .map_err(|e| ShardError::io(&tmp, e.into_error()))?;
+            .map_err(|e| ShardError::parquet(&tmp, e))?
+            .finish()
+            .map_err(|e| ShardError::io(&tmp, e))?;
         file.sync_all().map_err(|e| ShardError::io(&tmp, e))?;
         drop(file);
         std::fs::rename(&tmp, &final_path).map_err(|e| ShardError::io(&final_path, e))?;
@@ -697,7 +801,7 @@ impl ShardCtx<'_> {
                 file: name,
                 rows: rows_written,
                 bytes,
-                sha256: hex::encode(hasher.finalize()),
+                sha256: hex::encode(sha256),
             },
             skipped,
             conversions,
@@ -1343,4 +1447,67 @@ fn binary_column<'a>(values: impl Iterator<Item = &'a [u8]> + Clone) -> BinaryAr
         b.append_value(v);
     }
     b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sha256::tests::bytes;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn shard_sink_writes_and_hashes_every_byte_in_order() {
+        // Writes of every size class (batched, straight through, across chunk boundaries)
+        // from two sinks at once, so their chunks get paired.
+        let dir = tempfile::tempdir().unwrap();
+        let pairs = HashPairs::new();
+        let data: Vec<Vec<u8>> = (0..2).map(|s| bytes(9 << 20, s)).collect();
+        let sizes = [1, 100, SMALL_WRITE - 1, SMALL_WRITE, 3 << 20, 7, 1 << 20];
+        let sink = |i: usize| ShardSink {
+            file: File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join(format!("{i}")))
+                .unwrap(),
+            small: Vec::new(),
+            written: 0,
+            handed: 0,
+            hash: pairs.stream(),
+        };
+        let mut sinks = [sink(0), sink(1)];
+        let mut at = [0usize; 2];
+        for k in 0.. {
+            let mut done = true;
+            for (i, s) in sinks.iter_mut().enumerate() {
+                let n = sizes[(k + i) % sizes.len()].min(data[i].len() - at[i]);
+                if n > 0 {
+                    assert_eq!(s.write(&data[i][at[i]..at[i] + n]).unwrap(), n);
+                    at[i] += n;
+                    done = false;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        // The fallback for file systems without mmap reads the same bytes back.
+        let s = &sinks[0];
+        let (from, to) = (s.handed as usize, s.written as usize);
+        assert!(to > from);
+        let back = s
+            .read_back(to - from, std::io::Error::other("test"))
+            .unwrap();
+        assert_eq!(back, data[0][from..to]);
+        for (i, s) in sinks.into_iter().enumerate() {
+            let (_, len, sha) = s.finish().unwrap();
+            let file = std::fs::read(dir.path().join(format!("{i}"))).unwrap();
+            assert_eq!(file, data[i]);
+            assert_eq!(len, file.len() as u64);
+            assert_eq!(sha, <[u8; 32]>::from(Sha256::digest(&file)));
+        }
+        let (paired, _) = pairs.counts();
+        assert!(paired > 0);
+    }
 }

@@ -19,6 +19,8 @@ pub enum BenchCommand {
     Onnx(super::bench_onnx::Args),
     #[command(about = super::bench_jpeg::ABOUT)]
     JpegDecode(super::bench_jpeg::Args),
+    #[command(about = super::bench_sha256::ABOUT)]
+    Sha256(super::bench_sha256::Args),
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -27,5 +29,6 @@ pub fn run(args: Args) -> Result<()> {
         BenchCommand::Loader(a) => super::bench_loader::run(a),
         BenchCommand::Onnx(a) => super::bench_onnx::run(a),
         BenchCommand::JpegDecode(a) => super::bench_jpeg::run(a),
+        BenchCommand::Sha256(a) => super::bench_sha256::run(a),
     }
 }
