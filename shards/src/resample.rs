@@ -904,71 +904,95 @@ unsafe fn horizontal_fast_avx2(
     first
 }
 
-/// Per-image layout for [`horizontal_row_gray_planned_avx2`]: for each group of four
-/// consecutive output pixels whose taps (at most 8 each) all lie in one 16-byte window of the
-/// row, the window's start, a byte shuffle that spreads the window into each pixel's taps as
-/// 16-bit lanes, and the taps' coefficients in the same lanes.
+/// Per-image layout for [`horizontal_row_gray_planned_avx2`]. Output pixels go in blocks of
+/// eight, four per 128-bit lane, each lane's four taking all their taps (at most 8 a pixel)
+/// from one 16-byte window of the row. For each tap pair `t` (taps 2t and 2t + 1) a byte shuffle
+/// of the two windows puts every pixel's two taps in that pixel's 32-bit lane as 16-bit values,
+/// and one `vpmaddwd` with the matching coefficients gives the pair's share of all eight sums:
+/// the pairs' shares add up lane by lane, with no horizontal adds or reordering.
 struct GrayPlan {
-    /// Per group: window start, or `usize::MAX` when the group does not fit (scalar path).
-    base: Vec<usize>,
-    /// Per group: two 32-byte shuffles (pixels 0|1 and 2|3; one pixel per 128-bit lane).
-    shuf: Vec<[i8; 64]>,
-    /// Per group: the matching 2 × 16 coefficients.
-    k: Vec<[i16; 32]>,
+    /// Tap pairs per pixel (1..=4): the most taps any pixel has, halved, rounded up.
+    pairs: usize,
+    /// Per block: the two windows' starts; `usize::MAX` when a lane's taps do not fit one
+    /// window (those eight pixels take the scalar path).
+    base: Vec<[usize; 2]>,
+    /// Per block, `pairs` 32-byte shuffles (index -1 gives a zero byte).
+    shuf: Vec<[i8; 32]>,
+    /// Per block, `pairs` × 16 coefficients matching the shuffles (zero past a pixel's taps).
+    k: Vec<[i16; 16]>,
 }
 
 impl GrayPlan {
-    /// `None` when too few groups fit (strong downscales: more than 8 taps a pixel), where the
-    /// four-row kernel is faster.
+    /// `None` when too few blocks fit (strong downscales: more than 8 taps a pixel), where the
+    /// four-row kernel is faster. A block with a pixel of more taps takes the scalar path.
     fn new(co: &Coeffs16, in_w: usize) -> Option<GrayPlan> {
-        let groups = co.bounds.len() / 4;
+        let out_w = co.bounds.len();
+        if in_w < 16 || out_w < 8 {
+            return None;
+        }
+        let most = co.bounds.iter().map(|b| b.1).max().unwrap_or(0).min(8);
+        let pairs = most.div_ceil(2).max(1);
+        // The last block ends at the row's end, overlapping the one before where `out_w` is
+        // not a multiple of 8 (it recomputes those pixels to the same values).
+        let blocks = out_w.div_ceil(8);
         let mut plan = GrayPlan {
-            base: Vec::with_capacity(groups),
-            shuf: Vec::with_capacity(groups),
-            k: Vec::with_capacity(groups),
+            pairs,
+            base: Vec::with_capacity(blocks),
+            shuf: vec![[-1; 32]; blocks * pairs],
+            k: vec![[0; 16]; blocks * pairs],
         };
         let mut misses = 0;
-        for g in 0..groups {
-            let px = &co.bounds[4 * g..4 * g + 4];
-            // Windows near the row's end start earlier so that all 16 bytes are in the row.
-            let first = px
-                .iter()
-                .filter(|b| b.1 > 0)
-                .map(|b| b.0)
-                .min()
-                .unwrap_or(0);
-            let base = first.min(in_w.saturating_sub(16));
-            let fits = in_w >= 16
-                && px
+        for b in 0..blocks {
+            let mut bases = [0; 2];
+            let mut fits = true;
+            let x0 = block_start(b, out_w);
+            for (lane, base) in bases.iter_mut().enumerate() {
+                let px = &co.bounds[x0 + 4 * lane..x0 + 4 * lane + 4];
+                let first = px
                     .iter()
-                    .all(|&(xmin, n)| n == 0 || (n <= 8 && xmin >= base && xmin - base + n <= 16));
-            let mut shuf = [-1i8; 64];
-            let mut k = [0i16; 32];
-            if fits {
-                for (j, &(xmin, n)) in px.iter().enumerate() {
-                    let kx = &co.k[(4 * g + j) * co.ksize..];
-                    for t in 0..n {
-                        shuf[16 * j + 2 * t] = (xmin - base + t) as i8;
-                        k[8 * j + t] = kx[t];
-                    }
-                }
-            } else {
-                misses += 1;
+                    .filter(|p| p.1 > 0)
+                    .map(|p| p.0)
+                    .min()
+                    .unwrap_or(0);
+                // Windows near the row's end start earlier so that all 16 bytes are in the row.
+                *base = first.min(in_w - 16);
+                fits &= px.iter().all(|&(xmin, n)| {
+                    n == 0 || (n <= 2 * pairs && xmin >= *base && xmin - *base + n <= 16)
+                });
             }
-            plan.base.push(if fits { base } else { usize::MAX });
-            plan.shuf.push(shuf);
-            plan.k.push(k);
+            if !fits {
+                misses += 1;
+                plan.base.push([usize::MAX; 2]);
+                continue;
+            }
+            plan.base.push(bases);
+            for j in 0..8 {
+                let xx = x0 + j;
+                let (xmin, n) = co.bounds[xx];
+                let (lane, at) = (j / 4, j % 4);
+                let kx = &co.k[xx * co.ksize..xx * co.ksize + n];
+                for (tap, &kv) in kx.iter().enumerate() {
+                    let (t, second) = (tap / 2, tap % 2);
+                    plan.shuf[b * pairs + t][16 * lane + 4 * at + 2 * second] =
+                        (xmin - bases[lane] + tap) as i8;
+                    plan.k[b * pairs + t][8 * lane + 2 * at + second] = kv;
+                }
+            }
         }
-        (misses * 4 <= groups).then_some(plan)
+        (misses * 4 <= blocks).then_some(plan)
     }
 }
 
-/// The 16-bit one-channel horizontal pass for one row, four output pixels per group: one 16-byte
-/// load broadcast to both lanes, two byte shuffles into the four pixels' taps (16-bit lanes,
-/// zero high bytes) and two `vpmaddwd` with their coefficients; two groups at a time share the
-/// horizontal adds, the rounding and the packing, and go out as one 8-byte store. The same
-/// integer arithmetic as [`horizontal_row_fast`]; groups that do not fit and the last
-/// `out_w % 4` pixels take the scalar path.
+/// First output pixel of [`GrayPlan`] block `b`.
+#[inline(always)]
+fn block_start(b: usize, out_w: usize) -> usize {
+    (8 * b).min(out_w - 8)
+}
+
+/// The 16-bit one-channel horizontal pass for one row, eight output pixels per block (see
+/// [`GrayPlan`]): two 16-byte window loads, then per tap pair one byte shuffle and one
+/// `vpmaddwd` added to the running sums; rounding and packing, and one 8-byte store. The same
+/// integer arithmetic as [`horizontal_row_fast`]; blocks that do not fit take the scalar path.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn horizontal_row_gray_planned_avx2(
@@ -978,17 +1002,25 @@ unsafe fn horizontal_row_gray_planned_avx2(
     mirror: bool,
     dst: &mut [u8],
 ) {
-    // The direction as a constant, so that the group loop carries no branch on it.
-    if mirror {
-        gray_planned_avx2_in::<true>(src, co, plan, dst)
-    } else {
-        gray_planned_avx2_in::<false>(src, co, plan, dst)
+    // The direction and the pair count as constants: no branch on the one, and the pair loop
+    // unrolled for the other.
+    macro_rules! run {
+        ($($p:literal)*) => {
+            match (plan.pairs, mirror) {
+                $(
+                    ($p, false) => gray_planned_avx2_in::<false, $p>(src, co, plan, dst),
+                    ($p, true) => gray_planned_avx2_in::<true, $p>(src, co, plan, dst),
+                )*
+                _ => unreachable!("GrayPlan keeps 1 to 4 tap pairs"),
+            }
+        };
     }
+    run!(1 2 3 4)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn gray_planned_avx2_in<const MIRROR: bool>(
+unsafe fn gray_planned_avx2_in<const MIRROR: bool, const PAIRS: usize>(
     src: &[u8],
     co: &Coeffs16,
     plan: &GrayPlan,
@@ -997,96 +1029,44 @@ unsafe fn gray_planned_avx2_in<const MIRROR: bool>(
     use std::arch::x86_64::*;
     let half = _mm256_set1_epi32(1 << (co.bits - 1));
     let shift = _mm_cvtsi32_si128(co.bits as i32);
-    // [A0 A2 B0 B2 | A1 A3 B1 B3] (see below) into [A0 A1 A2 A3 | B0 B1 B2 B3].
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    // Each lane's four bytes (its dword 0 after packing) side by side in the low 64 bits.
+    let gather = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
     let out_w = dst.len();
-    let groups = plan.base.len();
-    // Pixel sums of group g, per 128-bit lane: [p0a p0b p2a p2b | p1a p1b p3a p3b].
-    let sums = |g: usize| {
-        // In bounds: the plan only keeps windows with base + 16 <= the row's length.
-        let win = _mm_loadu_si128(src.as_ptr().add(plan.base[g]) as *const __m128i);
-        let win = _mm256_broadcastsi128_si256(win);
-        let sh = plan.shuf[g].as_ptr() as *const __m256i;
-        let kp = plan.k[g].as_ptr() as *const __m256i;
-        let m01 = _mm256_madd_epi16(
-            _mm256_shuffle_epi8(win, _mm256_loadu_si256(sh)),
-            _mm256_loadu_si256(kp),
-        );
-        let m23 = _mm256_madd_epi16(
-            _mm256_shuffle_epi8(win, _mm256_loadu_si256(sh.add(1))),
-            _mm256_loadu_si256(kp.add(1)),
-        );
-        _mm256_hadd_epi32(m01, m23)
-    };
-    // One group on its own: the scalar path where its taps do not fit the plan.
-    let single = |g: usize, dst: &mut [u8]| {
-        if plan.base[g] != usize::MAX {
-            gray_group_avx2::<MIRROR>(sums(g), half, shift, 4 * g, dst);
-            return;
-        }
-        for xx in 4 * g..4 * g + 4 {
+    let scalar = |xs: std::ops::Range<usize>, dst: &mut [u8]| {
+        for xx in xs {
             let xo = out_x(xx, out_w, MIRROR);
             fast_pixel(src, 1, co, xx, &mut dst[xo..xo + 1]);
         }
     };
-    let mut g = 0;
-    while g + 1 < groups {
-        if plan.base[g] == usize::MAX || plan.base[g + 1] == usize::MAX {
-            single(g, dst);
-            single(g + 1, dst);
-            g += 2;
+    for (b, &[b0, b1]) in plan.base.iter().enumerate() {
+        let x0 = block_start(b, out_w);
+        if b0 == usize::MAX {
+            scalar(x0..x0 + 8, dst);
             continue;
         }
-        // [A0 A2 B0 B2 | A1 A3 B1 B3], then the pixel order, rounding and packing of both.
-        let h = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(sums(g), sums(g + 1)), order);
-        let v = _mm256_sra_epi32(_mm256_add_epi32(h, half), shift);
+        // In bounds: the plan only keeps windows with base + 16 <= the row's length.
+        let win = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(src.as_ptr().add(b0) as *const __m128i)),
+            _mm_loadu_si128(src.as_ptr().add(b1) as *const __m128i),
+            1,
+        );
+        let sh = plan.shuf.as_ptr().add(b * PAIRS) as *const __m256i;
+        let kp = plan.k.as_ptr().add(b * PAIRS) as *const __m256i;
+        let mut acc = half;
+        for t in 0..PAIRS {
+            let taps = _mm256_shuffle_epi8(win, _mm256_loadu_si256(sh.add(t)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(taps, _mm256_loadu_si256(kp.add(t))));
+        }
+        let v = _mm256_sra_epi32(acc, shift);
         let p = _mm256_packs_epi32(v, v);
-        let p = _mm256_packus_epi16(p, p);
-        // Lane 0 byte 0-3: A0..A3; lane 1 bytes 0-3: B0..B3.
-        let lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(p)) as u32 as u64;
-        let hi = _mm_cvtsi128_si32(_mm256_extracti128_si256(p, 1)) as u32 as u64;
-        let eight = lo | (hi << 32);
-        let x0 = 4 * g;
+        let p = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(p, p), gather);
+        let eight = _mm_cvtsi128_si64(_mm256_castsi256_si128(p)) as u64;
         if MIRROR {
             let at = out_w - x0 - 8;
             dst[at..at + 8].copy_from_slice(&eight.swap_bytes().to_le_bytes());
         } else {
             dst[x0..x0 + 8].copy_from_slice(&eight.to_le_bytes());
         }
-        g += 2;
-    }
-    if g < groups {
-        single(g, dst);
-    }
-    for xx in 4 * groups..out_w {
-        let xo = out_x(xx, out_w, MIRROR);
-        fast_pixel(src, 1, co, xx, &mut dst[xo..xo + 1]);
-    }
-}
-
-/// One group's four pixels from its [`gray_planned_avx2_in`] sums: [p0 p2 . . | p1 p3 . .],
-/// then [p0 p1 p2 p3], rounded, packed and stored at output pixel `x0` (mirrored if asked).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn gray_group_avx2<const MIRROR: bool>(
-    h: std::arch::x86_64::__m256i,
-    half: std::arch::x86_64::__m256i,
-    shift: std::arch::x86_64::__m128i,
-    x0: usize,
-    dst: &mut [u8],
-) {
-    use std::arch::x86_64::*;
-    let out_w = dst.len();
-    let h = _mm256_hadd_epi32(h, h);
-    let sums = _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    let v = _mm_sra_epi32(_mm_add_epi32(sums, _mm256_castsi256_si128(half)), shift);
-    let b = _mm_packus_epi16(_mm_packs_epi32(v, v), _mm_setzero_si128());
-    let four = _mm_cvtsi128_si32(b) as u32;
-    if MIRROR {
-        let at = out_w - x0 - 4;
-        dst[at..at + 4].copy_from_slice(&four.swap_bytes().to_le_bytes());
-    } else {
-        dst[x0..x0 + 4].copy_from_slice(&four.to_le_bytes());
     }
 }
 
@@ -1560,13 +1540,17 @@ mod tests {
 
     #[test]
     fn one_channel_kernels_take_the_shard_resize_scales() {
-        let misses = |p: &GrayPlan| p.base.iter().filter(|&&b| b == usize::MAX).count();
+        let misses = |p: &GrayPlan| p.base.iter().filter(|b| b[0] == usize::MAX).count();
         // 500 -> 341 (ImageNet to shorter side 256), the 4:2:0 chroma planes and an upscale:
-        // every group (windows at the row's end start earlier).
+        // every block (windows at the row's end start earlier).
         for (i, o) in [(500, 341), (250, 171), (375, 256), (157, 224)] {
             let co = Coeffs16::new(i, 0.0, i as f32, o, Filter::Bicubic);
             let plan = GrayPlan::new(&co, i).expect("plan");
-            assert_eq!((plan.base.len(), misses(&plan)), (o / 4, 0), "{i} -> {o}");
+            assert_eq!(
+                (plan.base.len(), misses(&plan)),
+                (o.div_ceil(8), 0),
+                "{i} -> {o}"
+            );
         }
         // Beyond 8 taps a pixel (bicubic at 2.5x down) the plan steps aside; right at the edge
         // some groups fit and some do not, and both paths run in one row.
