@@ -281,3 +281,25 @@ fn bench_jpeg_decode_reports_identical_planes() {
     );
     assert!(report["baseline_ms_per_image"].as_f64().unwrap() > 0.0);
 }
+
+/// `bench sha256` runs in the data binary and reports all three rates; two streams are
+/// interleaved exactly where the CPU has the SHA extensions.
+#[test]
+fn bench_sha256_reports_both_forms() {
+    let mut c = bin();
+    c.args(["bench", "sha256", "--mib", "1", "--rounds", "1"]);
+    let out = run_ok(&mut c);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in [
+        "sha2_crate_gb_per_s",
+        "one_stream_gb_per_s",
+        "two_streams_gb_per_s",
+    ] {
+        assert!(report[k].as_f64().unwrap() > 0.0, "{report}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    let sha = is_x86_feature_detected!("sha") && is_x86_feature_detected!("sse4.1");
+    #[cfg(not(target_arch = "x86_64"))]
+    let sha = false;
+    assert_eq!(report["interleaved"].as_bool(), Some(sha), "{report}");
+}
