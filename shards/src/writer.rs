@@ -616,7 +616,25 @@ const SMALL_WRITE: usize = 64 << 10;
 /// Bytes of the file handed to the hash at a time.
 const HASH_CHUNK: u64 = 4 << 20;
 
-impl ShardSink<'_> {
+impl<'p> ShardSink<'p> {
+    /// Creates (or truncates) the file at `path`, readable too: the hash reads back what was
+    /// written.
+    fn create(path: &Path, hash: Stream<'p, Written>) -> std::io::Result<Self> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(ShardSink {
+            file,
+            small: Vec::with_capacity(SMALL_WRITE),
+            written: 0,
+            handed: 0,
+            hash,
+        })
+    }
+
     fn write_small(&mut self) -> std::io::Result<()> {
         self.file.write_all(&self.small)?;
         self.written += self.small.len() as u64;
@@ -718,21 +736,8 @@ impl ShardCtx<'_> {
         let range = shard_range(index, self.opts.shard_rows, self.order.len());
         let rows_idx = &self.order[range];
 
-        // Readable too: the hash reads back what was written (see `ShardSink`).
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| ShardError::io(&tmp, e))?;
-        let sink = ShardSink {
-            file,
-            small: Vec::with_capacity(SMALL_WRITE),
-            written: 0,
-            handed: 0,
-            hash: self.hashes.stream(),
-        };
+        let sink =
+            ShardSink::create(&tmp, self.hashes.stream()).map_err(|e| ShardError::io(&tmp, e))?;
         let mut writer = ArrowWriter::try_new(sink, self.schema.clone(), Some(self.props()))
             .map_err(|e| ShardError::parquet(&tmp, e))?;
         let mut skipped = Vec::new();
@@ -1463,19 +1468,8 @@ mod tests {
         let pairs = HashPairs::new();
         let data: Vec<Vec<u8>> = (0..2).map(|s| bytes(9 << 20, s)).collect();
         let sizes = [1, 100, SMALL_WRITE - 1, SMALL_WRITE, 3 << 20, 7, 1 << 20];
-        let sink = |i: usize| ShardSink {
-            file: File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join(format!("{i}")))
-                .unwrap(),
-            small: Vec::new(),
-            written: 0,
-            handed: 0,
-            hash: pairs.stream(),
-        };
+        let sink =
+            |i: usize| ShardSink::create(&dir.path().join(format!("{i}")), pairs.stream()).unwrap();
         let mut sinks = [sink(0), sink(1)];
         let mut at = [0usize; 2];
         for k in 0.. {
