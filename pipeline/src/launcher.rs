@@ -1,14 +1,17 @@
 //! `droppos-pipeline`: the command users run. The data commands (`shard`, `verify`, `stats`,
 //! `bench loader`, `bench jpeg-decode`, `bench sha256`) run in this binary, which does not link
-//! libtorch: libtorch's static initialisation alone takes ~0.6 s, more than sharding a few thousand images. Every other
-//! command (and the top-level help) runs in `droppos-pipeline-torch`, installed next to this
-//! binary, which this one `exec`s with the same arguments (same process, environment and
-//! signals, so `torchrun` / Slurm launches are unchanged).
+//! libtorch: libtorch's static initialisation alone takes ~0.6 s, more than sharding a few
+//! thousand images. Every other command (and the top-level help) runs in
+//! `droppos-pipeline-torch`, installed next to this binary, which this one `exec`s with the same
+//! arguments (same process, environment and signals, so `torchrun` / Slurm launches are
+//! unchanged).
 
 #[path = "commands/bench_jpeg.rs"]
 mod bench_jpeg;
 #[path = "commands/bench_loader.rs"]
 mod bench_loader;
+#[path = "commands/bench_rounds.rs"]
+mod bench_rounds;
 #[path = "commands/bench_sha256.rs"]
 mod bench_sha256;
 mod cli;

@@ -10,6 +10,8 @@ use droppos_shards::codec::{decode_ycbcr_planes, PlaneDecoder};
 use droppos_shards::resample::View;
 use serde::Serialize;
 
+use super::bench_rounds::median;
+
 /// What the command does (its one-line help in both binaries).
 pub const ABOUT: &str = "Single-thread JPEG decoding to Y/Cb/Cr planes: the shard writer's \
     baseline decoder vs TurboJPEG, on the same files in memory";
@@ -66,11 +68,6 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// The planes one after the other (what TurboJPEG writes), for the identity check.
 fn concat(views: [View<'_>; 3]) -> Vec<u8> {
     views.iter().flat_map(View::to_vec).collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -7,6 +7,8 @@ use std::time::Instant;
 use anyhow::Result;
 use droppos_shards::sha256::{pairs_interleaved, update_pair, Sha256};
 use serde::Serialize;
+
+use super::bench_rounds::median;
 use sha2::Digest;
 
 /// What the command does (its one-line help in both binaries).
@@ -33,11 +35,6 @@ struct Report {
     two_streams_gb_per_s: f64,
     speedup: f64,
     rounds: usize,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub fn run(args: Args) -> Result<()> {
