@@ -20,7 +20,7 @@ const WAITING: usize = 8;
 /// The hashes of the shards in flight; `C` is a chunk of bytes.
 pub struct HashPairs<C> {
     inner: Mutex<Inner<C>>,
-    /// Signalled whenever a hasher is handed back.
+    /// Signalled whenever a hasher is handed back or a chunk arrives.
     returned: Condvar,
 }
 
@@ -131,37 +131,81 @@ impl<C: AsRef<[u8]>> HashPairs<C> {
             if partner.is_none() && n <= keep {
                 return g;
             }
-            let Some((mut ha, ca)) = take(&mut g, id) else {
-                return g;
-            };
-            let mut other = partner.and_then(|p| take(&mut g, p).map(|(h, c)| (p, h, c)));
+            g = self.step(g, id, partner);
+        }
+    }
+
+    /// Hashes the front chunk of `id` (ready), together with the front chunk of `partner`
+    /// (ready) if there is one; returns with the lock held again.
+    fn step<'g>(
+        &'g self,
+        mut g: MutexGuard<'g, Inner<C>>,
+        id: u64,
+        partner: Option<u64>,
+    ) -> MutexGuard<'g, Inner<C>> {
+        let Some((mut ha, ca)) = take(&mut g, id) else {
+            return g;
+        };
+        let mut other = partner.and_then(|p| take(&mut g, p).map(|(h, c)| (p, h, c)));
+        drop(g);
+        let da = ca.as_ref();
+        let (paired, alone) = match other.as_mut() {
+            Some((_, hb, cb)) => {
+                let db = cb.as_ref();
+                update_pair(&mut ha, da, hb, db);
+                let common = da.len().min(db.len());
+                (2 * common, da.len() + db.len() - 2 * common)
+            }
+            None => {
+                ha.update(da);
+                (0, da.len())
+            }
+        };
+        g = self.lock();
+        g.paired += paired as u64;
+        g.alone += alone as u64;
+        give_back(&mut g, id, ha);
+        let spent_b = other.map(|(p, hb, cb)| {
+            give_back(&mut g, p, hb);
+            cb
+        });
+        self.returned.notify_all();
+        // Release the chunks (for a mapping, an munmap) without holding the lock.
+        drop(g);
+        drop((ca, spent_b));
+        self.lock()
+    }
+
+    /// For a thread whose own shards are all written while others are still being written:
+    /// hashes their waiting chunks (two streams together where two are ready) as they come,
+    /// until no stream is left. At the end of a run the last shards have no partner left, so
+    /// their chunks would otherwise wait and be hashed one after another by their own writer,
+    /// after its last row group, while this thread idles. When nothing is waiting it calls
+    /// `other_work` (which returns whether it did something, e.g. a pending job of the thread
+    /// pool), and otherwise sleeps until a chunk arrives (or briefly, for more `other_work`).
+    pub fn help_until_done(&self, mut other_work: impl FnMut() -> bool) {
+        let mut g = self.lock();
+        while !g.streams.is_empty() {
+            let mut ready = g.streams.iter().filter(|(_, q)| q.ready()).map(|(&k, _)| k);
+            let (first, second) = (ready.next(), ready.next());
+            if let Some(a) = first {
+                g = self.step(g, a, second);
+                continue;
+            }
             drop(g);
-            let da = ca.as_ref();
-            let (paired, alone) = match other.as_mut() {
-                Some((_, hb, cb)) => {
-                    let db = cb.as_ref();
-                    update_pair(&mut ha, da, hb, db);
-                    let common = da.len().min(db.len());
-                    (2 * common, da.len() + db.len() - 2 * common)
-                }
-                None => {
-                    ha.update(da);
-                    (0, da.len())
-                }
-            };
+            if other_work() {
+                g = self.lock();
+                continue;
+            }
             g = self.lock();
-            g.paired += paired as u64;
-            g.alone += alone as u64;
-            give_back(&mut g, id, ha);
-            let spent_b = other.map(|(p, hb, cb)| {
-                give_back(&mut g, p, hb);
-                cb
-            });
-            self.returned.notify_all();
-            // Release the chunks (for a mapping, an munmap) without holding the lock.
-            drop(g);
-            drop((ca, spent_b));
-            g = self.lock();
+            if g.streams.is_empty() {
+                break;
+            }
+            g = self
+                .returned
+                .wait_timeout(g, std::time::Duration::from_micros(500))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -190,6 +234,8 @@ impl<C: AsRef<[u8]>> Stream<'_, C> {
             Some(q) => q.waiting.push_back(chunk),
             None => return,
         }
+        // A helper (`help_until_done`) may be waiting for it.
+        self.pairs.returned.notify_all();
         drop(self.pairs.work(g, self.id, false));
     }
 
@@ -259,6 +305,49 @@ mod tests {
             chunks.iter().for_each(|c| h.update(c));
             assert_eq!(got, <[u8; 32]>::from(h.finalize()));
         }
+        assert!(pairs.lock().streams.is_empty());
+    }
+
+    #[test]
+    fn a_helper_hashes_waiting_chunks_and_returns_when_the_streams_are_done() {
+        let pairs = HashPairs::new();
+        let data: Vec<Vec<u8>> = (0..6)
+            .map(|c| bytes(100_000 + c * 7_001, c as u64))
+            .collect();
+        let (a, b) = (pairs.stream(), pairs.stream());
+        let (ga, gb) = std::thread::scope(|s| {
+            let helper = s.spawn(|| pairs.help_until_done(|| false));
+            // One chunk of `b`, then `a` alone: its chunks would wait for a partner, the
+            // helper takes them.
+            b.submit(data[0].clone());
+            let gb = b.finish();
+            for c in &data[1..] {
+                a.submit(c.clone());
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !pairs.lock().streams[&a.id].waiting.is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the helper took no chunk"
+                );
+                std::thread::yield_now();
+            }
+            let ga = a.finish();
+            helper.join().unwrap();
+            (ga, gb)
+        });
+        let digest = |chunks: &[Vec<u8>]| {
+            let mut h = sha2::Sha256::new();
+            chunks.iter().for_each(|c| h.update(c));
+            <[u8; 32]>::from(h.finalize())
+        };
+        assert_eq!(ga, digest(&data[1..]));
+        assert_eq!(gb, digest(&data[..1]));
+        let (paired, alone) = pairs.counts();
+        assert_eq!(
+            paired + alone,
+            data.iter().map(|c| c.len() as u64).sum::<u64>()
+        );
         assert!(pairs.lock().streams.is_empty());
     }
 

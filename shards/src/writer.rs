@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arrow::array::{
     ArrayRef, BinaryArray, BinaryBuilder, Float64Array, Int32Array, Int64Array, ListArray,
@@ -328,13 +329,39 @@ pub fn write_dataset(
         progress,
         hashes: &hashes,
     };
-    // At most `threads` shards in flight: memory stays bounded by a few row groups per thread.
-    for batch in todo.chunks(threads) {
-        let done: Vec<Result<ShardRecord>> =
-            pool.install(|| batch.par_iter().map(|&i| ctx.write_shard(i)).collect());
-        for (rec, &i) in done.into_iter().zip(batch) {
-            records.insert(i, rec?);
+    // One shard at a time per pool thread, each thread taking the next shard as soon as its
+    // last one is done: at most `threads` shards in flight (memory stays bounded by a few row
+    // groups per thread), and no thread waits for a slower shard to finish before it starts
+    // another. Shards are taken in order, so when one fails every lower one has already
+    // started; they finish, no new one starts, and the lowest failure is the one reported, as
+    // with one thread.
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let done: Mutex<Vec<(u32, Result<ShardRecord>)>> = Mutex::new(Vec::new());
+    let lanes = threads.min(todo.len());
+    pool.broadcast(|lane| {
+        if lane.index() >= lanes {
+            return;
         }
+        while !failed.load(Ordering::SeqCst) {
+            let Some(&i) = todo.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                break;
+            };
+            let rec = ctx.write_shard(i);
+            if rec.is_err() {
+                failed.store(true, Ordering::SeqCst);
+            }
+            done.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((i, rec));
+        }
+        // Out of shards: hash the ones still being written, and run their pending reads.
+        hashes.help_until_done(|| rayon::yield_now() == Some(rayon::Yield::Executed));
+    });
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_by_key(|(i, _)| *i);
+    for (i, rec) in done {
+        records.insert(i, rec?);
     }
 
     let (paired, alone) = hashes.counts();

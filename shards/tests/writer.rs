@@ -224,6 +224,43 @@ fn bad_inputs_are_skipped_and_listed_or_fail_naming_the_file() {
     assert!(!out2.join("manifest.json").exists());
 }
 
+#[test]
+fn with_several_threads_a_failure_names_the_lowest_bad_shards_file() {
+    // Threads take shards one after another as they finish theirs; under `--on-error fail` the
+    // reported file must still be the one a single thread would hit first.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("train");
+    bad_inputs_root(&root);
+    let c = root.join("n00000001");
+    let good = std::fs::read(c.join("good.JPEG")).unwrap();
+    for f in ["bomb", "corrupt", "empty", "notes", "truncated"] {
+        std::fs::remove_file(c.join(format!("{f}.JPEG"))).unwrap();
+    }
+    for k in 0..12 {
+        std::fs::write(c.join(format!("g{k:02}.JPEG")), &good).unwrap();
+    }
+    // Sorted order with two rows a shard: g07x is in shard 4, g10x in shard 6.
+    std::fs::write(c.join("g07x.JPEG"), b"").unwrap();
+    std::fs::write(c.join("g10x.JPEG"), b"not an image").unwrap();
+    let listing = folder_listing(&root);
+    for threads in [1, 3, 8] {
+        for run in 0..3 {
+            let out = tmp.path().join(format!("out-{threads}-{run}"));
+            let err = write_fail(&listing, &out, |o| {
+                o.shuffle = false;
+                o.shard_rows = 2;
+                o.row_group_rows = 1;
+                o.threads = threads;
+            });
+            assert!(
+                err.to_string().contains("g07x.JPEG"),
+                "{threads} threads: {err}"
+            );
+            assert!(!out.join("manifest.json").exists());
+        }
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn dangling_symlinks_are_skipped_with_their_reason_not_fatal() {
