@@ -206,9 +206,13 @@ impl Progress for Bar {
 pub fn run(args: Args) -> Result<()> {
     // The reported time covers listing too, as a user (and the benchmark's baseline) sees it.
     let start = Instant::now();
-    let (listing, common) = match args.command {
+    // Listing stats every file, in parallel: on as many threads as the shards are written with.
+    let threads = match &args.command {
+        ShardCommand::Imagenet { common, .. }
+        | ShardCommand::Coco { common, .. }
+        | ShardCommand::Ade20k { common, .. } => common.threads.unwrap_or(0),
         ShardCommand::Merge { out, parts } => {
-            let m = writer::merge_parts(&out, &parts)
+            let m = writer::merge_parts(out, parts)
                 .with_context(|| format!("merging parts into {}", out.display()))?;
             println!(
                 "merged {} parts: {} shards, {} rows, {} skipped -> {}",
@@ -220,6 +224,22 @@ pub fn run(args: Args) -> Result<()> {
             );
             return Ok(());
         }
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("list-{i}"))
+        .build()
+        .context("starting the listing threads")?;
+    let (listing, common) = pool.install(|| list(args.command))?;
+    drop(pool);
+    write(&listing, &common, start)
+}
+
+/// Lists the inputs of a `shard` command.
+fn list(command: ShardCommand) -> Result<(Listing, Common)> {
+    Ok(match command {
+        // `run` has done it: nothing to list.
+        ShardCommand::Merge { .. } => anyhow::bail!("`shard merge` lists no inputs"),
         ShardCommand::Imagenet {
             root,
             classes,
@@ -262,8 +282,7 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("listing ADE20K at {}", root.display()))?,
             common,
         ),
-    };
-    write(&listing, &common, start)
+    })
 }
 
 fn write(listing: &Listing, common: &Common, start: Instant) -> Result<()> {

@@ -7,6 +7,7 @@ pub mod imagenet;
 
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, ShardError};
@@ -203,24 +204,52 @@ pub(crate) fn read_error(path: &Path, e: &std::io::Error) -> String {
 
 /// Regular files under `dir`, recursively, sorted by path. Hidden entries are included (they
 /// are reported as skipped later if they are not images, never silently dropped).
+///
+/// A folder's entries are looked at in parallel, on the current rayon pool: listing takes one
+/// `stat` per file (for its size and time, which resume and the in-place reads rely on), a
+/// round trip each on a network file system, 1.28 M of them for ImageNet's train split.
 pub(crate) fn walk_files(dir: &Path) -> Result<Vec<(PathBuf, FileStat)>> {
     let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).map_err(|e| ShardError::io(&d, e))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| ShardError::io(&d, e))?;
-            let path = entry.path();
-            match kind_of(&path)? {
-                EntryKind::Dir => stack.push(path),
-                EntryKind::File(stat) => out.push((path, stat)),
-                EntryKind::Other => {}
-            }
+    walk_into(dir, &mut out)?;
+    // Paths are unique: sorting by them alone is a total order.
+    out.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// What one folder entry holds for [`walk_files`].
+enum Walked {
+    Files(Vec<(PathBuf, FileStat)>),
+    File(PathBuf, FileStat),
+    Nothing,
+}
+
+fn walk_into(d: &Path, out: &mut Vec<(PathBuf, FileStat)>) -> Result<()> {
+    let rd = std::fs::read_dir(d).map_err(|e| ShardError::io(d, e))?;
+    let paths = rd
+        .map(|entry| entry.map(|e| e.path()).map_err(|e| ShardError::io(d, e)))
+        .collect::<Result<Vec<PathBuf>>>()?;
+    let walked = paths
+        .into_par_iter()
+        .map(|path| {
+            Ok(match kind_of(&path)? {
+                EntryKind::Dir => {
+                    let mut files = Vec::new();
+                    walk_into(&path, &mut files)?;
+                    Walked::Files(files)
+                }
+                EntryKind::File(stat) => Walked::File(path, stat),
+                EntryKind::Other => Walked::Nothing,
+            })
+        })
+        .collect::<Result<Vec<Walked>>>()?;
+    for w in walked {
+        match w {
+            Walked::Files(files) => out.extend(files),
+            Walked::File(path, stat) => out.push((path, stat)),
+            Walked::Nothing => {}
         }
     }
-    // Paths are unique: sorting by them alone is a total order.
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    Ok(())
 }
 
 /// Immediate subfolders of `dir`, sorted by name.
@@ -255,4 +284,52 @@ pub(crate) fn files_in(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_files_lists_every_file_below_sorted_with_its_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let mut want = Vec::new();
+        for (k, rel) in [
+            "b/x.JPEG",
+            "a/deep/er/1.png",
+            "a/.hidden",
+            "a/z",
+            "c/d/e/f/g.JPEG",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, vec![7u8; 10 * k + 1]).unwrap();
+            want.push((p, 10 * k as u64 + 1));
+        }
+        std::fs::create_dir_all(root.join("empty/folder")).unwrap();
+        #[cfg(unix)]
+        {
+            // A dangling link is listed (size 0), so reading it fails with a reason later.
+            std::os::unix::fs::symlink(root.join("gone"), root.join("b/link.JPEG")).unwrap();
+            want.push((root.join("b/link.JPEG"), 0));
+        }
+        want.sort();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let got: Vec<(PathBuf, u64)> = pool
+            .install(|| walk_files(root))
+            .unwrap()
+            .into_iter()
+            .map(|(p, s)| (p, s.len))
+            .collect();
+        assert_eq!(got, want);
+        let err = walk_files(&root.join("missing")).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
 }
