@@ -203,7 +203,7 @@ impl<C: AsRef<[u8]>> HashPairs<C> {
             }
             g = self
                 .returned
-                .wait_timeout(g, std::time::Duration::from_micros(500))
+                .wait_timeout(g, std::time::Duration::from_millis(2))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
