@@ -7,7 +7,9 @@
 //! otherwise it leaves its own chunk waiting for a partner, at most [`WAITING`] of them, and
 //! hashes the oldest alone beyond that, so a lone shard is never held up. A stream's chunks are
 //! always hashed in the order they were submitted: one thread at a time holds a stream's
-//! hasher, and only the front of its queue is taken.
+//! hasher, and only the front of its queue is taken. A thread with no shard of its own left can
+//! hash the others' waiting chunks ([`HashPairs::help_until_done`]), so that the last shards of
+//! a run need not hash theirs alone after their last row group.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
