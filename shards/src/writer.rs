@@ -681,11 +681,13 @@ impl<'p> ShardSink<'p> {
             if len == 0 {
                 return;
             }
-            // SAFETY: plain syscall on an fd we own; on failure nothing was reserved.
-            let r = unsafe {
-                libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len)
-            };
-            self.preallocated = r == 0;
+            // SAFETY: plain syscall on an fd we own. Its result is not needed: a failure (no
+            // support, or no space) may still have reserved part of the range, which
+            // `finish` releases all the same.
+            unsafe {
+                libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len);
+            }
+            self.preallocated = true;
         }
         #[cfg(not(target_os = "linux"))]
         let _ = bytes;
