@@ -209,21 +209,21 @@ pub(crate) fn read_error(path: &Path, e: &std::io::Error) -> String {
 /// `stat` per file (for its size and time, which resume and the in-place reads rely on), a
 /// round trip each on a network file system, 1.28 M of them for ImageNet's train split.
 pub(crate) fn walk_files(dir: &Path) -> Result<Vec<(PathBuf, FileStat)>> {
-    let mut out = Vec::new();
-    walk_into(dir, &mut out)?;
+    let mut out = files_below(dir)?;
     // Paths are unique: sorting by them alone is a total order.
     out.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
-/// What one folder entry holds for [`walk_files`].
+/// What one folder entry holds for [`files_below`].
 enum Walked {
     Files(Vec<(PathBuf, FileStat)>),
     File(PathBuf, FileStat),
     Nothing,
 }
 
-fn walk_into(d: &Path, out: &mut Vec<(PathBuf, FileStat)>) -> Result<()> {
+/// [`walk_files`] without the sort.
+fn files_below(d: &Path) -> Result<Vec<(PathBuf, FileStat)>> {
     let rd = std::fs::read_dir(d).map_err(|e| ShardError::io(d, e))?;
     let paths = rd
         .map(|entry| entry.map(|e| e.path()).map_err(|e| ShardError::io(d, e)))
@@ -232,16 +232,13 @@ fn walk_into(d: &Path, out: &mut Vec<(PathBuf, FileStat)>) -> Result<()> {
         .into_par_iter()
         .map(|path| {
             Ok(match kind_of(&path)? {
-                EntryKind::Dir => {
-                    let mut files = Vec::new();
-                    walk_into(&path, &mut files)?;
-                    Walked::Files(files)
-                }
+                EntryKind::Dir => Walked::Files(files_below(&path)?),
                 EntryKind::File(stat) => Walked::File(path, stat),
                 EntryKind::Other => Walked::Nothing,
             })
         })
         .collect::<Result<Vec<Walked>>>()?;
+    let mut out = Vec::new();
     for w in walked {
         match w {
             Walked::Files(files) => out.extend(files),
@@ -249,7 +246,7 @@ fn walk_into(d: &Path, out: &mut Vec<(PathBuf, FileStat)>) -> Result<()> {
             Walked::Nothing => {}
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Immediate subfolders of `dir`, sorted by name.
