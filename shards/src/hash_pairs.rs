@@ -23,7 +23,7 @@ const WAITING: usize = 8;
 pub struct HashPairs<C> {
     inner: Mutex<Inner<C>>,
     /// Signalled whenever a hasher is handed back or a chunk arrives.
-    returned: Condvar,
+    changed: Condvar,
 }
 
 struct Inner<C> {
@@ -67,7 +67,7 @@ impl<C: AsRef<[u8]>> HashPairs<C> {
                 paired: 0,
                 alone: 0,
             }),
-            returned: Condvar::new(),
+            changed: Condvar::new(),
         }
     }
 
@@ -118,7 +118,7 @@ impl<C: AsRef<[u8]>> HashPairs<C> {
                 if !finishing && n <= keep + 1 {
                     return g;
                 }
-                g = self.returned.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
             if n == 0 {
@@ -171,7 +171,7 @@ impl<C: AsRef<[u8]>> HashPairs<C> {
             give_back(&mut g, p, hb);
             cb
         });
-        self.returned.notify_all();
+        self.changed.notify_all();
         // Release the chunks (for a mapping, an munmap) without holding the lock.
         drop(g);
         drop((ca, spent_b));
@@ -204,7 +204,7 @@ impl<C: AsRef<[u8]>> HashPairs<C> {
                 break;
             }
             g = self
-                .returned
+                .changed
                 .wait_timeout(g, std::time::Duration::from_millis(2))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -237,7 +237,7 @@ impl<C: AsRef<[u8]>> Stream<'_, C> {
             None => return,
         }
         // A helper (`help_until_done`) may be waiting for it.
-        self.pairs.returned.notify_all();
+        self.pairs.changed.notify_all();
         drop(self.pairs.work(g, self.id, false));
     }
 
