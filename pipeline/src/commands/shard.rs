@@ -211,8 +211,27 @@ pub fn run(args: Args) -> Result<()> {
         ShardCommand::Imagenet { common, .. }
         | ShardCommand::Coco { common, .. }
         | ShardCommand::Ade20k { common, .. } => common.threads.unwrap_or(0),
+        ShardCommand::Merge { .. } => 1,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("list-{i}"))
+        .build()
+        .context("starting the listing threads")?;
+    let listed = pool.install(|| list_or_merge(args.command))?;
+    drop(pool);
+    match listed {
+        Some((listing, common)) => write(&listing, &common, start),
+        None => Ok(()),
+    }
+}
+
+/// Lists the inputs of a `shard` command; `shard merge` has none: it joins its parts' manifests
+/// here.
+fn list_or_merge(command: ShardCommand) -> Result<Option<(Listing, Common)>> {
+    Ok(Some(match command {
         ShardCommand::Merge { out, parts } => {
-            let m = writer::merge_parts(out, parts)
+            let m = writer::merge_parts(&out, &parts)
                 .with_context(|| format!("merging parts into {}", out.display()))?;
             println!(
                 "merged {} parts: {} shards, {} rows, {} skipped -> {}",
@@ -222,24 +241,8 @@ pub fn run(args: Args) -> Result<()> {
                 m.skipped.len(),
                 out.join(droppos_shards::MANIFEST_FILE).display()
             );
-            return Ok(());
+            return Ok(None);
         }
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("list-{i}"))
-        .build()
-        .context("starting the listing threads")?;
-    let (listing, common) = pool.install(|| list(args.command))?;
-    drop(pool);
-    write(&listing, &common, start)
-}
-
-/// Lists the inputs of a `shard` command.
-fn list(command: ShardCommand) -> Result<(Listing, Common)> {
-    Ok(match command {
-        // `run` has done it: nothing to list.
-        ShardCommand::Merge { .. } => anyhow::bail!("`shard merge` lists no inputs"),
         ShardCommand::Imagenet {
             root,
             classes,
@@ -282,7 +285,7 @@ fn list(command: ShardCommand) -> Result<(Listing, Common)> {
             .with_context(|| format!("listing ADE20K at {}", root.display()))?,
             common,
         ),
-    })
+    }))
 }
 
 fn write(listing: &Listing, common: &Common, start: Instant) -> Result<()> {
