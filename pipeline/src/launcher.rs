@@ -1,5 +1,6 @@
 //! `droppos-pipeline`: the command users run. The data commands (`shard`, `verify`, `stats`,
-//! `bench loader`, `bench jpeg-decode`, `bench sha256`) run in this binary, which does not link
+//! `bench loader`, `bench jpeg-decode`, `bench sha256`,
+//! `bench store-floor`) run in this binary, which does not link
 //! libtorch: libtorch's static initialisation alone takes ~0.6 s, more than sharding a few
 //! thousand images. Every other command (and the top-level help) runs in
 //! `droppos-pipeline-torch`, installed next to this binary, which this one `exec`s with the same
@@ -14,6 +15,8 @@ mod bench_loader;
 mod bench_rounds;
 #[path = "commands/bench_sha256.rs"]
 mod bench_sha256;
+#[path = "commands/bench_store_floor.rs"]
+mod bench_store_floor;
 mod cli;
 mod logging;
 mod malloc;
@@ -54,6 +57,8 @@ enum Bench {
     JpegDecode(bench_jpeg::Args),
     #[command(about = bench_sha256::ABOUT)]
     Sha256(bench_sha256::Args),
+    #[command(about = bench_store_floor::ABOUT)]
+    StoreFloor(bench_store_floor::Args),
 }
 
 /// Whether `args` name a command this binary runs: the first two positional arguments after
@@ -82,7 +87,7 @@ fn runs_here(args: &[OsString]) -> bool {
         Some("shard" | "verify" | "stats") => true,
         Some("bench") => matches!(
             positional.get(1).map(String::as_str),
-            Some("loader" | "jpeg-decode" | "sha256")
+            Some("loader" | "jpeg-decode" | "sha256" | "store-floor")
         ),
         _ => false,
     }
@@ -101,6 +106,7 @@ fn main() -> Result<()> {
         Command::Bench(Bench::Loader(a)) => bench_loader::run(a),
         Command::Bench(Bench::JpegDecode(a)) => bench_jpeg::run(a),
         Command::Bench(Bench::Sha256(a)) => bench_sha256::run(a),
+        Command::Bench(Bench::StoreFloor(a)) => bench_store_floor::run(a),
     }
 }
 

@@ -303,3 +303,35 @@ fn bench_sha256_reports_both_forms() {
     let sha = false;
     assert_eq!(report["interleaved"].as_bool(), Some(sha), "{report}");
 }
+
+/// `bench store-floor` runs in the data binary over a folder's files, leaves no scratch file
+/// behind, and its floor is the sum of its three parts.
+#[test]
+fn bench_store_floor_reports_the_sum_of_read_write_and_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = bin();
+    c.args([
+        "bench",
+        "store-floor",
+        "--rounds",
+        "1",
+        "--threads",
+        "2",
+        "--root",
+    ])
+    .arg(data_root().join("imagenet/train"))
+    .arg("--out")
+    .arg(tmp.path());
+    let out = run_ok(&mut c);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = |k: &str| r[k].as_f64().unwrap();
+    assert!(r["files"].as_u64().unwrap() > 0, "{r}");
+    let sum = f("read_s") + f("write_s") + f("sha256_two_streams_s");
+    assert!((f("floor_cpu_s") - sum).abs() < 1e-9, "{r}");
+    assert!((f("floor_wall_s") - sum / 2.0).abs() < 1e-9, "{r}");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "scratch file left"
+    );
+}

@@ -21,6 +21,8 @@ pub enum BenchCommand {
     JpegDecode(super::bench_jpeg::Args),
     #[command(about = super::bench_sha256::ABOUT)]
     Sha256(super::bench_sha256::Args),
+    #[command(about = super::bench_store_floor::ABOUT)]
+    StoreFloor(super::bench_store_floor::Args),
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -30,5 +32,6 @@ pub fn run(args: Args) -> Result<()> {
         BenchCommand::Onnx(a) => super::bench_onnx::run(a),
         BenchCommand::JpegDecode(a) => super::bench_jpeg::run(a),
         BenchCommand::Sha256(a) => super::bench_sha256::run(a),
+        BenchCommand::StoreFloor(a) => super::bench_store_floor::run(a),
     }
 }

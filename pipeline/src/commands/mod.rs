@@ -6,6 +6,7 @@ pub mod bench_loader;
 pub mod bench_onnx;
 pub mod bench_rounds;
 pub mod bench_sha256;
+pub mod bench_store_floor;
 pub mod bench_train_step;
 pub mod doctor;
 pub mod eval;
