@@ -473,3 +473,73 @@ fn lvis_and_objects365_style_json_is_read() {
     assert!(err.to_string().contains("lvis_v1_val.json"), "{err}");
     assert!(err.to_string().contains("coco_url"), "{err}");
 }
+
+/// Listing edge cases of a tree on disk: a link back to a containing folder is not followed
+/// (one row, not one per loop), a name that is not UTF-8 is skipped with its reason (a lossy key
+/// would name no file), `--root .` still names the split, and a blank line between classes in
+/// a class file is an error (labels are line numbers).
+#[cfg(unix)]
+#[test]
+fn imagenet_listing_links_odd_names_dot_root_and_blank_class_lines() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("train");
+    // Any sample image: the bytes do not matter to the listing.
+    let first_in = |d: std::path::PathBuf| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v.remove(0)
+    };
+    let jpeg = std::fs::read(first_in(first_in(data_root().join("imagenet/train")))).unwrap();
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        std::fs::write(root.join(class).join("x.JPEG"), &jpeg).unwrap();
+    }
+    // Two loops: followed blindly, the walk branches without end.
+    std::os::unix::fs::symlink("..", root.join("b/l1")).unwrap();
+    std::os::unix::fs::symlink("..", root.join("b/l2")).unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"bad\xffname.JPEG");
+    std::fs::write(root.join("a").join(odd), &jpeg).unwrap();
+    let l = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let keys: Vec<&str> = l.items.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, ["a/x.JPEG", "b/x.JPEG"]);
+    assert_eq!(l.skipped.len(), 1, "{:?}", l.skipped);
+    assert!(l.skipped[0].reason.contains("UTF-8"), "{:?}", l.skipped);
+
+    let l = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.join("a").join(".."),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(l.split, "train");
+
+    let classes = tmp.path().join("classes.txt");
+    std::fs::write(&classes, "a first\n\nb second\n\n").unwrap();
+    let err = imagenet::list(&imagenet::ImagenetOptions {
+        root: root.clone(),
+        classes: Some(classes.clone()),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("classes.txt") && err.contains("line 2"),
+        "{err}"
+    );
+    // Blank lines at the end are harmless.
+    std::fs::write(&classes, "a first\nb second\n\n\n").unwrap();
+    let l = imagenet::list(&imagenet::ImagenetOptions {
+        root,
+        classes: Some(classes),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(l.classes.len(), 2);
+}

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{rel_key, require_dir, walk_files, InputItem, Listing, Target};
+use super::{rel_key, require_dir, utf8_key, walk_files, InputItem, Listing, Target};
 use crate::error::{Result, ShardError};
 use crate::format::Dataset;
 use crate::manifest::{ClassEntry, SkippedEntry};
@@ -107,8 +107,15 @@ pub fn list(opts: &Ade20kOptions) -> Result<Listing> {
             continue;
         }
         paired.insert(mask.clone());
+        let Some(key) = utf8_key(root, &path) else {
+            skipped.push(SkippedEntry {
+                path: rel_key(root, &path),
+                reason: super::NOT_UTF8.into(),
+            });
+            continue;
+        };
         items.push(InputItem {
-            key: rel_key(root, &path),
+            key,
             path,
             size: stat.len,
             modified: stat.modified,

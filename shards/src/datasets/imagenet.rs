@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use super::{
-    files_in, rel_key, require_dir, subdirs, walk_files, FileStat, InputItem, Listing, Target,
+    files_in, rel_key, require_dir, subdirs, utf8_key, walk_files, FileStat, InputItem, Listing,
+    Target, NOT_UTF8,
 };
 use crate::error::{Result, ShardError};
 use crate::format::Dataset;
@@ -38,10 +39,24 @@ pub fn read_class_file(path: &Path) -> Result<Vec<ClassEntry>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut classes = Vec::new();
     let mut seen = HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
+    // A label is its class's 0-based line number: a blank line before the last class would
+    // either shift every label after it or leave a label with no class, so it is an error
+    // (blank lines at the end are harmless).
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let used = lines
+        .iter()
+        .rposition(|l| !l.is_empty())
+        .map_or(0, |i| i + 1);
+    for (n, &line) in lines[..used].iter().enumerate() {
         if line.is_empty() {
-            continue;
+            return Err(ShardError::dataset(
+                path,
+                format!(
+                    "line {} is blank: each line is one class and its 0-based line number is \
+                     the label, so a blank line between classes is ambiguous; remove it",
+                    n + 1
+                ),
+            ));
         }
         let (id, name) = match line.split_once(char::is_whitespace) {
             Some((id, rest)) => (id, rest.trim()),
@@ -71,11 +86,23 @@ fn file_name_of(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The split's default name: the root folder's own name, also when the root is given as `.`
+/// or `..` (which have none until resolved).
+fn split_name(root: &Path) -> String {
+    match root.file_name() {
+        Some(n) => n.to_string_lossy().into_owned(),
+        None => root
+            .canonicalize()
+            .map(|r| file_name_of(&r))
+            .unwrap_or_default(),
+    }
+}
+
 /// Lists an ImageNet split.
 pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
     let root = &opts.root;
     require_dir(root, "ImageNet root")?;
-    let split = opts.split.clone().unwrap_or_else(|| file_name_of(root));
+    let split = opts.split.clone().unwrap_or_else(|| split_name(root));
     let folders = subdirs(root)?;
     let classes = match &opts.classes {
         Some(f) => read_class_file(f)?,
@@ -225,8 +252,15 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
                     FileStat::of(&std::fs::metadata(&path).map_err(|e| ShardError::io(&path, e))?)
                 }
             };
+            let Some(key) = utf8_key(root, &path) else {
+                skipped.push(SkippedEntry {
+                    path: rel_key(root, &path),
+                    reason: NOT_UTF8.into(),
+                });
+                continue;
+            };
             items.push(InputItem {
-                key: rel_key(root, &path),
+                key,
                 path,
                 size: stat.len,
                 modified: stat.modified,
@@ -260,8 +294,15 @@ pub fn list(opts: &ImagenetOptions) -> Result<Listing> {
             match index.get(name.as_str()) {
                 Some(&label) => {
                     for (path, stat) in files {
+                        let Some(key) = utf8_key(root, &path) else {
+                            skipped.push(SkippedEntry {
+                                path: rel_key(root, &path),
+                                reason: NOT_UTF8.into(),
+                            });
+                            continue;
+                        };
                         items.push(InputItem {
-                            key: rel_key(root, &path),
+                            key,
                             path,
                             size: stat.len,
                             modified: stat.modified,

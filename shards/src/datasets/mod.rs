@@ -139,8 +139,20 @@ impl Listing {
     pub(crate) fn finish(mut self) -> Result<Self> {
         self.items.sort_by(|a, b| a.key.cmp(&b.key));
         if let Some(w) = self.items.windows(2).find(|w| w[0].key == w[1].key) {
+            let how = if w[0].path == w[1].path {
+                format!(
+                    "{} is listed twice (a --list file naming it on two lines?)",
+                    w[0].path.display()
+                )
+            } else {
+                format!(
+                    "{} and {} would be the same row",
+                    w[0].path.display(),
+                    w[1].path.display()
+                )
+            };
             return Err(ShardError::InvalidOptions(format!(
-                "duplicate input key {:?}",
+                "duplicate input key {:?}: {how}",
                 w[0].key
             )));
         }
@@ -149,7 +161,24 @@ impl Listing {
     }
 }
 
-/// Key of `path` under `root`: relative, `/`-separated, UTF-8 (lossy for odd names).
+/// The row key of `path` under `root` (relative, `/`-separated), or `None` when a name in it is
+/// not valid UTF-8: keys are UTF-8 text, and a lossy one would name no file (and two such
+/// names can become one key).
+pub(crate) fn utf8_key(root: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    let parts = rel
+        .components()
+        .map(|c| c.as_os_str().to_str())
+        .collect::<Option<Vec<_>>>()?;
+    Some(parts.join("/"))
+}
+
+/// Why an input whose name is not UTF-8 is skipped (see [`utf8_key`]).
+pub(crate) const NOT_UTF8: &str =
+    "file or folder name is not valid UTF-8 (row keys are UTF-8 text): rename it";
+
+/// Key of `path` under `root` for messages and skip lists: relative, `/`-separated, UTF-8
+/// (lossy for odd names).
 pub(crate) fn rel_key(root: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(root).unwrap_or(path);
     rel.components()
@@ -169,8 +198,22 @@ pub(crate) fn require_dir(dir: &Path, what: &str) -> Result<()> {
     }
 }
 
+/// A folder's identity (device and inode), where the platform has one.
+type FolderId = (u64, u64);
+
+#[cfg(unix)]
+fn folder_id(m: &std::fs::Metadata) -> Option<FolderId> {
+    use std::os::unix::fs::MetadataExt;
+    Some((m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn folder_id(_: &std::fs::Metadata) -> Option<FolderId> {
+    None
+}
+
 enum EntryKind {
-    Dir,
+    Dir(Option<FolderId>),
     /// A regular file, or a dangling symlink (size 0): the latter is listed so that reading it
     /// fails under the `--on-error` policy with a reason, not lost silently.
     File(FileStat),
@@ -181,7 +224,7 @@ enum EntryKind {
 /// What `path` is, following symlinks (datasets are often linked farms).
 fn kind_of(path: &Path) -> Result<EntryKind> {
     match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => Ok(EntryKind::Dir),
+        Ok(m) if m.is_dir() => Ok(EntryKind::Dir(folder_id(&m))),
         Ok(m) if m.is_file() => Ok(EntryKind::File(FileStat::of(&m))),
         Ok(_) => Ok(EntryKind::Other),
         Err(e) => match std::fs::symlink_metadata(path) {
@@ -208,8 +251,20 @@ pub(crate) fn read_error(path: &Path, e: &std::io::Error) -> String {
 /// A folder's entries are looked at in parallel, on the current rayon pool: listing takes one
 /// `stat` per file (for its size and time, which resume and the in-place reads rely on), a
 /// round trip each on a network file system, 1.28 M of them for ImageNet's train split.
+///
+/// Symbolic links are followed (datasets are often linked farms), except a link to a folder
+/// that contains it (`loop -> ..`): that would list the same files again under ever longer
+/// paths, and two such links never end. Its files are already listed under their real path,
+/// so it is passed over with a warning.
 pub(crate) fn walk_files(dir: &Path) -> Result<Vec<(PathBuf, FileStat)>> {
-    let mut out = files_below(dir)?;
+    // The folder and every folder above it: a link back to any of them is a cycle.
+    let above: Vec<FolderId> = dir
+        .canonicalize()
+        .map_err(|e| ShardError::io(dir, e))?
+        .ancestors()
+        .filter_map(|a| std::fs::metadata(a).ok().and_then(|m| folder_id(&m)))
+        .collect();
+    let mut out = files_below(dir, &above)?;
     // Paths are unique: sorting by them alone is a total order.
     out.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
@@ -222,8 +277,8 @@ enum Walked {
     Nothing,
 }
 
-/// [`walk_files`] without the sort.
-fn files_below(d: &Path) -> Result<Vec<(PathBuf, FileStat)>> {
+/// [`walk_files`] without the sort; `above` holds `d` and the folders above it.
+fn files_below(d: &Path, above: &[FolderId]) -> Result<Vec<(PathBuf, FileStat)>> {
     let rd = std::fs::read_dir(d).map_err(|e| ShardError::io(d, e))?;
     let paths = rd
         .map(|entry| entry.map(|e| e.path()).map_err(|e| ShardError::io(d, e)))
@@ -232,7 +287,19 @@ fn files_below(d: &Path) -> Result<Vec<(PathBuf, FileStat)>> {
         .into_par_iter()
         .map(|path| {
             Ok(match kind_of(&path)? {
-                EntryKind::Dir => Walked::Files(files_below(&path)?),
+                EntryKind::Dir(Some(id)) if above.contains(&id) => {
+                    tracing::warn!(
+                        "{} links back to a folder that contains it: not followed (its files \
+                         are listed under their own path)",
+                        path.display()
+                    );
+                    Walked::Nothing
+                }
+                EntryKind::Dir(id) => {
+                    let mut below = above.to_vec();
+                    below.extend(id);
+                    Walked::Files(files_below(&path, &below)?)
+                }
                 EntryKind::File(stat) => Walked::File(path, stat),
                 EntryKind::Other => Walked::Nothing,
             })
@@ -256,7 +323,7 @@ pub(crate) fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     for entry in rd {
         let entry = entry.map_err(|e| ShardError::io(dir, e))?;
         let path = entry.path();
-        if matches!(kind_of(&path)?, EntryKind::Dir) {
+        if matches!(kind_of(&path)?, EntryKind::Dir(_)) {
             out.push((entry.file_name().to_string_lossy().into_owned(), path));
         }
     }
