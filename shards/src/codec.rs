@@ -26,6 +26,9 @@ pub enum ImageFormat {
     WebP,
     /// TIFF (first page): always converted.
     Tiff,
+    /// Netpbm PBM / PGM / PPM, plain or raw (P1-P6; torchvision's ImageFolder takes `.ppm` and
+    /// `.pgm`): always converted.
+    Pnm,
 }
 
 impl ImageFormat {
@@ -38,6 +41,7 @@ impl ImageFormat {
             ImageFormat::Gif => image::ImageFormat::Gif,
             ImageFormat::WebP => image::ImageFormat::WebP,
             ImageFormat::Tiff => image::ImageFormat::Tiff,
+            ImageFormat::Pnm => image::ImageFormat::Pnm,
         }
     }
 
@@ -50,6 +54,7 @@ impl ImageFormat {
             ImageFormat::Gif => "gif",
             ImageFormat::WebP => "webp",
             ImageFormat::Tiff => "tiff",
+            ImageFormat::Pnm => "pnm",
         }
     }
 }
@@ -103,7 +108,11 @@ impl HeaderInfo {
         match self.format {
             ImageFormat::Jpeg => self.bit_depth == 8 && matches!(self.components, 1 | 3),
             ImageFormat::Png => self.bit_depth == 8 && matches!(self.png_color_type, 0 | 2),
-            ImageFormat::Bmp | ImageFormat::Gif | ImageFormat::WebP | ImageFormat::Tiff => false,
+            ImageFormat::Bmp
+            | ImageFormat::Gif
+            | ImageFormat::WebP
+            | ImageFormat::Tiff
+            | ImageFormat::Pnm => false,
         }
     }
 }
@@ -126,6 +135,12 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, ImageRejection> {
         Ok(ImageFormat::WebP)
     } else if starts(b"II*\0") || starts(b"MM\0*") {
         Ok(ImageFormat::Tiff)
+    } else if bytes.len() > 2
+        && bytes[0] == b'P'
+        && matches!(bytes[1], b'1'..=b'6')
+        && bytes[2].is_ascii_whitespace()
+    {
+        Ok(ImageFormat::Pnm)
     } else if starts(b"II+\0") || starts(b"MM\0+") {
         // BigTIFF: the `image` crate's TIFF decoder does not take it.
         Err(ImageRejection::UnsupportedFormat("bigtiff"))
@@ -1186,6 +1201,10 @@ mod tests {
         assert_eq!(sniff(b"GIF89a....").unwrap(), ImageFormat::Gif);
         assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 ").unwrap(), ImageFormat::WebP);
         assert_eq!(sniff(b"II*\0\x08\0\0\0").unwrap(), ImageFormat::Tiff);
+        assert_eq!(sniff(b"P6\n3 2\n255\n").unwrap(), ImageFormat::Pnm);
+        assert_eq!(sniff(b"P5 3 2 255 ").unwrap(), ImageFormat::Pnm);
+        // "P" then a digit is also how plain text can start: not enough on its own.
+        assert!(sniff(b"P1anet notes").is_err());
         assert_eq!(
             sniff(b"II+\0\x08\0\0\0").unwrap_err(),
             ImageRejection::UnsupportedFormat("bigtiff")
@@ -1292,7 +1311,7 @@ mod tests {
     }
 
     #[test]
-    fn gif_webp_tiff_convert_as_pillow_does() {
+    fn gif_webp_tiff_pnm_convert_as_pillow_does() {
         // References: Pillow's `Image.open(f).convert("RGB")`
         // (tests/fixtures/shards/make_other_formats.py).
         for (name, format, lossy) in [
@@ -1302,6 +1321,9 @@ mod tests {
             ("lossy.webp", ImageFormat::WebP, true),
             ("rgb_lzw.tif", ImageFormat::Tiff, false),
             ("gray.tif", ImageFormat::Tiff, false),
+            ("rgb.ppm", ImageFormat::Pnm, false),
+            ("gray.pgm", ImageFormat::Pnm, false),
+            ("bits.pbm", ImageFormat::Pnm, false),
         ] {
             let src = fixture(&format!("shards/other_formats/{name}"));
             assert_eq!(sniff(&src).unwrap(), format, "{name}");
