@@ -212,6 +212,17 @@ pub fn write_dataset(
             "shard rows, row-group rows and patch size must be positive".into(),
         ));
     }
+    if opts.image.resize_short_side == Some(0) {
+        return Err(ShardError::InvalidOptions(
+            "the resize target (shorter side) must be positive".into(),
+        ));
+    }
+    if !(1..=100).contains(&opts.image.quality) {
+        return Err(ShardError::InvalidOptions(format!(
+            "JPEG quality must be in 1..=100, got {}",
+            opts.image.quality
+        )));
+    }
     if opts.num_workers == 0 || opts.worker_index >= opts.num_workers {
         return Err(ShardError::InvalidOptions(format!(
             "worker index {} is not below the number of workers {}",
@@ -1286,6 +1297,8 @@ fn annotations_array(
 /// checked). The result is the manifest a single-worker run would have written.
 pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
     let mut manifests = Vec::new();
+    // Each manifest's file, for messages.
+    let mut files = Vec::new();
     for p in parts {
         if p.is_dir() {
             let mut found = Vec::new();
@@ -1307,11 +1320,14 @@ pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
             }
             for f in found {
                 manifests.push(Manifest::load(&f)?);
+                files.push(f);
             }
         } else {
             manifests.push(Manifest::load(p)?);
+            files.push(p.clone());
         }
     }
+    tracing::info!(parts = manifests.len(), "merging part manifests");
     let first = manifests
         .first()
         .ok_or_else(|| ShardError::InvalidOptions("shard merge needs at least one part".into()))?
@@ -1319,10 +1335,11 @@ pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
     let info = first
         .part
         .clone()
-        .ok_or_else(|| ShardError::manifest(&first.dir, "not a part manifest (no `part`)"))?;
+        .ok_or_else(|| ShardError::manifest(&files[0], "not a part manifest (no `part`)"))?;
     let mut seen = vec![false; info.num_workers as usize];
-    for m in &manifests {
-        let bad = |msg: &str| ShardError::manifest(&m.dir, msg.to_string());
+    for (m, file) in manifests.iter().zip(&files) {
+        // Named by its manifest file: several parts can share a folder.
+        let bad = |msg: &str| ShardError::manifest(file, msg.to_string());
         let p = m.part.as_ref().ok_or_else(|| bad("not a part manifest"))?;
         if p.num_workers != info.num_workers || p.total_shards != info.total_shards {
             return Err(bad("parts come from runs with different worker counts"));
@@ -1360,7 +1377,7 @@ pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
         if !differ.is_empty() {
             return Err(bad(&format!(
                 "parts come from different inputs or options; differing from {}: {}",
-                first.dir.display(),
+                files[0].display(),
                 differ.join(", ")
             )));
         }

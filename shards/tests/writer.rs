@@ -627,3 +627,17 @@ fn jpeg_restarts_keep_every_pixel_and_make_jpegs_cuttable() {
     );
     verify_dataset(b.path(), true).unwrap();
 }
+
+/// Options no image can be written with are refused up front, before any file is touched,
+/// instead of failing (or panicking) image by image.
+#[test]
+fn impossible_image_options_are_refused_before_writing() {
+    let l = imagenet_train();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let e = common::write_fail(&l, &out, |o| o.image.resize_short_side = Some(0)).to_string();
+    assert!(e.contains("shorter side") && e.contains("positive"), "{e}");
+    let e = common::write_fail(&l, &out, |o| o.image.quality = 0).to_string();
+    assert!(e.contains("quality"), "{e}");
+    assert!(!out.exists());
+}

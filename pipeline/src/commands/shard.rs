@@ -134,7 +134,7 @@ struct Common {
     #[arg(long, value_enum, default_value_t = OnErrorArg::Skip)]
     on_error: OnErrorArg,
     /// Re-encode as JPEG so the shorter side is at most N (default: original bytes).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     resize_short_side: Option<u32>,
     /// JPEG quality when re-encoding.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
@@ -234,8 +234,7 @@ fn list_or_merge(command: ShardCommand) -> Result<Option<(Listing, Common)>> {
             let m = writer::merge_parts(&out, &parts)
                 .with_context(|| format!("merging parts into {}", out.display()))?;
             println!(
-                "merged {} parts: {} shards, {} rows, {} skipped -> {}",
-                parts.len(),
+                "merged: {} shards, {} rows, {} skipped -> {}",
                 m.shards.len(),
                 m.num_rows,
                 m.skipped.len(),
