@@ -302,9 +302,33 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
             "--temperature must be a positive",
         ),
         (&["--limit", "0"][..], "--limit 0"),
+        // Leave-one-out with one image: nothing to vote.
+        (&["--limit", "1"][..], "needs at least 2 images"),
     ] {
         fails_with(&mut eval("knn", &enc, args, &[("--train", &train)]), needle);
     }
+    fails_with(
+        bin()
+            .args([
+                "eval",
+                "knn",
+                "--no-progress",
+                "--batch-size",
+                "0",
+                "--model",
+            ])
+            .arg(&enc)
+            .arg("--train")
+            .arg(&train),
+        "--batch-size must be at least 1",
+    );
+    // `--out` in a folder that does not exist yet: made before the work, not failed after.
+    let out = t.join("results/knn/r.json");
+    let mut c = eval("knn", &enc, &["--limit", "4"], &[("--train", &train)]);
+    c.arg("--out").arg(&out);
+    run_ok(&mut c);
+    let written: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(written["eval"], "knn");
     // Too few classes for the shards' labels; an encoder is not a classifier; a pre-training
     // checkpoint has no head; a random classifier needs its class count.
     let small = export_classifier(t, 3);

@@ -1,12 +1,12 @@
 //! `droppos-pipeline eval`: accuracy of exported ONNX models, run with ONNX Runtime over shard
 //! directories. Each subcommand prints a short summary, or one JSON object with `--json`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -70,7 +70,7 @@ pub struct Common {
 impl Common {
     fn feed(&self) -> FeedConfig {
         FeedConfig {
-            batch_size: self.batch_size.max(1),
+            batch_size: self.batch_size,
             loader_threads: self.loader_threads.max(1),
             limit: self.limit,
             progress: !self.no_progress,
@@ -84,6 +84,16 @@ impl Common {
             bail!(
                 "--limit 0 leaves no images to evaluate; give at least 1 (or leave it out for all)"
             );
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        // The result is written after all the work: a folder that cannot be made fails now.
+        if let Some(dir) = self.out.as_deref().and_then(Path::parent) {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {} for --out", dir.display()))?;
+            }
         }
         ort_runtime::init()?;
         let model = OrtModel::load(&self.model, self.threads)?;
@@ -289,6 +299,14 @@ fn run_knn(a: KnnArgs) -> Result<()> {
         knn::l2_normalize(&mut q.cls, q.dim);
         Some(q)
     };
+    if queries.is_none() && train.labels.len() < 2 {
+        bail!(
+            "leave-one-out k-NN needs at least 2 images in {} (each is classified by the others); \
+             got {}",
+            eval::display_dirs(&a.train),
+            train.labels.len()
+        );
+    }
     let ytr = eval::class_indices(&train.labels);
     let cfg = knn::KnnConfig {
         k: a.k,

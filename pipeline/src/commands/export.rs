@@ -325,7 +325,13 @@ pub fn build(
             let dh = match hints.decoder_num_heads {
                 Some(h) => h,
                 // The DropPos / MAE decoders (512-d) all use 16 heads.
-                None if w.get("decoder_embed.weight")?.dims[0] == 512 => 16,
+                None if w.get("decoder_embed.weight")?.dims[0] == 512 => {
+                    tracing::warn!(
+                        "no decoder head count in the checkpoint: using 16, the DropPos / MAE \
+                         decoders' for width 512; pass --decoder-num-heads if this one differs"
+                    );
+                    16
+                }
                 None => {
                     bail!("the position decoder's head count is unknown: pass --decoder-num-heads")
                 }

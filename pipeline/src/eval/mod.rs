@@ -336,8 +336,9 @@ pub fn extract_features(
             let pl = batch.patch_labels.unwrap_or(&[]);
             if pl.len() != n * out.num_patches {
                 bail!(
-                    "the shards' patch grid ({} labels per image) does not match the model's {} \
+                    "the patch grid of {} ({} labels per image) does not match the model's {} \
                      patches at {img}px; shard with the model's patch size",
+                    display_dirs(dirs),
                     pl.len() / n.max(1),
                     out.num_patches
                 );

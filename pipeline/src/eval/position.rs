@@ -61,9 +61,12 @@ pub struct PositionCounter {
 
 impl PositionCounter {
     pub fn new(mask_ratio: f64, pos_mask_ratio: f64) -> Result<Self> {
-        for r in [mask_ratio, pos_mask_ratio] {
+        for (flag, r) in [
+            ("--mask-ratio", mask_ratio),
+            ("--pos-mask-ratio", pos_mask_ratio),
+        ] {
             if !(0.0..1.0).contains(&r) {
-                bail!("mask ratios must be in [0, 1), got {r}");
+                bail!("{flag} must be in [0, 1), got {r}");
             }
         }
         Ok(Self {
