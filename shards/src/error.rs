@@ -64,6 +64,14 @@ pub enum ShardError {
         row: u64,
         message: String,
     },
+    /// Another `shard` command (the same worker of the same output) is writing to this folder.
+    #[error(
+        "{}: another shard command is writing to this folder (lock {} held); wait for it to \
+         finish or choose another --out",
+        out.display(),
+        lock.display()
+    )]
+    Busy { out: PathBuf, lock: PathBuf },
     /// A dataset's metadata (annotation json, class list, label list) is malformed or missing.
     #[error("{}: {message}", path.display())]
     Dataset { path: PathBuf, message: String },

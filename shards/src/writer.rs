@@ -242,6 +242,7 @@ pub fn write_dataset(
     }
     let out = &opts.out;
     std::fs::create_dir_all(out.join(PROGRESS_DIR)).map_err(|e| ShardError::io(out, e))?;
+    let _lock = lock_output(out, opts.worker_index, opts.num_workers)?;
 
     let n = listing.items.len();
     let order = if opts.shuffle {
@@ -433,6 +434,8 @@ pub fn write_dataset(
         let _ = std::fs::remove_file(record_path(out, i));
     }
     let _ = std::fs::remove_file(&carry_path);
+    // Unlinked while still held: the run is complete, and the empty journal folder goes.
+    let _ = std::fs::remove_file(lock_path(out, opts.worker_index, opts.num_workers));
     let _ = std::fs::remove_dir(out.join(PROGRESS_DIR));
     Ok(WriteSummary {
         manifest,
@@ -445,6 +448,43 @@ pub fn write_dataset(
 }
 
 /// Identity of a run's output: everything that shapes the shard bytes.
+/// Holds an exclusive lock on `out` for this worker (released when dropped, or by the kernel
+/// when the process dies): a second run of the same command into the same folder would delete
+/// the first one's temp files and journal under it. Workers of one `--num-workers` run lock
+/// separately, since they write disjoint shards into one folder on purpose. Where the file
+/// system offers no locks (some network file systems), the run goes ahead unlocked.
+fn lock_output(out: &Path, worker: u32, workers: u32) -> Result<Option<File>> {
+    let path = lock_path(out, worker, workers);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ShardError::io(&path, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Err(ShardError::Busy {
+                    out: out.to_path_buf(),
+                    lock: path,
+                });
+            }
+            tracing::debug!(error = %e, "no lock on {}: continuing unlocked", path.display());
+            return Ok(None);
+        }
+    }
+    Ok(Some(file))
+}
+
+fn lock_path(out: &Path, worker: u32, workers: u32) -> PathBuf {
+    out.join(PROGRESS_DIR)
+        .join(format!("lock-{worker}-of-{workers}"))
+}
+
 fn fingerprint_of(
     tool_version: &str,
     dataset: Dataset,

@@ -641,3 +641,32 @@ fn impossible_image_options_are_refused_before_writing() {
     assert!(e.contains("quality"), "{e}");
     assert!(!out.exists());
 }
+
+/// A second run into a folder another run (the same worker) is writing is refused with a clear
+/// error instead of deleting the first one's temp files; once it is done, the folder holds no
+/// journal or lock.
+#[cfg(unix)]
+#[test]
+fn a_second_run_into_a_busy_folder_is_refused() {
+    use std::os::fd::AsRawFd;
+    let l = imagenet_train();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(out.join(".progress")).unwrap();
+    let held = std::fs::File::create(out.join(".progress/lock-0-of-1")).unwrap();
+    // SAFETY: plain syscall on a file this test owns.
+    assert_eq!(
+        unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let e = common::write_fail(&l, &out, |_| {}).to_string();
+    assert!(e.contains("another shard command"), "{e}");
+    // Another worker of a multi-worker run takes its own lock.
+    common::write(&l, &out, |o| {
+        o.num_workers = 2;
+        o.worker_index = 1;
+    });
+    drop(held);
+    common::write(&l, &out, |_| {});
+    assert!(!out.join(".progress").exists());
+}
