@@ -128,20 +128,30 @@ impl WriteOptions {
                 .map(serde_json::Value::from)
                 .unwrap_or(serde_json::Value::Null),
         );
-        put("quality", self.image.quality.into());
+        // The re-encoding settings shape the bytes only when images are resized; otherwise they
+        // are null, so that changing them does not make a resumed run rewrite its shards.
+        let resizing = self.image.resize_short_side.is_some();
+        let when_resizing =
+            |v: serde_json::Value| if resizing { v } else { serde_json::Value::Null };
+        put("quality", when_resizing(self.image.quality.into()));
         put(
             "resize_filter",
-            match self.image.filter {
-                crate::resample::Filter::Bilinear => "bilinear",
-                crate::resample::Filter::Bicubic => "bicubic",
-            }
-            .into(),
+            when_resizing(
+                match self.image.filter {
+                    crate::resample::Filter::Bilinear => "bilinear",
+                    crate::resample::Filter::Bicubic => "bicubic",
+                }
+                .into(),
+            ),
         );
         put(
             "resize_arithmetic",
-            crate::codec::RESIZE_PRECISION.name().into(),
+            when_resizing(crate::codec::RESIZE_PRECISION.name().into()),
         );
-        put("resize_pipeline", crate::codec::RESIZE_PIPELINE.into());
+        put(
+            "resize_pipeline",
+            when_resizing(crate::codec::RESIZE_PIPELINE.into()),
+        );
         put(
             "validation",
             serde_json::to_value(self.image.validation).unwrap_or_default(),
