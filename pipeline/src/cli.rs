@@ -21,9 +21,21 @@ impl<C: Subcommand> Cli<C> {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
+        default_sigpipe();
         let cli = Self::parse_from(args);
         crate::logging::init(&cli.log);
         cli.command
+    }
+}
+
+/// A closed output pipe (`droppos-pipeline shard ... | head -1`) ends the process quietly, as
+/// it does other command-line tools, instead of a panic in `println!` (Rust ignores SIGPIPE by
+/// default). Everything a command writes to disk is crash-safe, so this loses nothing.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to the default, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
