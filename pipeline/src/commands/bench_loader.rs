@@ -75,8 +75,8 @@ pub struct Args {
     /// loader produced, for checking determinism, rank partitioning and resumption.
     #[arg(long)]
     keys_out: Option<PathBuf>,
-    /// Write the first --dump-limit samples as PNG files (RGB, S×S; ADE20K/COCO masks beside
-    /// them as `*_mask.png`) with `samples.jsonl` giving each one's key, label and geometry (crop
+    /// Write the first --dump-limit samples as PNG files (RGB, S×S; ADE20K masks beside them
+    /// as `*_mask.png`) with `samples.jsonl` giving each one's key, label and geometry (crop
     /// box, resize, centre crop, flip): what the loader produced, to inspect it or to reproduce it
     /// with PIL / torchvision (`scripts/check_loader_vs_pil.py`). Excluded from the timing.
     #[arg(long)]

@@ -68,6 +68,8 @@ pub struct Args {
     pub seed: i64,
     #[arg(long, value_enum)]
     pub what: What,
+    /// The ONNX file to write (missing folders are made; see --external-data for large
+    /// models).
     #[arg(long)]
     pub out: PathBuf,
     /// Encoder attention heads (default: the checkpoint's config metadata, else the standard
@@ -91,6 +93,7 @@ pub struct Args {
     /// `fc_norm`, head ~ N(0, 2e-5)): a chance-level baseline for `eval classify`.
     #[arg(long, requires = "random_init")]
     pub num_classes: Option<i64>,
+    /// ONNX opset: 17 or 20.
     #[arg(long, default_value_t = 17, value_parser = parse_opset)]
     pub opset: i64,
     #[arg(long, value_enum, default_value_t = ExternalArg::Auto)]

@@ -134,6 +134,7 @@ pub struct Args {
     /// `auto` (bf16 autocast with TF32 on CUDA, fp32 on CPU), `bf16` or `fp32`.
     #[arg(long, default_value = "auto")]
     pub precision: String,
+    /// No progress bar (metrics.jsonl and the log are still written).
     #[arg(long)]
     pub quiet: bool,
     /// Continue from the newest epoch checkpoint in --output (same settings required).
