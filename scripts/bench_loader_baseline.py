@@ -3,7 +3,7 @@
 decode limit, in one run on the same images (see BENCHMARKS.md, "Loader").
 
     source scripts/env.sh
-    python scripts/bench_loader_baseline.py --images /work/shared/data/imagenet/train \
+    python scripts/bench_loader_baseline.py --images tests/fixtures/data/imagenet/train \
         --bin $CARGO_TARGET_DIR/release/droppos-pipeline --epochs 8
 
 Steps (each repeated --runs times, median reported):

@@ -2,7 +2,12 @@
 """Reference outputs for the loader's tests, made with Pillow and torchvision (the reference
 implementation's augmentation stack). Run from the repo root with the venv (scripts/env.sh):
 
-    python scripts/make_resize_fixtures.py [--src /work/shared/data/imagenet/train]
+    python scripts/make_resize_fixtures.py --src IMAGENET_SAMPLE_TRAIN_DIR
+
+--src is an ImageFolder tree holding the source files named in tests/fixtures/loader/PROVENANCE.md
+(the EliSchwartz/imagenet-sample-images files in <wnid>/ folders; the repository's own
+tests/fixtures/data/imagenet/train lacks some of them). Default: $DROPPOS_SAMPLE_IMAGENET, else
+/work/shared/data/imagenet/train (the development machines' copy).
 
 Writes tests/fixtures/loader/:
   images/*          small real ImageNet files copied byte for byte (+ one CMYK JPEG made here)
@@ -46,7 +51,8 @@ def load_rgb(path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--src", default="/work/shared/data/imagenet/train")
+    ap.add_argument("--src", default=os.environ.get("DROPPOS_SAMPLE_IMAGENET",
+                                                   "/work/shared/data/imagenet/train"))
     args = ap.parse_args()
     os.makedirs(os.path.join(OUT, "images"), exist_ok=True)
     os.makedirs(os.path.join(OUT, "ref"), exist_ok=True)
@@ -128,10 +134,15 @@ def main():
         f.write("# Loader fixtures\n\nMade by `scripts/make_resize_fixtures.py` with Pillow "
                 f"{Image.__version__ if hasattr(Image, '__version__') else ''} and torchvision "
                 f"{__import__('torchvision').__version__}.\n\n"
-                "Images are byte-for-byte copies from /work/shared/data/imagenet/train (ImageNet "
-                "images via the EliSchwartz/imagenet-sample-images and intel-analytics/BigDL "
-                "repositories; ImageNet terms: non-commercial research and education), except the "
-                "CMYK file, which the script makes.\n\n| file | source | why |\n|---|---|---|\n")
+                "Images are byte-for-byte copies from the project's full sample set (an "
+                "ImageFolder tree of the `EliSchwartz/imagenet-sample-images` @ "
+                "`bc69043e2862758a1906c6a24a792bb28c6bb2ff` files plus the "
+                "`intel-analytics/ipex-llm` (then BigDL) @ "
+                "`f4707eaefb41cba343ed44151e7747fff6ae786f` "
+                "`spark/dl/src/test/resources/imagenet/` ones; the bundled "
+                "`tests/fixtures/data/imagenet/train` lacks some of them) (ImageNet terms: "
+                "non-commercial research and education), except the CMYK file, which the script "
+                "makes.\n\n| file | source | why |\n|---|---|---|\n")
         for name, src, why in provenance:
             sha = hashlib.sha256(open(os.path.join(OUT, "images", name), "rb").read()).hexdigest()[:16]
             f.write(f"| {name} | {src} | {why} (sha256 {sha}…) |\n")
