@@ -270,6 +270,29 @@ impl Recipe {
 
     /// Semantic checks serde cannot express.
     pub fn validate(&self) -> Result<()> {
+        // NaN passes every `<` / `>` check below (each comparison is false), and an infinite
+        // rate trains on NaN: every real-valued setting must be a finite number first.
+        for (name, v) in [
+            ("model.mlp_ratio", self.model.mlp_ratio),
+            ("model.pos_weight", self.model.pos_weight),
+            ("droppos.mask_ratio", self.droppos.mask_ratio),
+            ("droppos.pos_mask_ratio", self.droppos.pos_mask_ratio),
+            ("droppos.sigma", self.droppos.sigma),
+            ("optim.blr", self.optim.blr),
+            ("optim.min_lr", self.optim.min_lr),
+            ("optim.weight_decay", self.optim.weight_decay),
+            ("optim.beta1", self.optim.beta1),
+            ("optim.beta2", self.optim.beta2),
+            ("optim.eps", self.optim.eps),
+            ("optim.clip_grad", self.optim.clip_grad),
+            ("optim.warmup_epochs", self.optim.warmup_epochs),
+            ("data.crop_scale_min", self.data.crop_scale_min),
+            ("data.crop_scale_max", self.data.crop_scale_max),
+        ] {
+            if !v.is_finite() {
+                bail!("{name} must be a finite number, got {v}");
+            }
+        }
         let m = &self.model;
         for (name, v) in [
             ("model.img_size", m.img_size),
@@ -349,6 +372,12 @@ impl Recipe {
         }
         if o.warmup_epochs < 0.0 {
             bail!("optim.warmup_epochs must be >= 0");
+        }
+        if o.eps <= 0.0 {
+            bail!(
+                "optim.eps must be > 0, got {} (AdamW divides by sqrt(v) + eps)",
+                o.eps
+            );
         }
         let t = &self.train;
         if t.epochs == 0 || t.batch_size == 0 {
@@ -668,6 +697,24 @@ mod tests {
         assert!(e.contains("overrides"), "{e}");
         let e = err(&["runtime.device=gpu"]);
         assert!(e.contains("runtime.device"), "{e}");
+        // Non-finite numbers pass every range comparison: refused by name.
+        for (set, name) in [
+            ("optim.blr=nan", "optim.blr"),
+            ("optim.blr=inf", "optim.blr"),
+            ("optim.weight_decay=nan", "optim.weight_decay"),
+            ("optim.warmup_epochs=nan", "optim.warmup_epochs"),
+            ("data.crop_scale_min=nan", "data.crop_scale_min"),
+        ] {
+            let e = err(&[set]);
+            assert!(
+                e.contains(&format!("{name} must be a finite number")),
+                "{set}: {e}"
+            );
+        }
+        for eps in ["optim.eps=0", "optim.eps=-1"] {
+            let e = err(&[eps]);
+            assert!(e.contains("optim.eps must be > 0"), "{eps}: {e}");
+        }
     }
 
     #[test]

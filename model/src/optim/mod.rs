@@ -193,6 +193,27 @@ impl AdamW {
         }
     }
 
+    /// Each parameter's gradient L2 norm (0 for a parameter without one), as one tensor.
+    pub fn grad_norms(&self) -> Tensor {
+        let norms: Vec<Tensor> = tch::no_grad(|| {
+            self.slots
+                .iter()
+                .map(|s| {
+                    let g = s.param.grad();
+                    if g.defined() {
+                        g.norm()
+                    } else {
+                        Tensor::zeros([], (Kind::Float, s.param.device()))
+                    }
+                })
+                .collect()
+        });
+        if norms.is_empty() {
+            return Tensor::zeros([0], (Kind::Float, tch::Device::Cpu));
+        }
+        Tensor::stack(&norms, 0)
+    }
+
     /// Per-parameter clipping of the current gradients (see [`clip_grad_per_param`]).
     pub fn clip_grad_per_param(&self, clip: f64) -> ClipStats {
         if self.fused {

@@ -147,14 +147,22 @@ impl PretrainTask for DropPosTask {
         })
     }
 
-    fn optimizer_step(&mut self, lr: f64) -> Result<()> {
-        if self.clip > 0.0 {
-            self.opt.clip_grad_per_param(self.clip);
+    fn optimizer_step(&mut self, lr: f64) -> Result<bool> {
+        // The clipping's per-parameter norms say whether every gradient is finite (one check
+        // of a few hundred numbers); without clipping they are computed for the check alone.
+        let norms = if self.clip > 0.0 {
+            self.opt.clip_grad_per_param(self.clip).norms
+        } else {
+            self.opt.grad_norms()
+        };
+        if norms.numel() > 0 && !bool::try_from(norms.isfinite().all())? {
+            self.opt.zero_grad();
+            return Ok(false);
         }
         self.opt.set_lr(lr);
         self.opt.step();
         self.opt.zero_grad();
-        Ok(())
+        Ok(true)
     }
 
     fn zero_grad(&mut self) {

@@ -103,7 +103,7 @@ fn epoch_plan(samples: u64, plan: &BatchPlan) -> Result<EpochPlan> {
 }
 
 /// Runs (or resumes) training until all epochs are done, `max_steps` is reached, or a signal
-/// arrives. A non-finite loss saves the last good state and returns an error.
+/// arrives. A non-finite loss or gradient saves the last good state and returns an error.
 pub fn train(
     ctx: TrainContext<'_>,
     task: &mut dyn PretrainTask,
@@ -262,11 +262,10 @@ pub fn train(
                     task.zero_grad();
                     let path = save(&good, task, "non_finite")?;
                     bail!(
-                        "loss is {loss} at step {} (epoch {}); stopped. The last good state (before \
-                         this step) is saved{}. Lower optim.blr, raise warmup, or check the data.",
+                        "loss is {loss} at step {} (epoch {}); stopped. {}",
                         state.step + 1,
                         state.epoch,
-                        path.map(|p| format!(" at {}", p.display())).unwrap_or_default()
+                        last_good_advice(path.as_deref())
                     );
                 }
                 let last = micro + 1 == plan.accum_iter;
@@ -285,7 +284,19 @@ pub fn train(
                 );
                 break;
             }
-            task.optimizer_step(lr)?;
+            if !task.optimizer_step(lr)? {
+                // Gradients reach every rank averaged, so all ranks stop here together.
+                bar.abandon();
+                let path = save(&good, task, "non_finite")?;
+                bail!(
+                    "the gradients are not finite at step {} (epoch {}, loss {:.6}); stopped \
+                     without applying them. {}",
+                    state.step + 1,
+                    state.epoch,
+                    loss_sum / plan.accum_iter as f64,
+                    last_good_advice(path.as_deref())
+                );
+            }
             let dt = started.elapsed().as_secs_f64();
             state.step += 1;
             state.samples_in_epoch += samples_per_step;
@@ -424,4 +435,16 @@ fn check_resumable(saved: &Recipe, now: &Recipe) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What a non-finite stop says about the checkpoint it saved and how to go on from it.
+fn last_good_advice(saved: Option<&Path>) -> String {
+    let at = saved
+        .map(|p| format!(" at {}", p.display()))
+        .unwrap_or_default();
+    format!(
+        "The last good state (before this step) is saved{at}. Lower optim.blr or raise \
+         optim.warmup_epochs and start a new run from it with --init (--resume keeps the \
+         recipe it was saved with), or check the data."
+    )
 }

@@ -26,7 +26,9 @@ pub trait PretrainTask {
     fn trainable_parameters(&self) -> Vec<Tensor>;
 
     /// Clips, applies one optimizer step at learning rate `lr`, and zeroes the gradients.
-    fn optimizer_step(&mut self, lr: f64) -> Result<()>;
+    /// Returns false, leaving the weights and optimizer state as they were, when a gradient is
+    /// not finite (a finite loss can still overflow in the backward pass).
+    fn optimizer_step(&mut self, lr: f64) -> Result<bool>;
 
     /// Zeroes accumulated gradients (e.g. a partial window that will not be stepped).
     fn zero_grad(&mut self);

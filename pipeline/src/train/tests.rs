@@ -22,6 +22,8 @@ struct ToyTask {
     momentum: Tensor,
     /// Forward number at which the loss becomes NaN (to test the non-finite stop).
     nan_at: Option<u64>,
+    /// Forward number whose loss stays finite but whose gradient is NaN.
+    nan_grad_at: Option<u64>,
     forwards: u64,
 }
 
@@ -33,6 +35,7 @@ impl ToyTask {
             momentum: w.zeros_like(),
             w,
             nan_at: None,
+            nan_grad_at: None,
             forwards: 0,
         }
     }
@@ -49,13 +52,21 @@ impl PretrainTask for ToyTask {
         if self.nan_at == Some(self.forwards) {
             loss *= f64::NAN;
         }
+        if self.nan_grad_at == Some(self.forwards) {
+            // sqrt(|0 · Σw|) adds 0 to the loss, and 0 · ∞ = NaN to every weight's gradient.
+            loss = loss + (self.w.sum(Kind::Float) * 0.0).abs().sqrt();
+        }
         Ok(Forward {
             acc1: 1.0 / (1.0 + loss.double_value(&[])),
             loss,
         })
     }
 
-    fn optimizer_step(&mut self, lr: f64) -> Result<()> {
+    fn optimizer_step(&mut self, lr: f64) -> Result<bool> {
+        if !bool::try_from(self.w.grad().isfinite().all())? {
+            self.zero_grad();
+            return Ok(false);
+        }
         tch::no_grad(|| {
             let g = self.w.grad();
             let m = &self.momentum * 0.9 + &g;
@@ -63,7 +74,7 @@ impl PretrainTask for ToyTask {
             let _ = self.w.f_sub_(&(m * lr)).unwrap();
         });
         self.zero_grad();
-        Ok(())
+        Ok(true)
     }
 
     fn zero_grad(&mut self) {
@@ -377,6 +388,38 @@ fn a_signal_saves_and_resume_continues_exactly() {
     );
     fresh_run(split.path(), &r, true);
     assert_eq!(losses(split.path()), losses(full.path()));
+}
+
+/// A finite loss whose gradients are not finite (an overflow in the backward pass) stops before
+/// the update: the saved state is the last good one, with finite weights.
+#[test]
+fn non_finite_gradients_stop_before_the_update() {
+    let _rng = crate::torch_rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(&["checkpoint.every_steps=0"]);
+    let mut task = ToyTask::new();
+    // Forward 6 is the second micro-batch of step 3.
+    task.nan_grad_at = Some(6);
+    let err = format!(
+        "{:#}",
+        run(dir.path(), &r, false, StopFlag::default(), &mut task).unwrap_err()
+    );
+    assert!(
+        err.contains("gradients are not finite at step 3") && err.contains("--init"),
+        "{err}"
+    );
+    assert!(bool::try_from(task.w.isfinite().all()).unwrap());
+    let store = CheckpointStore::new(dir.path());
+    let ckpt = CheckpointStore::load(&store.latest().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (ckpt.state.step, ckpt.state.reason.as_str()),
+        (2, "non_finite")
+    );
+    // Resuming from it replays step 3 exactly as an uninterrupted run would.
+    fresh_run(dir.path(), &r, true);
+    let full = tempfile::tempdir().unwrap();
+    fresh_run(full.path(), &r, false);
+    assert_eq!(losses(dir.path()), losses(full.path()));
 }
 
 #[test]
