@@ -54,7 +54,7 @@ impl PretrainTask for ToyTask {
         }
         if self.nan_grad_at == Some(self.forwards) {
             // sqrt(|0 · Σw|) adds 0 to the loss, and 0 · ∞ = NaN to every weight's gradient.
-            loss = loss + (self.w.sum(Kind::Float) * 0.0).abs().sqrt();
+            loss += (self.w.sum(Kind::Float) * 0.0).abs().sqrt();
         }
         Ok(Forward {
             acc1: 1.0 / (1.0 + loss.double_value(&[])),
@@ -390,53 +390,19 @@ fn a_signal_saves_and_resume_continues_exactly() {
     assert_eq!(losses(split.path()), losses(full.path()));
 }
 
-/// A finite loss whose gradients are not finite (an overflow in the backward pass) stops before
-/// the update: the saved state is the last good one, with finite weights.
-#[test]
-fn non_finite_gradients_stop_before_the_update() {
+/// Runs the toy task with `poison` set up to spoil step 3 (forward 6 is its second
+/// micro-batch); returns the error and the run folder, after checking that the saved state is
+/// step 2's (`non_finite`) and that resuming from it replays step 3 exactly as an uninterrupted
+/// run would.
+fn stops_at_step_3(poison: impl FnOnce(&mut ToyTask)) -> (String, ToyTask) {
     let _rng = crate::torch_rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let r = recipe(&["checkpoint.every_steps=0"]);
     let mut task = ToyTask::new();
-    // Forward 6 is the second micro-batch of step 3.
-    task.nan_grad_at = Some(6);
+    poison(&mut task);
     let err = format!(
         "{:#}",
         run(dir.path(), &r, false, StopFlag::default(), &mut task).unwrap_err()
-    );
-    assert!(
-        err.contains("gradients are not finite at step 3") && err.contains("--init"),
-        "{err}"
-    );
-    assert!(bool::try_from(task.w.isfinite().all()).unwrap());
-    let store = CheckpointStore::new(dir.path());
-    let ckpt = CheckpointStore::load(&store.latest().unwrap().unwrap()).unwrap();
-    assert_eq!(
-        (ckpt.state.step, ckpt.state.reason.as_str()),
-        (2, "non_finite")
-    );
-    // Resuming from it replays step 3 exactly as an uninterrupted run would.
-    fresh_run(dir.path(), &r, true);
-    let full = tempfile::tempdir().unwrap();
-    fresh_run(full.path(), &r, false);
-    assert_eq!(losses(dir.path()), losses(full.path()));
-}
-
-#[test]
-fn a_non_finite_loss_stops_with_the_last_good_state() {
-    let _rng = crate::torch_rng_lock();
-    let dir = tempfile::tempdir().unwrap();
-    let r = recipe(&["checkpoint.every_steps=0"]);
-    let mut task = ToyTask::new();
-    // Forward 6 is the second micro-batch of step 3.
-    task.nan_at = Some(6);
-    let err = format!(
-        "{:#}",
-        run(dir.path(), &r, false, StopFlag::default(), &mut task).unwrap_err()
-    );
-    assert!(
-        err.contains("loss is NaN at step 3") && err.contains("last good state"),
-        "{err}"
     );
     let store = CheckpointStore::new(dir.path());
     let ckpt = CheckpointStore::load(&store.latest().unwrap().unwrap()).unwrap();
@@ -449,11 +415,32 @@ fn a_non_finite_loss_stops_with_the_last_good_state() {
         (2, 1, 0)
     );
     assert_eq!(ckpt.state.reason, "non_finite");
-    // Resuming from it replays step 3 exactly as an uninterrupted run would.
     fresh_run(dir.path(), &r, true);
     let full = tempfile::tempdir().unwrap();
     fresh_run(full.path(), &r, false);
     assert_eq!(losses(dir.path()), losses(full.path()));
+    (err, task)
+}
+
+/// A finite loss whose gradients are not finite (an overflow in the backward pass) stops before
+/// the update: the saved state is the last good one, with finite weights.
+#[test]
+fn non_finite_gradients_stop_before_the_update() {
+    let (err, task) = stops_at_step_3(|t| t.nan_grad_at = Some(6));
+    assert!(
+        err.contains("gradients are not finite at step 3") && err.contains("--init"),
+        "{err}"
+    );
+    assert!(bool::try_from(task.w.isfinite().all()).unwrap());
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_last_good_state() {
+    let (err, _) = stops_at_step_3(|t| t.nan_at = Some(6));
+    assert!(
+        err.contains("loss is NaN at step 3") && err.contains("last good state"),
+        "{err}"
+    );
 }
 
 #[test]
