@@ -110,6 +110,18 @@ impl Decoder {
         }
         let (width, height, kind) = if is_jpeg(bytes) {
             let h = self.tj.read_header(bytes).map_err(DecodeError::Jpeg)?;
+            // TurboJPEG takes a stream that ends before any frame header for a tables-only one:
+            // it reports success and keeps the previous image's size, so junk after the first
+            // markers would decode as noise of that size. Our own header walk must find the
+            // frame, and the same size.
+            let own = crate::codec::read_header(bytes, u64::MAX)
+                .map_err(|e| DecodeError::Jpeg(e.to_string()))?;
+            if (own.width as usize, own.height as usize) != (h.width, h.height) {
+                return Err(DecodeError::Jpeg(format!(
+                    "frame header says {}x{}, TurboJPEG read {}x{}",
+                    own.width, own.height, h.width, h.height
+                )));
+            }
             let kind = Kind::Jpeg {
                 colorspace: h.colorspace,
                 subsamp: h.subsamp,
@@ -343,6 +355,22 @@ mod tests {
         assert_eq!(decode_all(&mut d, &junk).unwrap(), want);
         // Running out of data is a truncated file: an error, and the decoder recovers.
         assert!(decode_all(&mut d, &clean[..clean.len() / 2]).is_err());
+        assert_eq!(decode_all(&mut d, &clean).unwrap(), want);
+        // Streams that end before any frame header (TurboJPEG takes them for tables-only
+        // streams and keeps the previous image's size) are errors, not the last image's noise.
+        let mut app0 = vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10];
+        app0.extend_from_slice(b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0");
+        let junk_after_app0: Vec<u8> = app0
+            .iter()
+            .copied()
+            .chain((0..512u32).map(|i| (i * 37 % 251) as u8))
+            .collect();
+        let mut garbage = b"\xFF\xD8\xFF\xE0garbage".to_vec();
+        garbage.extend_from_slice(&[0; 100]);
+        for bad in [&junk_after_app0, &garbage, &app0] {
+            assert_eq!(decode_all(&mut d, &clean).unwrap(), want);
+            assert!(decode_all(&mut d, bad).is_err(), "{:?}", &bad[..12]);
+        }
         assert_eq!(decode_all(&mut d, &clean).unwrap(), want);
     }
 }
