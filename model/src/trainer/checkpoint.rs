@@ -235,6 +235,7 @@ mod tests {
                 rank: 0,
                 reason: "interval".into(),
                 last_loss: Some(1.5),
+                data: Some("d0".into()),
             },
             config_toml: "x = 1\n".into(),
             model_metadata: HashMap::from([("droppos_config".into(), "{}".into())]),

@@ -24,4 +24,9 @@ pub struct TrainState {
     pub reason: String,
     /// Loss of the last completed step (None before the first).
     pub last_loss: Option<f64>,
+    /// What the run trains on (a hash of its shard folders' manifests: every shard's SHA-256
+    /// and rows, in order), so that a resumed run refuses other data; `None` in checkpoints
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }

@@ -574,6 +574,7 @@ pub fn run(args: Args) -> Result<()> {
                 rank: 0,
                 reason: "epoch_end".into(),
                 last_loss: None,
+                data: None,
             },
             config_toml: recipe.to_string(),
             model_metadata: meta.clone(),

@@ -307,6 +307,7 @@ class DropPosRef(nn.Module):
                         rank: 0,
                         reason: "test".into(),
                         last_loss: None,
+                        data: None,
                     },
                     config_toml: recipe.to_toml(),
                     model_metadata: task.model_metadata(),
@@ -375,6 +376,7 @@ save_file({"module." + k: v.contiguous() for k, v in ref.state_dict().items()}, 
             rank: 0,
             reason: "test".into(),
             last_loss: Some(1.0),
+            data: None,
         };
         CheckpointStore::new(run.path())
             .save(

@@ -19,6 +19,8 @@ use crate::config::Recipe;
 
 pub struct LoaderSource {
     loader: Loader,
+    /// Hash of the manifests' shard lists ([`BatchSource::data_fingerprint`]).
+    fingerprint: String,
     on_error: OnError,
     device: Device,
     epoch: Option<Prefetcher<EpochLoader>>,
@@ -62,9 +64,22 @@ impl LoaderSource {
             cfg.threads = recipe.data.workers as usize;
         }
         cfg.prefetch = recipe.data.prefetch.max(1) as usize;
+        let fingerprint = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for m in set.manifests() {
+                for s in &m.shards {
+                    h.update(s.sha256.as_bytes());
+                    h.update(s.rows.to_le_bytes());
+                }
+                h.update([b'\n']);
+            }
+            h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        };
         let loader = Loader::new(Arc::new(set), cfg).context("configuring the loader")?;
         Ok(Self {
             loader,
+            fingerprint,
             on_error,
             device,
             epoch: None,
@@ -75,6 +90,10 @@ impl LoaderSource {
 impl BatchSource for LoaderSource {
     fn samples_per_epoch(&self) -> u64 {
         self.loader.samples_per_epoch()
+    }
+
+    fn data_fingerprint(&self) -> Option<String> {
+        Some(self.fingerprint.clone())
     }
 
     fn start_epoch(&mut self, epoch: u64, samples_consumed: u64) -> Result<()> {

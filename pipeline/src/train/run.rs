@@ -135,7 +135,20 @@ pub fn train(
         rank: world.rank,
         reason: String::new(),
         last_loss: None,
+        data: None,
     });
+    let data = source.data_fingerprint();
+    if let (Some(saved), Some(now)) = (&state.data, &data) {
+        if saved != now {
+            bail!(
+                "the checkpoint was trained on other data (its shard folders' manifests list other \
+                 shards or rows): --resume continues the same data exactly; to train these \
+                 shards from its weights, start a new run with --init"
+            );
+        }
+    }
+    // Older checkpoints have no record of their data: from now on they do.
+    state.data = state.data.take().or(data);
     if state.world_size != world.size {
         bail!(
             "the checkpoint was written by a world of {} processes, this run has {}; exact resume \

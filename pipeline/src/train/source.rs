@@ -14,6 +14,11 @@ pub trait BatchSource {
 
     /// The next micro-batch, or `None` at the end of the epoch.
     fn next_batch(&mut self) -> Result<Option<SourceBatch>>;
+
+    /// What the source holds, as a hash (the same data gives the same hash), if it has one.
+    fn data_fingerprint(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One micro-batch for the loop.

@@ -120,6 +120,11 @@ impl BatchSource for ToySource {
         20
     }
 
+    fn data_fingerprint(&self) -> Option<String> {
+        // Samples it cannot decode make it other data, as other shards would.
+        Some(format!("toy, undecodable at {:?}", self.skip))
+    }
+
     fn start_epoch(&mut self, epoch: u64, samples_consumed: u64) -> Result<()> {
         self.epoch = epoch;
         self.next = samples_consumed;
@@ -441,6 +446,32 @@ fn a_non_finite_loss_stops_with_the_last_good_state() {
         err.contains("loss is NaN at step 3") && err.contains("last good state"),
         "{err}"
     );
+}
+
+#[test]
+fn resume_refuses_other_data() {
+    let _rng = crate::torch_rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(&["train.max_steps=2"]);
+    fresh_run(dir.path(), &r, false);
+    let err = format!(
+        "{:#}",
+        run_skipping(
+            dir.path(),
+            &recipe(&[]),
+            true,
+            StopFlag::default(),
+            &mut ToyTask::new(),
+            &[3]
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("other data") && err.contains("--init"),
+        "{err}"
+    );
+    // The same data resumes.
+    fresh_run(dir.path(), &recipe(&[]), true);
 }
 
 #[test]
