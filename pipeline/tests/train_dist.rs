@@ -243,3 +243,45 @@ fn a_killed_rank_makes_the_survivor_exit_with_a_clear_error() {
         "C++ stack trace leaked: {stderr}"
     );
 }
+
+/// SIGTERM to the `--nproc-per-node` launcher alone (as a job scheduler sends it) reaches every
+/// rank: they save an `interrupted` checkpoint and the launcher exits 0, leaving no rank running.
+#[cfg(unix)]
+#[test]
+fn sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shard_subset(tmp.path(), 16);
+    let run = tmp.path().join("run");
+    let mut child = train_cmd(&data, &run, &["train.batch_size=4", "train.epochs=500"])
+        .args(["--nproc-per-node", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while losses(&run).len() < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no training progress"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "train exited early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    assert!(child.wait().unwrap().success());
+    let mut reasons = Vec::new();
+    for e in std::fs::read_dir(run.join("checkpoints")).unwrap() {
+        let state = std::fs::read_to_string(e.unwrap().path().join("state.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&state).unwrap();
+        reasons.push(v["reason"].as_str().unwrap().to_string());
+    }
+    assert!(reasons.iter().any(|r| r == "interrupted"), "{reasons:?}");
+    // Both ranks have exited: nothing writes to the run folder any more.
+    let n = losses(&run).len();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(losses(&run).len(), n);
+}

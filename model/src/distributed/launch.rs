@@ -5,6 +5,8 @@
 use std::ffi::{c_int, CString, OsString};
 use std::process::{Child, Command};
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::{DistError, Result};
@@ -94,6 +96,12 @@ pub struct LaunchSpec {
     pub timeout: Duration,
     /// After a rank fails, how long the others get to exit on their own before being killed.
     pub grace: Duration,
+    /// A signal the launcher received and has not passed on yet (0: none), set by the caller's
+    /// signal handler. When given, the ranks run in their own process group, so that a
+    /// terminal's Ctrl-C reaches them once (through the launcher), and every signal set here
+    /// is sent to each running rank: `kill -TERM <launcher>` stops the job as it stops one
+    /// process (checkpoint, then exit), instead of orphaning the ranks.
+    pub signals: Option<Arc<AtomicUsize>>,
 }
 
 impl LaunchSpec {
@@ -105,6 +113,7 @@ impl LaunchSpec {
             envs: Vec::new(),
             timeout,
             grace: timeout + Duration::from_secs(10),
+            signals: None,
         }
     }
 }
@@ -152,6 +161,21 @@ pub fn launch_local(spec: &LaunchSpec) -> Result<()> {
             cmd.env("OMP_NUM_THREADS", threads.to_string());
         }
         cmd.envs(spec.envs.iter().map(|(k, v)| (k, v)));
+        #[cfg(unix)]
+        if spec.signals.is_some() {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+            // A launcher killed outright (kill -9) cannot pass signals on: the ranks then get
+            // SIGTERM from the kernel and stop as if it had been sent to them.
+            #[cfg(target_os = "linux")]
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+        }
         match cmd.spawn() {
             Ok(c) => children.push((rank, c)),
             Err(e) => {
@@ -165,6 +189,17 @@ pub fn launch_local(spec: &LaunchSpec) -> Result<()> {
     let mut first_failure: Option<Instant> = None;
     let mut running = children.len();
     while running > 0 {
+        #[cfg(unix)]
+        if let Some(sig) = spec.signals.as_ref().map(|s| s.swap(0, Ordering::SeqCst)) {
+            if sig != 0 {
+                for (_, child) in children.iter_mut() {
+                    if let Ok(None) = child.try_wait() {
+                        // SAFETY: plain syscall; the pid is our live (not yet reaped) child.
+                        unsafe { libc::kill(child.id() as libc::pid_t, sig as c_int) };
+                    }
+                }
+            }
+        }
         running = 0;
         for (rank, child) in children.iter_mut() {
             match child.try_wait() {

@@ -183,11 +183,18 @@ pub fn run(args: Args) -> Result<()> {
 /// `--nproc-per-node N`: this executable N times as ranks 0..N of a one-node job.
 fn launch(nproc: usize, timeout_s: u64) -> Result<()> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let spec = LaunchSpec::new(
+    let mut spec = LaunchSpec::new(
         nproc,
         distributed::strip_flag(&args, "--nproc-per-node"),
         Duration::from_secs(timeout_s),
     );
+    // SIGINT / SIGTERM sent to this process go on to every rank, which checkpoint and exit.
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_usize(sig, received.clone(), sig as usize)
+            .context("installing the launcher's signal handlers")?;
+    }
+    spec.signals = Some(received);
     tracing::info!(nproc, "starting {nproc} ranks on this node");
     distributed::launch_local(&spec).context("running the ranks")?;
     Ok(())
