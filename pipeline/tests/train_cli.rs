@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 mod common;
 use common::{bin, break_first_image, data_root, manifest_rows, run_ok};
@@ -150,20 +149,7 @@ fn sigint_saves_a_checkpoint_and_resume_finishes() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let t0 = Instant::now();
-    while losses_or_empty(&run).len() < 3 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no training progress"
-        );
-        assert!(child.try_wait().unwrap().is_none(), "train exited early");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::signal_after_steps(&mut child, &run, 3, "INT");
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -236,15 +222,4 @@ fn undecodable_samples_follow_the_recipes_on_error_policy() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("data.on_error"), "{err}");
-}
-
-fn losses_or_empty(run: &Path) -> Vec<(u64, u64)> {
-    match std::fs::read_to_string(run.join("metrics.jsonl")) {
-        Ok(t) => t
-            .lines()
-            .filter(|l| l.ends_with('}'))
-            .map(|_| (0, 0))
-            .collect(),
-        Err(_) => Vec::new(),
-    }
 }

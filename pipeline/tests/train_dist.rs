@@ -258,20 +258,7 @@ fn sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while losses(&run).len() < 3 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no training progress"
-        );
-        assert!(child.try_wait().unwrap().is_none(), "train exited early");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    common::signal_after_steps(&mut child, &run, 3, "TERM");
     assert!(child.wait().unwrap().success());
     let mut reasons = Vec::new();
     for e in std::fs::read_dir(run.join("checkpoints")).unwrap() {

@@ -111,3 +111,29 @@ pub fn break_first_image(shards: &Path) {
     m["shards"][0]["sha256"] = hex::encode(Sha256::digest(&bytes)).into();
     std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
+
+/// Waits until the run at `run` has written `steps` metrics lines (the training is under way),
+/// then sends `signal` (`INT`, `TERM`) to `child`.
+#[cfg(unix)]
+#[allow(dead_code)] // not every test binary uses it
+pub fn signal_after_steps(child: &mut std::process::Child, run: &Path, steps: usize, signal: &str) {
+    let lines = || {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|t| t.lines().filter(|l| l.ends_with('}')).count())
+            .unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    while lines() < steps {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(300),
+            "no training progress"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "train exited early");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
