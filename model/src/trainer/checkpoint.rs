@@ -169,8 +169,10 @@ impl CheckpointStore {
         Ok(target)
     }
 
-    /// Deletes all but the newest `keep` checkpoints.
+    /// Deletes all but the newest `keep` checkpoints, and the half-written folders of writers
+    /// that died (a checkpoint is model-sized: each crash would leave one behind for good).
     pub fn prune(&self, keep: usize) -> Result<(), TrainerError> {
+        self.remove_abandoned();
         let all = self.list()?;
         let excess = all.len().saturating_sub(keep);
         for (_, path) in all.into_iter().take(excess) {
@@ -178,6 +180,25 @@ impl CheckpointStore {
                 .map_err(|e| TrainerError::io(format!("removing {}", path.display()), e))?;
         }
         Ok(())
+    }
+
+    /// Removes `.tmp-*` / `.old-*` folders whose writer (the pid their name ends with) is no
+    /// longer running. A live writer's are left alone: it may be another process's save in
+    /// progress.
+    fn remove_abandoned(&self) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with(".tmp-") || name.starts_with(".old-")) {
+                continue;
+            }
+            let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !process_alive(p)) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     /// Reads a checkpoint folder.
@@ -202,6 +223,24 @@ impl CheckpointStore {
             config_toml,
             model_metadata,
         })
+    }
+}
+
+/// Whether a process with this pid exists (on platforms without a check: assumed so).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
     }
 }
 
@@ -294,5 +333,25 @@ mod tests {
         store.save(&ckpt(1), 3).unwrap();
         std::fs::create_dir_all(store.dir().join(".tmp-step-00000002-1")).unwrap();
         assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_dead_writers_half_written_folder_goes_at_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path());
+        // A process that has exited (and been reaped): its pid is free.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let abandoned = store.dir().join(format!(".tmp-step-00000002-{dead}"));
+        let live = store
+            .dir()
+            .join(format!(".tmp-step-00000003-{}", std::process::id()));
+        std::fs::create_dir_all(&abandoned).unwrap();
+        std::fs::create_dir_all(&live).unwrap();
+        store.save(&ckpt(1), 3).unwrap();
+        assert!(!abandoned.exists());
+        assert!(live.exists(), "a live writer's folder is left alone");
     }
 }
