@@ -175,8 +175,20 @@ impl Manifest {
         }
         let mut m: Manifest = serde_json::from_value(value)
             .map_err(|e| ShardError::manifest(&file, e.to_string()))?;
+        let mut seen = std::collections::HashSet::new();
         for s in &m.shards {
             check_relative(&s.file).map_err(|msg| ShardError::manifest(&file, msg))?;
+            // `a.parquet` and `./a.parquet` are one file: its rows would count twice.
+            let normal: PathBuf = Path::new(&s.file)
+                .components()
+                .filter(|c| !matches!(c, Component::CurDir))
+                .collect();
+            if !seen.insert(normal) {
+                return Err(ShardError::manifest(
+                    &file,
+                    format!("shard {} is listed twice", s.file),
+                ));
+            }
         }
         let rows: u64 = m.shards.iter().map(|s| s.rows).sum();
         if rows != m.num_rows {

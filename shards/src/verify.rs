@@ -65,15 +65,7 @@ fn verify_one(m: &Manifest, i: usize, decode: bool) -> Result<VerifyReport> {
             actual: rows.to_string(),
         });
     }
-    let schema = builder.schema().clone();
-    for f in crate::format::schema(m.dataset).fields() {
-        if schema.field_with_name(f.name()).is_err() {
-            return Err(ShardError::parquet(
-                &path,
-                format!("column {} missing", f.name()),
-            ));
-        }
-    }
+    check_schema(&path, builder.schema(), m.dataset)?;
     let mut report = VerifyReport {
         shards: 1,
         rows,
@@ -117,6 +109,23 @@ fn check_batch(
     let masks = b.column_by_name(columns::MASK).cloned();
     let patches = b.column_by_name(columns::PATCH_LABELS).cloned();
     let labels = b.column_by_name(columns::LABEL).cloned();
+    // A null would read as whatever value sits under it: refused by name.
+    for name in [
+        columns::IMAGE,
+        columns::WIDTH,
+        columns::HEIGHT,
+        columns::LABEL,
+    ] {
+        if let Some(c) = b.column_by_name(name) {
+            if let Some(r) = (0..c.len()).find(|&r| c.is_null(r)) {
+                return Err(ShardError::BadRow {
+                    path: path.to_path_buf(),
+                    row: row0 + r as u64,
+                    message: format!("{name} is null"),
+                });
+            }
+        }
+    }
     for r in 0..b.num_rows() {
         let bad = |message: String| ShardError::BadRow {
             path: path.to_path_buf(),
@@ -178,12 +187,39 @@ pub struct RowStats {
     pub image_bytes: Vec<u64>,
 }
 
+/// Checks that the shard has every column of the dataset's schema, with its type (nested field
+/// names aside: other writers name list items differently), so that reading them cannot fail
+/// half-way (or panic on a column of another type).
+fn check_schema(path: &Path, schema: &arrow::datatypes::Schema, dataset: Dataset) -> Result<()> {
+    for f in crate::format::schema(dataset).fields() {
+        let Ok(have) = schema.field_with_name(f.name()) else {
+            return Err(ShardError::parquet(
+                path,
+                format!("column {} missing", f.name()),
+            ));
+        };
+        if !have.data_type().equals_datatype(f.data_type()) {
+            return Err(ShardError::parquet(
+                path,
+                format!(
+                    "column {} is {}, the format says {}",
+                    f.name(),
+                    have.data_type(),
+                    f.data_type()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Reads the per-row numbers of every shard, one row group at a time.
 pub fn row_stats(m: &Manifest) -> Result<RowStats> {
     let mut s = RowStats::default();
     for i in 0..m.shards.len() {
         let path = m.shard_path(i);
         let builder = open(&path)?;
+        check_schema(&path, builder.schema(), m.dataset)?;
         let wanted: Vec<&str> = match m.dataset {
             Dataset::Imagenet => vec![
                 columns::IMAGE,
@@ -226,6 +262,13 @@ pub fn row_stats(m: &Manifest) -> Result<RowStats> {
             let img = img.as_binary::<i32>();
             let w = get(columns::WIDTH)?;
             let h = get(columns::HEIGHT)?;
+            // Nulls would count as whatever values sit under them.
+            if w.null_count() + h.null_count() > 0 {
+                return Err(ShardError::parquet(
+                    &path,
+                    "width or height is null in some rows (verify --decode names them)",
+                ));
+            }
             s.width
                 .extend(w.as_primitive::<Int32Type>().values().iter());
             s.height

@@ -1391,8 +1391,22 @@ pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
         // Named by its manifest file: several parts can share a folder.
         let bad = |msg: &str| ShardError::manifest(file, msg.to_string());
         let p = m.part.as_ref().ok_or_else(|| bad("not a part manifest"))?;
-        if p.num_workers != info.num_workers || p.total_shards != info.total_shards {
-            return Err(bad("parts come from runs with different worker counts"));
+        if p.num_workers != info.num_workers {
+            return Err(bad(&format!(
+                "parts come from runs with different worker counts ({} and {} in {})",
+                p.num_workers,
+                info.num_workers,
+                files[0].display()
+            )));
+        }
+        if p.total_shards != info.total_shards {
+            return Err(bad(&format!(
+                "parts come from runs with different shard counts ({} and {} in {}): other \
+                 inputs or --shard-rows",
+                p.total_shards,
+                info.total_shards,
+                files[0].display()
+            )));
         }
         let mut differ: Vec<String> = Vec::new();
         if m.dataset != first.dataset {
@@ -1456,8 +1470,10 @@ pub fn merge_parts(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
                 (Ok(a), Ok(b)) => a == b,
                 _ => false,
             };
+            // Checked in place too (parts written into one shared folder): a truncated or
+            // changed shard must not make it into the merged manifest.
+            manifest::verify_shard_file(&src, s)?;
             if !same {
-                manifest::verify_shard_file(&src, s)?;
                 let tmp = manifest::temp_path(&dst);
                 if std::fs::hard_link(&src, &tmp).is_err() {
                     std::fs::copy(&src, &tmp).map_err(|e| ShardError::io(&src, e))?;

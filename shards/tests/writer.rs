@@ -670,3 +670,112 @@ fn a_second_run_into_a_busy_folder_is_refused() {
     common::write(&l, &out, |_| {});
     assert!(!out.join(".progress").exists());
 }
+
+/// A shard whose hash matches its manifest but whose column has another type (rewritten by
+/// another tool) is an error naming the file and column for `verify --decode` and `stats`, not
+/// a panic; a manifest that lists one shard twice is refused (its rows would count twice).
+#[test]
+fn wrong_column_types_and_twice_listed_shards_are_named_errors() {
+    use arrow::array::{ArrayRef, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use droppos_shards::manifest::Manifest;
+    use sha2::Digest;
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    write(&imagenet_train(), &out, |_| {});
+    let mut m = Manifest::load(&out).unwrap();
+    let path = m.shard_path(0);
+    let batches: Vec<RecordBatch> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&path).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let old = batches[0].schema();
+    let fields: Vec<Field> = old
+        .fields()
+        .iter()
+        .map(|f| match f.name().as_str() {
+            "width" => Field::new("width", DataType::Int64, false),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&path).unwrap(),
+        schema.clone(),
+        None,
+    )
+    .unwrap();
+    for b in &batches {
+        let cols: Vec<ArrayRef> = b
+            .columns()
+            .iter()
+            .zip(old.fields())
+            .map(|(c, f)| match f.name().as_str() {
+                "width" => arrow::compute::cast(c, &DataType::Int64).unwrap(),
+                _ => c.clone(),
+            })
+            .collect();
+        w.write(&RecordBatch::try_new(schema.clone(), cols).unwrap())
+            .unwrap();
+    }
+    w.close().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    m.shards[0].bytes = bytes.len() as u64;
+    m.shards[0].sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+    m.save_as(&out, droppos_shards::MANIFEST_FILE).unwrap();
+    let e = verify_dataset(&out, true).unwrap_err().to_string();
+    assert!(
+        e.contains("shard-000000") && e.contains("column width is Int64"),
+        "{e}"
+    );
+    let m = Manifest::load(&out).unwrap();
+    let e = droppos_shards::verify::row_stats(&m)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("column width is Int64"), "{e}");
+
+    let mut twice = m.clone();
+    let mut again = twice.shards[0].clone();
+    again.file = format!("./{}", again.file);
+    twice.num_rows += again.rows;
+    twice.shards.push(again);
+    twice.save_as(&out, droppos_shards::MANIFEST_FILE).unwrap();
+    let e = Manifest::load(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("listed twice"), "{e}");
+}
+
+/// Parts written into one shared folder (a Slurm array's usual layout) are checked in place by
+/// `merge` as parts in other folders are: a truncated shard is not merged.
+#[test]
+fn merge_checks_shards_in_a_shared_folder() {
+    let l = imagenet_train();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    for i in 0..2 {
+        write(&l, &out, |o| {
+            o.shard_rows = 8;
+            o.num_workers = 2;
+            o.worker_index = i;
+        });
+    }
+    let shard = out.join("shard-000001.parquet");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let e = merge_parts(&out, std::slice::from_ref(&out))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("shard-000001"), "{e}");
+    assert!(!out.join("manifest.json").exists());
+}

@@ -33,7 +33,8 @@ fn f64_column(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
     Ok((0..ca.len()).map(|i| ca.get(i)).collect())
 }
 
-/// min / p5 / median / p95 / max / mean of a numeric column.
+/// min / p5 / median / p95 / max / mean of a numeric column (percentiles nearest-rank; the
+/// median the usual one, the mean of the two middle values for an even count).
 fn distribution(df: &DataFrame, name: &str) -> Result<Value> {
     let c = || col(name).cast(DataType::Float64);
     let q = |p: f64, alias: &str| c().quantile(lit(p), QuantileMethod::Nearest).alias(alias);
@@ -43,7 +44,7 @@ fn distribution(df: &DataFrame, name: &str) -> Result<Value> {
         .select([
             c().min().alias("min"),
             q(0.05, "p5"),
-            q(0.5, "median"),
+            c().median().alias("median"),
             q(0.95, "p95"),
             c().max().alias("max"),
             c().mean().alias("mean"),
@@ -201,4 +202,22 @@ pub fn run(args: Args) -> Result<()> {
         println!("  {v:>6}  {k}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        let df = df!("w" => [683i32, 400]).unwrap();
+        let d = distribution(&df, "w").unwrap();
+        assert_eq!(d["median"], 541.5);
+        assert_eq!(
+            (d["min"].clone(), d["max"].clone()),
+            (400.0.into(), 683.0.into())
+        );
+        let df = df!("w" => [3i32, 1, 2]).unwrap();
+        assert_eq!(distribution(&df, "w").unwrap()["median"], 2.0);
+    }
 }

@@ -141,7 +141,7 @@ impl Listing {
         if let Some(w) = self.items.windows(2).find(|w| w[0].key == w[1].key) {
             let how = if w[0].path == w[1].path {
                 format!(
-                    "{} is listed twice (a --list file naming it on two lines?)",
+                    "{} is listed twice (two lines of a --list file, or two images of an annotation json)",
                     w[0].path.display()
                 )
             } else {
