@@ -209,4 +209,46 @@ fn finetune_from_pretraining_then_export_and_classify() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--model"));
+
+    // Settings no run can use are refused by name before anything is trained; so is an --init
+    // file without encoder weights under the reference names (it trained from random weights).
+    for (extra, needle) in [
+        (&["--drop-path", "1.5"][..], "--drop-path must be in"),
+        (&["--blr", "NaN"][..], "--blr must be"),
+        (&["--min-lr", "nan"][..], "--min-lr must be"),
+        (&["--smoothing", "2"][..], "--smoothing must be in"),
+        (
+            &["--num-classes", "0"][..],
+            "--num-classes must be positive",
+        ),
+    ] {
+        let o = finetune(&train, &val, &t.join("bad"), &pre, "1")
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{extra:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{extra:?}: {err}");
+    }
+    let prefixed = t.join("prefixed.safetensors");
+    let w = tch::Tensor::zeros([4], (tch::Kind::Float, tch::Device::Cpu));
+    tch::Tensor::write_safetensors(&[("encoder.blocks.0.norm1.weight", &w)], &prefixed).unwrap();
+    let o = bin()
+        .args([
+            "finetune",
+            "--quiet",
+            "--model",
+            "vit_tiny_patch16_64",
+            "--data",
+        ])
+        .arg(&train)
+        .arg("--init")
+        .arg(&prefixed)
+        .arg("--output")
+        .arg(t.join("bad2"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no encoder parameters"), "{err}");
 }

@@ -193,7 +193,15 @@ fn encoder_source(args: &Args) -> Result<(VitConfig, Vec<(String, Tensor)>)> {
                 || n.starts_with("patch_embed.")
                 || n.starts_with("blocks.")
         })
-        .collect();
+        .collect::<Vec<_>>();
+    // Weights under other names (a prefix, an optimizer file) must not mean random weights.
+    if tensors.is_empty() {
+        bail!(
+            "{} holds no encoder parameters under the reference names (cls_token, pos_embed, \
+             patch_embed.*, blocks.*); is it a model file, with names without a prefix?",
+            path.display()
+        );
+    }
     Ok((cfg, tensors))
 }
 
@@ -408,8 +416,45 @@ fn step_on(
     Ok((lv, acc1))
 }
 
+/// Refuses hyper-parameters no run can use, by name, before anything is loaded: NaN passes
+/// every range comparison, and a rate outside its range either crashes deep in libtorch or
+/// trains on NaN with a message that blames --blr.
+fn check_args(a: &Args) -> Result<()> {
+    let ranges: [(&str, f64, std::ops::RangeInclusive<f64>); 12] = [
+        ("--blr", a.blr, 0.0..=f64::MAX),
+        ("--min-lr", a.min_lr, 0.0..=f64::MAX),
+        ("--warmup-epochs", a.warmup_epochs, 0.0..=f64::MAX),
+        ("--layer-decay", a.layer_decay, 0.0..=1.0),
+        ("--weight-decay", a.weight_decay, 0.0..=f64::MAX),
+        ("--drop-path", a.drop_path, 0.0..=0.999_999),
+        ("--mixup", a.mixup, 0.0..=f64::MAX),
+        ("--cutmix", a.cutmix, 0.0..=f64::MAX),
+        ("--smoothing", a.smoothing, 0.0..=0.999_999),
+        ("--reprob", a.reprob, 0.0..=1.0),
+        ("--randaug-magnitude", a.randaug_magnitude, 0.0..=10.0),
+        ("--crop-scale-min", a.crop_scale_min, 1e-6..=1.0),
+    ];
+    for (flag, v, range) in ranges {
+        if !v.is_finite() || !range.contains(&v) {
+            let (lo, hi) = (range.start(), range.end());
+            if *hi == f64::MAX {
+                bail!("{flag} must be a finite number >= {lo}, got {v}");
+            }
+            bail!("{flag} must be in [{lo}, {hi}], got {v}");
+        }
+    }
+    if a.blr == 0.0 {
+        bail!("--blr must be positive");
+    }
+    if a.num_classes.is_some_and(|c| c <= 0) {
+        bail!("--num-classes must be positive");
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
+    check_args(&args)?;
     if args.output.join("model.safetensors").exists() {
         bail!(
             "{} already holds a fine-tuned model; choose another --output",
@@ -449,7 +494,15 @@ pub fn run(args: Args) -> Result<()> {
 
     let img = enc.img_size as usize;
     let loader = train_loader(&args, train_set.clone(), img)?;
-    let iters = (loader.samples_per_epoch() as usize / args.batch_size).max(1);
+    // The last partial batch is dropped: a batch larger than the data would train nothing.
+    if (loader.samples_per_epoch() as usize) < args.batch_size {
+        bail!(
+            "--batch-size {} is larger than the {} training images: no step would run",
+            args.batch_size,
+            loader.samples_per_epoch()
+        );
+    }
+    let iters = loader.samples_per_epoch() as usize / args.batch_size;
     let sched = CosineSchedule {
         lr: lr_from_blr(args.blr, args.batch_size),
         min_lr: args.min_lr,
