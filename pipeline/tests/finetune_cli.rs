@@ -197,18 +197,18 @@ fn finetune_from_pretraining_then_export_and_classify() {
     assert_eq!(v["val_images"], manifest_rows(&val) - 1, "{evals}");
 
     // An existing model is not overwritten; the architecture must be known.
-    let o = finetune(&train, &val, &run, &pre, "1").output().unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds"));
-    let o = bin()
-        .args(["finetune", "--quiet", "--data"])
-        .arg(&train)
-        .arg("--output")
-        .arg(t.join("x"))
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--model"));
+    fails_with(
+        &mut finetune(&train, &val, &run, &pre, "1"),
+        "already holds",
+    );
+    fails_with(
+        bin()
+            .args(["finetune", "--quiet", "--data"])
+            .arg(&train)
+            .arg("--output")
+            .arg(t.join("x")),
+        "--model",
+    );
 
     // Settings no run can use are refused by name before anything is trained; so is an --init
     // file without encoder weights under the reference names (it trained from random weights).
@@ -222,33 +222,34 @@ fn finetune_from_pretraining_then_export_and_classify() {
             "--num-classes must be positive",
         ),
     ] {
-        let o = finetune(&train, &val, &t.join("bad"), &pre, "1")
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(!o.status.success(), "{extra:?}");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(needle), "{extra:?}: {err}");
+        fails_with(
+            finetune(&train, &val, &t.join("bad"), &pre, "1").args(extra),
+            needle,
+        );
     }
     let prefixed = t.join("prefixed.safetensors");
     let w = tch::Tensor::zeros([4], (tch::Kind::Float, tch::Device::Cpu));
     tch::Tensor::write_safetensors(&[("encoder.blocks.0.norm1.weight", &w)], &prefixed).unwrap();
-    let o = bin()
-        .args([
-            "finetune",
-            "--quiet",
-            "--model",
-            "vit_tiny_patch16_64",
-            "--data",
-        ])
-        .arg(&train)
-        .arg("--init")
-        .arg(&prefixed)
-        .arg("--output")
-        .arg(t.join("bad2"))
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
+    fails_with(
+        bin()
+            .args(["finetune", "--quiet", "--model", "vit_tiny_patch16_64"])
+            .arg("--data")
+            .arg(&train)
+            .arg("--init")
+            .arg(&prefixed)
+            .arg("--output")
+            .arg(t.join("bad2")),
+        "no encoder parameters",
+    );
+}
+
+/// Runs `c`, which must fail with `needle` in its error output.
+fn fails_with(c: &mut Command, needle: &str) {
+    let o = c.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("no encoder parameters"), "{err}");
+    assert!(!o.status.success(), "{c:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{c:?}: expected `{needle}` in:\n{err}"
+    );
 }
