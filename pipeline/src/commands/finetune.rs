@@ -517,6 +517,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("creating {}", args.output.display()))?;
+    let _lock = crate::train::run_lock::lock_run_dir(&args.output)?;
     let recipe = settings(&args, &enc, classes);
     let store = CheckpointStore::new(&args.output);
     let (start_epoch, mut step) = resume_point(&args, &store, &recipe, &model, &mut opt)?;

@@ -125,6 +125,12 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let world = collective.world();
+    // Rank 0 writes the folder: it alone holds the lock, for the whole run.
+    let _lock = if world.rank == 0 {
+        crate::train::run_lock::lock_run_dir(run_dir)?
+    } else {
+        None
+    };
     if world.rank == 0 {
         let path = run_dir.join("config.toml");
         let tmp = run_dir.join(".config.toml.tmp");

@@ -8,6 +8,7 @@ pub mod loader_source;
 pub mod metrics;
 pub mod plot;
 pub mod run;
+pub mod run_lock;
 pub mod signals;
 pub mod source;
 pub mod task;
