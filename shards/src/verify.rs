@@ -134,6 +134,16 @@ fn check_batch(
         };
         let px = codec::decode(images.value(r), codec::DEFAULT_MAX_PIXELS)
             .map_err(|e| bad(format!("image: {e}")))?;
+        // The writer stores only what decodes to 8-bit RGB or gray everywhere (it converts the
+        // rest): an RGBA or 16-bit image here came from elsewhere.
+        let info = codec::read_header(images.value(r), codec::DEFAULT_MAX_PIXELS)
+            .map_err(|e| bad(format!("image: {e}")))?;
+        if !info.is_storable_as_is() {
+            return Err(bad(format!(
+                "image is {}, not an 8-bit RGB or gray JPEG or PNG",
+                info.describe()
+            )));
+        }
         let (w, h) = (widths.value(r), heights.value(r));
         if (px.width as i32, px.height as i32) != (w, h) {
             return Err(bad(format!(

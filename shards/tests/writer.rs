@@ -671,19 +671,21 @@ fn a_second_run_into_a_busy_folder_is_refused() {
     assert!(!out.join(".progress").exists());
 }
 
-/// A shard whose hash matches its manifest but whose column has another type (rewritten by
-/// another tool) is an error naming the file and column for `verify --decode` and `stats`, not
-/// a panic; a manifest that lists one shard twice is refused (its rows would count twice).
-#[test]
-fn wrong_column_types_and_twice_listed_shards_are_named_errors() {
-    use arrow::array::{ArrayRef, RecordBatch};
-    use arrow::datatypes::{DataType, Field, Schema};
-    use droppos_shards::manifest::Manifest;
-    use sha2::Digest;
-    use std::sync::Arc;
+/// Shards the ImageNet sample into a temp folder, then rewrites its first shard's column `name`
+/// through `change` (its new field and values), as another tool would, recording the new size
+/// and hash in the manifest. Returns the folder (and what keeps it).
+fn with_column_rewritten(
+    name: &str,
+    change: impl Fn(&arrow::array::ArrayRef) -> (arrow::datatypes::Field, arrow::array::ArrayRef),
+) -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     write(&imagenet_train(), &out, |_| {});
+    use arrow::array::RecordBatch;
+    use arrow::datatypes::Schema;
+    use droppos_shards::manifest::Manifest;
+    use sha2::Digest;
+    use std::sync::Arc;
     let mut m = Manifest::load(&out).unwrap();
     let path = m.shard_path(0);
     let batches: Vec<RecordBatch> =
@@ -696,39 +698,55 @@ fn wrong_column_types_and_twice_listed_shards_are_named_errors() {
         .collect::<Result<_, _>>()
         .unwrap();
     let old = batches[0].schema();
-    let fields: Vec<Field> = old
-        .fields()
-        .iter()
-        .map(|f| match f.name().as_str() {
-            "width" => Field::new("width", DataType::Int64, false),
-            _ => f.as_ref().clone(),
-        })
-        .collect();
-    let schema = Arc::new(Schema::new(fields));
+    let mut schema = None;
+    let mut new_batches = Vec::new();
+    for b in &batches {
+        let (fields, cols): (Vec<_>, Vec<_>) = old
+            .fields()
+            .iter()
+            .zip(b.columns())
+            .map(|(f, c)| {
+                if f.name() == name {
+                    change(c)
+                } else {
+                    (f.as_ref().clone(), c.clone())
+                }
+            })
+            .unzip();
+        let sc = Arc::new(Schema::new(fields));
+        new_batches.push(RecordBatch::try_new(sc.clone(), cols).unwrap());
+        schema = Some(sc);
+    }
     let mut w = parquet::arrow::ArrowWriter::try_new(
         std::fs::File::create(&path).unwrap(),
-        schema.clone(),
+        schema.unwrap(),
         None,
     )
     .unwrap();
-    for b in &batches {
-        let cols: Vec<ArrayRef> = b
-            .columns()
-            .iter()
-            .zip(old.fields())
-            .map(|(c, f)| match f.name().as_str() {
-                "width" => arrow::compute::cast(c, &DataType::Int64).unwrap(),
-                _ => c.clone(),
-            })
-            .collect();
-        w.write(&RecordBatch::try_new(schema.clone(), cols).unwrap())
-            .unwrap();
+    for b in &new_batches {
+        w.write(b).unwrap();
     }
     w.close().unwrap();
     let bytes = std::fs::read(&path).unwrap();
     m.shards[0].bytes = bytes.len() as u64;
     m.shards[0].sha256 = hex::encode(sha2::Sha256::digest(&bytes));
     m.save_as(&out, droppos_shards::MANIFEST_FILE).unwrap();
+    (tmp, out)
+}
+
+/// A shard whose hash matches its manifest but whose column has another type (rewritten by
+/// another tool) is an error naming the file and column for `verify --decode` and `stats`, not
+/// a panic; a manifest that lists one shard twice is refused (its rows would count twice).
+#[test]
+fn wrong_column_types_and_twice_listed_shards_are_named_errors() {
+    use arrow::datatypes::{DataType, Field};
+    use droppos_shards::manifest::Manifest;
+    let (_tmp, out) = with_column_rewritten("width", |c| {
+        (
+            Field::new("width", DataType::Int64, false),
+            arrow::compute::cast(c, &DataType::Int64).unwrap(),
+        )
+    });
     let e = verify_dataset(&out, true).unwrap_err().to_string();
     assert!(
         e.contains("shard-000000") && e.contains("column width is Int64"),
@@ -748,6 +766,51 @@ fn wrong_column_types_and_twice_listed_shards_are_named_errors() {
     twice.save_as(&out, droppos_shards::MANIFEST_FILE).unwrap();
     let e = Manifest::load(&out).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("listed twice"), "{e}");
+}
+
+/// `verify --decode` refuses an image the writer would never store (RGBA here: it converts
+/// such inputs), put into a shard by another tool.
+#[test]
+fn verify_refuses_images_the_writer_would_have_converted() {
+    let (_tmp, out) = with_column_rewritten("image", |c| {
+        let imgs = arrow::array::AsArray::as_binary::<i32>(c.as_ref());
+        let first =
+            droppos_shards::codec::decode(imgs.value(0), droppos_shards::codec::DEFAULT_MAX_PIXELS)
+                .unwrap();
+        let rgb = if first.channels == 3 {
+            first.data.clone()
+        } else {
+            first.data.iter().flat_map(|&v| [v, v, v]).collect()
+        };
+        let rgba: Vec<u8> = rgb
+            .chunks(3)
+            .flat_map(|p| [p[0], p[1], p[2], 255])
+            .collect();
+        use image::ImageEncoder;
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(
+                &rgba,
+                first.width,
+                first.height,
+                image::ExtendedColorType::Rgba8,
+            )
+            .unwrap();
+        let values: Vec<&[u8]> = (0..c.len())
+            .map(|r| if r == 0 { &png[..] } else { imgs.value(r) })
+            .collect();
+        let arr: arrow::array::ArrayRef =
+            std::sync::Arc::new(arrow::array::BinaryArray::from(values));
+        (
+            arrow::datatypes::Field::new("image", arrow::datatypes::DataType::Binary, false),
+            arr,
+        )
+    });
+    let e = verify_dataset(&out, true).unwrap_err().to_string();
+    assert!(
+        e.contains("row 0") && e.contains("not an 8-bit RGB or gray"),
+        "{e}"
+    );
 }
 
 /// Parts written into one shared folder (a Slurm array's usual layout) are checked in place by
