@@ -16,6 +16,7 @@ pub mod format;
 pub mod hash_pairs;
 pub mod jpeg_restart;
 pub mod loader;
+pub mod lock;
 pub mod manifest;
 pub mod patch_layout;
 pub mod resample;

@@ -457,37 +457,22 @@ pub fn write_dataset(
     })
 }
 
-/// Identity of a run's output: everything that shapes the shard bytes.
-/// Holds an exclusive lock on `out` for this worker (released when dropped, or by the kernel
-/// when the process dies): a second run of the same command into the same folder would delete
-/// the first one's temp files and journal under it. Workers of one `--num-workers` run lock
-/// separately, since they write disjoint shards into one folder on purpose. Where the file
-/// system offers no locks (some network file systems), the run goes ahead unlocked.
+/// Holds an exclusive lock on `out` for this worker ([`crate::lock::try_lock`]): a second run
+/// of the same command into the same folder would delete the first one's temp files and
+/// journal under it. Workers of one `--num-workers` run lock separately, since they write
+/// disjoint shards into one folder on purpose.
 fn lock_output(out: &Path, worker: u32, workers: u32) -> Result<Option<File>> {
     let path = lock_path(out, worker, workers);
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| ShardError::io(&path, e))?;
-    #[cfg(unix)]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: plain syscall on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                return Err(ShardError::Busy {
-                    out: out.to_path_buf(),
-                    lock: path,
-                });
+    crate::lock::try_lock(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            ShardError::Busy {
+                out: out.to_path_buf(),
+                lock: path.clone(),
             }
-            tracing::debug!(error = %e, "no lock on {}: continuing unlocked", path.display());
-            return Ok(None);
+        } else {
+            ShardError::io(&path, e)
         }
-    }
-    Ok(Some(file))
+    })
 }
 
 fn lock_path(out: &Path, worker: u32, workers: u32) -> PathBuf {
@@ -495,6 +480,7 @@ fn lock_path(out: &Path, worker: u32, workers: u32) -> PathBuf {
         .join(format!("lock-{worker}-of-{workers}"))
 }
 
+/// Identity of a run's output: everything that shapes the shard bytes.
 fn fingerprint_of(
     tool_version: &str,
     dataset: Dataset,

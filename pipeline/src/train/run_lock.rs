@@ -8,35 +8,20 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-/// Takes the folder's lock (released when the returned file is dropped, or by the kernel when
-/// the process dies). Where the file system has no locks, goes on unlocked.
+/// Takes the folder's lock ([`droppos_shards::lock::try_lock`]: released when the returned
+/// file is dropped, or by the kernel when the process dies; none where the file system has no
+/// locks).
 pub fn lock_run_dir(dir: &Path) -> Result<Option<File>> {
     let path = dir.join(".lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: plain syscall on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                bail!(
-                    "another run is writing to {} (lock {} held); wait for it to end, or stop \
-                     it, before resuming",
-                    dir.display(),
-                    path.display()
-                );
-            }
-            tracing::debug!(error = %e, "no lock on {}: continuing unlocked", path.display());
-            return Ok(None);
-        }
+    match droppos_shards::lock::try_lock(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => bail!(
+            "another run is writing to {} (lock {} held); wait for it to end, or stop it, \
+             before resuming",
+            dir.display(),
+            path.display()
+        ),
+        r => r.with_context(|| format!("opening {}", path.display())),
     }
-    Ok(Some(file))
 }
 
 #[cfg(test)]
