@@ -10,7 +10,9 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{bin, broken_copy, data_root, manifest_rows, run_ok, shard, shard_imagenet_sample};
+use common::{
+    bin, broken_copy, data_root, fails_with, manifest_rows, run_ok, shard, shard_imagenet_sample,
+};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
@@ -73,16 +75,6 @@ fn json(c: &mut Command) -> Value {
     let text = String::from_utf8(o.stdout).unwrap();
     assert_eq!(text.trim().lines().count(), 1, "one JSON object: {text}");
     serde_json::from_str(text.trim()).unwrap()
-}
-
-fn fails_with(c: &mut Command, needle: &str) {
-    let o = c.output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{c:?} should fail");
-    assert!(
-        err.contains(needle),
-        "{c:?}: expected `{needle}` in:\n{err}"
-    );
 }
 
 fn unit(v: &Value) -> f64 {

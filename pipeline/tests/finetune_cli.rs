@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{bin, broken_copy, manifest_rows, run_ok, shard_imagenet_sample};
+use common::{bin, broken_copy, fails_with, manifest_rows, run_ok, shard_imagenet_sample};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml")
@@ -240,16 +240,5 @@ fn finetune_from_pretraining_then_export_and_classify() {
             .arg("--output")
             .arg(t.join("bad2")),
         "no encoder parameters",
-    );
-}
-
-/// Runs `c`, which must fail with `needle` in its error output.
-fn fails_with(c: &mut Command, needle: &str) {
-    let o = c.output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{c:?} should fail");
-    assert!(
-        err.contains(needle),
-        "{c:?}: expected `{needle}` in:\n{err}"
     );
 }

@@ -112,6 +112,18 @@ pub fn break_first_image(shards: &Path) {
     std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
 
+/// Runs `c`, which must fail with `needle` in its error output.
+#[allow(dead_code)] // not every test binary uses it
+pub fn fails_with(c: &mut Command, needle: &str) {
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{c:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{c:?}: expected `{needle}` in:\n{err}"
+    );
+}
+
 /// Waits until the run at `run` has written `steps` metrics lines (the training is under way),
 /// then sends `signal` (`INT`, `TERM`) to `child`.
 #[cfg(unix)]
