@@ -74,7 +74,7 @@ impl LoaderSource {
                 }
                 h.update([b'\n']);
             }
-            h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+            hex::encode(h.finalize())
         };
         let loader = Loader::new(Arc::new(set), cfg).context("configuring the loader")?;
         Ok(Self {
