@@ -69,6 +69,52 @@ fn shard_verify_stats_and_pyarrow_read_back() {
     let out = run_ok(bin().arg("stats").arg(&coco));
     assert!(String::from_utf8_lossy(&out.stdout).contains("annotations:"));
 
+    // COCO: images and annotations per category, against the annotation json itself.
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data_root().join("coco/annotations/instances_val2017.json")).unwrap(),
+    )
+    .unwrap();
+    let mut want: std::collections::BTreeMap<String, (std::collections::BTreeSet<i64>, u64)> =
+        Default::default();
+    for a in json["annotations"].as_array().unwrap() {
+        let e = want.entry(a["category_id"].to_string()).or_default();
+        e.0.insert(a["image_id"].as_i64().unwrap());
+        e.1 += 1;
+    }
+    let out = run_ok(bin().arg("stats").arg(&coco).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: std::collections::BTreeMap<String, (u64, u64)> = v["rows_per_class"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_string(),
+                (
+                    c["rows"].as_u64().unwrap(),
+                    c["annotations"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    let want: std::collections::BTreeMap<String, (u64, u64)> = want
+        .into_iter()
+        .map(|(k, (imgs, n))| (k, (imgs.len() as u64, n)))
+        .collect();
+    assert_eq!(got, want);
+    // ADE20K: rows and patch-layout cells per class present.
+    let out = run_ok(bin().arg("stats").arg(&ade).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let classes = v["rows_per_class"].as_array().unwrap();
+    assert!(!classes.is_empty());
+    for c in classes {
+        let rows = c["rows"].as_u64().unwrap();
+        assert!(rows >= 1 && rows <= v["rows"].as_u64().unwrap(), "{c}");
+        assert!(c["patches"].as_u64().unwrap() >= rows, "{c}");
+        assert!(c["name"].is_string(), "{c}");
+    }
+    assert_eq!(classes[0]["name"], "wall");
+
     // Plain Parquet: pyarrow reads every row with no custom code.
     let python = std::env::var("DROPPOS_PYTHON").unwrap_or_else(|_| "python3".into());
     let probe = Command::new(&python)

@@ -186,7 +186,7 @@ fn check_batch(
 }
 
 /// Per-row numbers for `stats` (no pixel data): class label (ImageNet) or number of
-/// annotations (COCO), stored size and encoded bytes.
+/// annotations (COCO), stored size and encoded bytes, and which classes each row holds.
 #[derive(Debug, Clone, Default)]
 pub struct RowStats {
     pub shard: Vec<u32>,
@@ -195,6 +195,30 @@ pub struct RowStats {
     pub width: Vec<i32>,
     pub height: Vec<i32>,
     pub image_bytes: Vec<u64>,
+    /// COCO and ADE20K: one entry per (row, class) the row holds.
+    pub present: ClassPresence,
+}
+
+/// Classes present in rows, as three parallel columns: the row (0-based over all shards in
+/// manifest order), the class index, and how much of it the row holds: COCO annotations of that
+/// category, ADE20K patch-layout cells of that class (cells labelled 0, "other", not counted).
+#[derive(Debug, Clone, Default)]
+pub struct ClassPresence {
+    pub row: Vec<u64>,
+    pub class: Vec<i32>,
+    pub count: Vec<u32>,
+}
+
+impl ClassPresence {
+    /// Adds one row's class values (any order, repeats counted).
+    fn add_row(&mut self, row: u64, classes: &mut [i32]) {
+        classes.sort_unstable();
+        for run in classes.chunk_by(|a, b| a == b) {
+            self.row.push(row);
+            self.class.push(run[0]);
+            self.count.push(run.len() as u32);
+        }
+    }
 }
 
 /// Checks that the shard has every column of the dataset's schema, with its type (nested field
@@ -243,7 +267,12 @@ pub fn row_stats(m: &Manifest) -> Result<RowStats> {
                 columns::HEIGHT,
                 columns::ANNOTATIONS,
             ],
-            Dataset::Ade20k => vec![columns::IMAGE, columns::WIDTH, columns::HEIGHT],
+            Dataset::Ade20k => vec![
+                columns::IMAGE,
+                columns::WIDTH,
+                columns::HEIGHT,
+                columns::PATCH_LABELS,
+            ],
         };
         let roots: Vec<usize> = wanted
             .iter()
@@ -279,6 +308,7 @@ pub fn row_stats(m: &Manifest) -> Result<RowStats> {
                     "width or height is null in some rows (verify --decode names them)",
                 ));
             }
+            let first_row = s.width.len() as u64;
             s.width
                 .extend(w.as_primitive::<Int32Type>().values().iter());
             s.height
@@ -289,6 +319,12 @@ pub fn row_stats(m: &Manifest) -> Result<RowStats> {
             match m.dataset {
                 Dataset::Imagenet => {
                     let l = get(columns::LABEL)?;
+                    if l.null_count() > 0 {
+                        return Err(ShardError::parquet(
+                            &path,
+                            "label is null in some rows (verify --decode names them)",
+                        ));
+                    }
                     s.label.extend(
                         l.as_primitive::<Int32Type>()
                             .values()
@@ -303,10 +339,42 @@ pub fn row_stats(m: &Manifest) -> Result<RowStats> {
                     s.annotations
                         .extend((0..n).map(|r| Some(a.value_length(r) as u32)));
                     s.label.extend(std::iter::repeat_n(None, n));
+                    let cats = a
+                        .values()
+                        .as_struct()
+                        .column_by_name(crate::format::annotation::CATEGORY_INDEX)
+                        .ok_or_else(|| {
+                            ShardError::parquet(&path, "annotations have no category_index")
+                        })?
+                        .as_primitive::<Int32Type>();
+                    let mut classes = Vec::new();
+                    for r in 0..n {
+                        let range =
+                            a.value_offsets()[r] as usize..a.value_offsets()[r + 1] as usize;
+                        classes.clear();
+                        classes.extend(range.filter(|&i| cats.is_valid(i)).map(|i| cats.value(i)));
+                        s.present.add_row(first_row + r as u64, &mut classes);
+                    }
                 }
                 Dataset::Ade20k => {
                     s.label.extend(std::iter::repeat_n(None, n));
                     s.annotations.extend(std::iter::repeat_n(None, n));
+                    let p = get(columns::PATCH_LABELS)?;
+                    let p = p.as_list::<i32>();
+                    let cells = p.values().as_primitive::<Int32Type>();
+                    let mut classes = Vec::new();
+                    for r in 0..n {
+                        let range =
+                            p.value_offsets()[r] as usize..p.value_offsets()[r + 1] as usize;
+                        classes.clear();
+                        // Cell value v is class index v - 1; 0 is "other".
+                        classes.extend(
+                            range
+                                .filter(|&i| cells.is_valid(i) && cells.value(i) > 0)
+                                .map(|i| cells.value(i) - 1),
+                        );
+                        s.present.add_row(first_row + r as u64, &mut classes);
+                    }
                 }
             }
         }

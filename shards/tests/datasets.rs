@@ -474,6 +474,49 @@ fn lvis_and_objects365_style_json_is_read() {
     assert!(err.to_string().contains("coco_url"), "{err}");
 }
 
+/// A `file_name` that is absolute, climbs out through `..` or is empty would read some other
+/// file into the shards: an error naming the json, the image id and the name.
+#[test]
+fn coco_file_names_must_stay_inside_the_image_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(images.join("sub")).unwrap();
+    std::fs::write(tmp.path().join("outside.jpg"), b"x").unwrap();
+    std::fs::write(images.join("sub/ok.jpg"), b"x").unwrap();
+    let json = tmp.path().join("instances_x.json");
+    let outside = tmp.path().join("outside.jpg");
+    let write = |name: &str| {
+        let doc = serde_json::json!({
+            "images": [{"id": 1, "file_name": "sub/ok.jpg"}, {"id": 9, "file_name": name}],
+            "annotations": [], "categories": []
+        });
+        std::fs::write(&json, doc.to_string()).unwrap();
+    };
+    let list = || {
+        coco::list(&coco::CocoOptions {
+            images: images.clone(),
+            annotations: json.clone(),
+            split: None,
+        })
+    };
+    for (name, why) in [
+        ("../outside.jpg", ".."),
+        ("sub/../../outside.jpg", ".."),
+        (outside.to_str().unwrap(), "absolute"),
+        ("", "empty"),
+    ] {
+        write(name);
+        let err = list().map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("instances_x.json"), "{err}");
+        assert!(err.contains("image 9"), "{err}");
+        assert!(err.contains(why), "{name:?}: {err}");
+    }
+    // Relative names with sub-folders and `./` are fine.
+    write("./sub/ok.jpg");
+    let l = list().unwrap();
+    assert_eq!(l.items.len(), 2);
+}
+
 /// Listing edge cases of a tree on disk: a link back to a containing folder is not followed
 /// (one row, not one per loop), a name that is not UTF-8 is skipped with its reason (a lossy key
 /// would name no file), `--root .` still names the split, and a blank line between classes in

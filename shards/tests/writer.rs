@@ -768,6 +768,31 @@ fn wrong_column_types_and_twice_listed_shards_are_named_errors() {
     assert!(e.contains("listed twice"), "{e}");
 }
 
+/// A null label (a shard rewritten by another tool) is named by `verify --decode` and refused by
+/// `stats`' row reader, rather than counted as whatever value sits under it.
+#[test]
+fn null_labels_are_named_not_counted() {
+    use arrow::array::{AsArray, Int32Array};
+    use arrow::datatypes::{DataType, Field, Int32Type};
+    use droppos_shards::manifest::Manifest;
+    let (_tmp, out) = with_column_rewritten("label", |c| {
+        let v = c.as_primitive::<Int32Type>();
+        let with_null: Int32Array = (0..v.len()).map(|i| (i != 1).then(|| v.value(i))).collect();
+        (
+            Field::new("label", DataType::Int32, true),
+            std::sync::Arc::new(with_null) as arrow::array::ArrayRef,
+        )
+    });
+    let e = verify_dataset(&out, true).unwrap_err().to_string();
+    assert!(e.contains("shard-000000") && e.contains("label"), "{e}");
+    let m = Manifest::load(&out).unwrap();
+    let e = droppos_shards::verify::row_stats(&m)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("label is null"), "{e}");
+}
+
 /// `verify --decode` refuses an image the writer would never store (RGBA here: it converts
 /// such inputs), put into a shard by another tool.
 #[test]

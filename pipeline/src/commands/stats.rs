@@ -83,28 +83,59 @@ pub fn run(args: Args) -> Result<()> {
         )
         .collect()?;
 
-    // Rows per class (ImageNet labels); COCO: rows by annotation count.
-    let mut per_class = Vec::new();
-    if m.dataset == droppos_shards::Dataset::Imagenet {
-        let g = df
+    // Rows per class: ImageNet by label; COCO and ADE20K the rows holding the class, with its
+    // annotations (COCO) or patch-layout cells (ADE20K) summed.
+    let amount = match m.dataset {
+        droppos_shards::Dataset::Coco => Some("annotations"),
+        droppos_shards::Dataset::Ade20k => Some("patches"),
+        droppos_shards::Dataset::Imagenet => None,
+    };
+    let g = match amount {
+        Some(_) => {
+            let p = &s.present;
+            DataFrame::new(
+                p.row.len(),
+                vec![
+                    Column::new("row".into(), &p.row),
+                    Column::new("class".into(), &p.class),
+                    Column::new("count".into(), &p.count),
+                ],
+            )?
+            .lazy()
+            .group_by([col("class")])
+            .agg([
+                col("row").n_unique().alias("rows"),
+                col("count").cast(DataType::UInt64).sum().alias("amount"),
+            ])
+        }
+        None => df
             .clone()
             .lazy()
-            .group_by([col("label")])
-            .agg([len().alias("rows")])
-            .sort(["label"], Default::default())
-            .collect()?;
-        let labels = f64_column(&g, "label")?;
-        let rows = f64_column(&g, "rows")?;
-        for (l, r) in labels.into_iter().zip(rows) {
-            let l = l.unwrap_or(-1.0) as i64;
-            let class = m.classes.iter().find(|c| c.index as i64 == l);
-            per_class.push(json!({
-                "index": l,
-                "id": class.map(|c| c.id.clone()),
-                "name": class.map(|c| c.name.clone()),
-                "rows": r.unwrap_or(0.0) as u64,
-            }));
+            .group_by([col("label").alias("class")])
+            .agg([len().alias("rows")]),
+    }
+    .sort(["class"], Default::default())
+    .collect()?;
+    let classes = f64_column(&g, "class")?;
+    let rows = f64_column(&g, "rows")?;
+    let sums = match amount {
+        Some(_) => f64_column(&g, "amount")?,
+        None => vec![None; classes.len()],
+    };
+    let mut per_class = Vec::new();
+    for ((c, r), a) in classes.into_iter().zip(rows).zip(sums) {
+        let c = c.unwrap_or(-1.0) as i64;
+        let class = m.classes.iter().find(|e| e.index as i64 == c);
+        let mut entry = json!({
+            "index": c,
+            "id": class.map(|e| e.id.clone()),
+            "name": class.map(|e| e.name.clone()),
+            "rows": r.unwrap_or(0.0) as u64,
+        });
+        if let Some(amount) = amount {
+            entry[amount] = json!(a.unwrap_or(0.0) as u64);
         }
+        per_class.push(entry);
     }
     let annotations = if m.dataset == droppos_shards::Dataset::Coco {
         let total: f64 = f64_column(&df, "annotations")?.iter().flatten().sum();
@@ -171,17 +202,22 @@ pub fn run(args: Args) -> Result<()> {
             .map(|c| c["rows"].as_u64().unwrap_or(0))
             .collect();
         println!(
-            "rows per class:  {} classes present, min {}, max {}",
+            "rows per class:  {} classes present, min {}, max {} rows",
             counts.len(),
             counts.iter().min().unwrap_or(&0),
             counts.iter().max().unwrap_or(&0)
         );
+        let header = amount.map_or(String::new(), |a| format!(" {a:>11}"));
+        println!("  {:>5} {:<12} {:>6}{header}  name", "index", "id", "rows");
         for c in per_class.iter().take(20) {
+            // serde_json's Display ignores widths: format the numbers themselves.
+            let num = |k: &str| c[k].as_i64().map_or("?".into(), |v| v.to_string());
+            let extra = amount.map_or(String::new(), |a| format!(" {:>11}", num(a)));
             println!(
-                "  {:>5} {:<12} {:>6}  {}",
-                c["index"],
+                "  {:>5} {:<12} {:>6}{extra}  {}",
+                num("index"),
                 c["id"].as_str().unwrap_or("?"),
-                c["rows"],
+                num("rows"),
                 c["name"].as_str().unwrap_or("")
             );
         }

@@ -118,6 +118,22 @@ fn image_file_name(im: &RawImage, images: &Path) -> Option<String> {
     Some(name)
 }
 
+/// Why an image's file name would not name a file inside the image folder, if it would not.
+fn escapes_folder(file_name: &str) -> Option<&'static str> {
+    use std::path::Component;
+    if file_name.is_empty() {
+        return Some("is empty");
+    }
+    for c in Path::new(file_name).components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Some("leaves the image folder through `..`"),
+            Component::RootDir | Component::Prefix(_) => return Some("is an absolute path"),
+        }
+    }
+    None
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum RawCounts {
@@ -228,6 +244,18 @@ pub fn list(opts: &CocoOptions) -> Result<Listing> {
                 format!("image {} has neither file_name nor coco_url", im.id),
             )
         })?;
+        // The rows' keys and the files read must stay inside --images: an absolute name or a
+        // `..` would read (and store) some other file, which no COCO-format tool intends.
+        if let Some(why) = escapes_folder(&file_name) {
+            return Err(ShardError::dataset(
+                path,
+                format!(
+                    "image {}: file_name {file_name:?} {why}; file names must be relative to the \
+                     image folder (--images) and stay inside it",
+                    im.id
+                ),
+            ));
+        }
         let p = opts.images.join(&file_name);
         match std::fs::metadata(&p) {
             Ok(m) if m.is_file() => items.push(InputItem {
