@@ -19,6 +19,10 @@ pub fn layer_id(name: &str, depth: usize) -> usize {
     depth + 1
 }
 
+/// Parameters the fine-tuning protocol keeps out of weight decay besides 1-D tensors and biases:
+/// timm's `VisionTransformer.no_weight_decay()`, which MAE's `param_groups_lrd` is given.
+pub const NO_WEIGHT_DECAY: [&str; 3] = ["pos_embed", "cls_token", "dist_token"];
+
 /// The learning-rate multiplier `decay^(depth + 1 - layer_id)`.
 pub fn layer_decay_scale(name: &str, depth: usize, decay: f64) -> f64 {
     decay.powi((depth + 1 - layer_id(name, depth).min(depth + 1)) as i32)

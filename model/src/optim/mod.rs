@@ -167,6 +167,16 @@ impl AdamW {
         }
     }
 
+    /// Takes the named parameters out of weight decay, on top of the 1-D / bias rule (the
+    /// fine-tuning protocol's `no_weight_decay()` list: `cls_token`, `pos_embed`).
+    pub fn exclude_from_decay(&mut self, names: &[&str]) {
+        for s in &mut self.slots {
+            if names.contains(&s.name.as_str()) {
+                s.decay = false;
+            }
+        }
+    }
+
     /// The parameters, in order.
     pub fn params(&self) -> Vec<Tensor> {
         self.slots.iter().map(|s| s.param.shallow_clone()).collect()

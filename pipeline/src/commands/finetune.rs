@@ -285,12 +285,28 @@ fn build_model(
         droppos_model::checkpoint::load_into(&encoder_params, init, true, Path::new("--init"))
             .context("loading the pre-trained encoder into the classifier")?;
     }
-    let depth = enc.depth as usize;
     let trainable: Vec<(String, Tensor)> = model
         .named_parameters()
         .into_iter()
         .filter(|(n, _)| n != "pos_embed")
         .collect();
+    let opt = finetune_optimizer(
+        trainable,
+        enc.depth as usize,
+        args.weight_decay,
+        args.layer_decay,
+    );
+    Ok((vs, model, opt))
+}
+
+/// AdamW as MAE's fine-tuning builds it: betas (0.9, 0.999), layer-wise lr decay, and no weight
+/// decay for 1-D tensors, biases and timm's `no_weight_decay()` names.
+fn finetune_optimizer(
+    trainable: Vec<(String, Tensor)>,
+    depth: usize,
+    weight_decay: f64,
+    layer_decay: f64,
+) -> AdamW {
     let mut opt = AdamW::new(
         trainable,
         AdamWConfig {
@@ -298,11 +314,15 @@ fn build_model(
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
-            weight_decay: args.weight_decay,
+            weight_decay,
         },
     );
-    opt.set_lr_scales(|n| finetune::layer_decay_scale(n, depth, args.layer_decay));
-    Ok((vs, model, opt))
+    opt.set_lr_scales(|n| finetune::layer_decay_scale(n, depth, layer_decay));
+    // MAE's fine-tuning (which DropPos's runs) builds its groups with `no_weight_decay_list =
+    // model.no_weight_decay()`, timm's {pos_embed, cls_token}: the cls token is not decayed
+    // there, unlike in pre-training.
+    opt.exclude_from_decay(&finetune::NO_WEIGHT_DECAY);
+    opt
 }
 
 /// The training loader: RandomResizedCrop + flip (+ RandAugment), u8 batches.
@@ -649,4 +669,40 @@ pub fn run(args: Args) -> Result<()> {
                          "last_eval": last});
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The groups of MAE's `param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75)`.
+    #[test]
+    fn cls_token_biases_and_norms_are_not_decayed_in_fine_tuning() {
+        let enc = VitConfig::from_name("vit_tiny_patch16_32").unwrap();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let model =
+            VitClassifier::new(&vs.root(), &ClassifierConfig::finetune(enc.clone(), 5)).unwrap();
+        let trainable: Vec<(String, Tensor)> = model
+            .named_parameters()
+            .into_iter()
+            .filter(|(n, _)| n != "pos_embed")
+            .collect();
+        let opt = finetune_optimizer(trainable, enc.depth as usize, 0.05, 0.75);
+        let (decay, no_decay) = opt.group_names();
+        for n in [
+            "cls_token",
+            "blocks.0.norm1.weight",
+            "head.bias",
+            "fc_norm.weight",
+        ] {
+            assert!(no_decay.iter().any(|d| d == n), "{n} should not be decayed");
+        }
+        for n in [
+            "patch_embed.proj.weight",
+            "blocks.0.attn.qkv.weight",
+            "head.weight",
+        ] {
+            assert!(decay.iter().any(|d| d == n), "{n} should be decayed");
+        }
+    }
 }
