@@ -633,3 +633,44 @@ fn pos_embed_without_class_row_is_refused_by_name() {
         "{err}"
     );
 }
+
+/// Blocks that disagree (an optional qkv bias or LayerScale in some blocks only, a missing
+/// block) are refused: each block is built from its own weights, so an incomplete state dict
+/// would export with some blocks silently different (max |Δ| 0.09 against the full model).
+#[test]
+fn incomplete_blocks_are_refused() {
+    let full = synthetic_weights(48, 8, 32, 3, Some((32, 2)));
+    let without = |drop: &dyn Fn(&str) -> bool| {
+        let mut w = Weights::new();
+        for n in full.names().filter(|n| !drop(n)) {
+            w.insert(n, full.get(n).unwrap().clone());
+        }
+        w
+    };
+    onnx::check_supported(&full).unwrap();
+    let w = without(&|n| n == "blocks.1.attn.qkv.bias");
+    let err = onnx::check_supported(&w).unwrap_err().to_string();
+    assert!(
+        err.contains("attn.qkv.bias") && err.contains("2 of the 3 blocks") && err.contains("1"),
+        "{err}"
+    );
+    let mut w = full.clone();
+    w.insert(
+        "blocks.0.ls2.gamma",
+        onnx::HostTensor::new(vec![48], vec![0.5; 48]).unwrap(),
+    );
+    let err = onnx::check_supported(&w).unwrap_err().to_string();
+    assert!(
+        err.contains("ls2.gamma") && err.contains("1 of the 3"),
+        "{err}"
+    );
+    let w = without(&|n| n.starts_with("blocks.1."));
+    let err = onnx::check_supported(&w).unwrap_err().to_string();
+    assert!(
+        err.contains("blocks.2.") && err.contains("a block is missing"),
+        "{err}"
+    );
+    let w = without(&|n| n == "decoder_blocks.1.attn.qkv.bias");
+    let err = onnx::DecoderSpec::infer(&w, 4).unwrap_err().to_string();
+    assert!(err.contains("decoder_blocks 1"), "{err}");
+}

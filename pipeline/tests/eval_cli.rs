@@ -179,6 +179,28 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     assert!(unit(&r["top1"]) <= unit(&r["top5"]));
     unit(&r["train_top1"]);
     assert!(r["final_train_loss"].as_f64().unwrap().is_finite());
+    // Probe settings it cannot train with are refused by name, and a probe whose loss diverges
+    // is an error, not a score.
+    for (args, needle) in [
+        (&["--lr", "nan"][..], "--lr must be a positive"),
+        (&["--lr", "inf"][..], "--lr must be a positive"),
+        (&["--weight-decay", "inf"][..], "--weight-decay must be"),
+        (
+            &["--probe-batch-size", "0"][..],
+            "--probe-batch-size must be",
+        ),
+        (&["--lr", "1e30", "--epochs", "3"][..], "lower --lr"),
+    ] {
+        fails_with(
+            &mut eval(
+                "linear",
+                &enc,
+                args,
+                &[("--train", &train), ("--val", &val)],
+            ),
+            needle,
+        );
+    }
 
     // Position accuracy at two mask ratios: 16 patches; ratio 0.5 keeps 8 and drops the
     // positions of int(8 · 0.75) = 6 of them; 0.75 keeps 4 and drops 3.
@@ -282,6 +304,21 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     let (top1, top5) = (unit(&r["top1"]), unit(&r["top5"]));
     assert!(top1 <= top5, "{r}");
     unit(&r["mean_class_top1"]);
+    // A batch far larger than the data is allocated for the data only (it aborted the process).
+    let mut huge = bin();
+    huge.args([
+        "eval",
+        "classify",
+        "--json",
+        "--no-progress",
+        "--threads",
+        "1",
+    ])
+    .args(["--batch-size", "100000000", "--model"])
+    .arg(&cls_model)
+    .arg("--data")
+    .arg(&val);
+    assert_eq!(json(&mut huge)["images"], manifest["num_rows"]);
     // Settings that leave nothing to measure are refused.
     for (args, needle) in [
         (&["--k", "0"][..], "--k must be at least 1"),
@@ -321,12 +358,13 @@ fn every_eval_runs_on_sample_shards_and_bad_inputs_are_named() {
     run_ok(&mut c);
     let written: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(written["eval"], "knn");
-    // Too few classes for the shards' labels; an encoder is not a classifier; a pre-training
-    // checkpoint has no head; a random classifier needs its class count.
+    // Another class count than the shards' list (labels could not index the logits); an
+    // encoder is not a classifier; a pre-training checkpoint has no head; a random classifier
+    // needs its class count.
     let small = export_classifier(t, 3);
     fails_with(
         &mut eval("classify", &small, &[], &[("--data", &val)]),
-        "outside the model's 3 classes",
+        "list 1000 classes but the classifier predicts 3",
     );
     fails_with(
         &mut eval("classify", &enc, &[], &[("--data", &val)]),

@@ -131,6 +131,40 @@ fn is_unknown(name: &str, blocks: &str, known: &[&str]) -> bool {
     }
 }
 
+/// Fails when the blocks under `blocks` (e.g. `blocks`) disagree: an optional parameter (qkv
+/// bias, LayerScale) present in some blocks only, or a block index past a missing one. The
+/// graphs build each block from what its weights hold, so an incomplete state dict would
+/// otherwise export with some blocks silently different.
+fn check_blocks_consistent(w: &Weights, blocks: &str) -> Result<(), OnnxError> {
+    let depth = w.count_indexed(blocks);
+    let prefix = format!("{blocks}.");
+    if let Some(stray) = w.names().find(|n| {
+        n.strip_prefix(&prefix)
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(i, _)| i.parse::<usize>().ok())
+            .is_some_and(|i| i >= depth)
+    }) {
+        return Err(OnnxError::Invalid(format!(
+            "the weights hold {stray} but no {blocks}.{depth}.*: a block is missing"
+        )));
+    }
+    for opt in ["attn.qkv.bias", "ls1.gamma", "ls2.gamma"] {
+        let missing: Vec<String> = (0..depth)
+            .filter(|i| !w.contains(&format!("{blocks}.{i}.{opt}")))
+            .map(|i| i.to_string())
+            .collect();
+        if !missing.is_empty() && missing.len() < depth {
+            return Err(OnnxError::Invalid(format!(
+                "`{opt}` is in {} of the {depth} blocks but missing from {blocks} {}: the \
+                 weights are incomplete",
+                depth - missing.len(),
+                missing.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The error listing (the first 8 of) `unknown`, or Ok when there are none.
 fn refuse_unknown(mut unknown: Vec<&str>, part: &str, supported: &str) -> Result<(), OnnxError> {
     if unknown.is_empty() {
@@ -170,6 +204,7 @@ pub fn check_supported(w: &Weights) -> Result<(), OnnxError> {
         .filter(|n| !other_parts.iter().any(|p| n.starts_with(p)))
         .filter(|n| is_unknown(n, "blocks.", &known))
         .collect();
+    check_blocks_consistent(w, "blocks")?;
     refuse_unknown(
         unknown,
         "encoder",
@@ -194,6 +229,7 @@ fn check_decoder_supported(w: &Weights) -> Result<(), OnnxError> {
         .filter(|n| n.starts_with("decoder_"))
         .filter(|n| is_unknown(n, "decoder_blocks.", &known))
         .collect();
+    check_blocks_consistent(w, "decoder_blocks")?;
     refuse_unknown(
         unknown,
         "position-decoder",

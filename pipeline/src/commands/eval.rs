@@ -159,10 +159,31 @@ pub struct ProbeArgs {
 }
 
 impl ProbeArgs {
+    /// Refuses settings the probe cannot train with (a NaN rate ends in a libtorch error, an
+    /// infinite one in a score of nothing).
+    fn check(&self) -> Result<()> {
+        if self.probe_batch_size < 1 {
+            bail!(
+                "--probe-batch-size must be at least 1, got {}",
+                self.probe_batch_size
+            );
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "--weight-decay must be a number >= 0, got {}",
+                self.weight_decay
+            );
+        }
+        Ok(())
+    }
+
     fn config(&self) -> linear::ProbeConfig {
         linear::ProbeConfig {
             epochs: self.epochs,
-            batch_size: self.probe_batch_size.max(1),
+            batch_size: self.probe_batch_size,
             lr: self.lr,
             weight_decay: self.weight_decay,
             seed: self.seed,
@@ -261,9 +282,9 @@ pub fn run(args: Args) -> Result<()> {
 
 fn run_classify(a: ClassifyArgs) -> Result<()> {
     let start = Instant::now();
-    eval::check_label_meanings(&[&a.data])?;
+    let listed = eval::check_label_meanings(&[&a.data])?;
     let mut model = a.common.load(ModelKind::Classifier)?;
-    let r = eval::classify::classify(&mut model, &a.data, &a.common.feed())?;
+    let r = eval::classify::classify(&mut model, &a.data, listed, &a.common.feed())?;
     let summary = format!(
         "classify: top-1 {:.4}  top-5 {:.4}  ({} images, {} of the model's {} classes present, \
          mean per-class top-1 {:.4})",
@@ -346,6 +367,7 @@ fn run_knn(a: KnnArgs) -> Result<()> {
 
 fn run_linear(a: LinearArgs) -> Result<()> {
     let start = Instant::now();
+    a.probe.check()?;
     let listed = eval::check_label_meanings(&[&a.sets.train, &a.sets.val])?;
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();
@@ -426,6 +448,7 @@ fn run_position(a: PositionArgs) -> Result<()> {
 
 fn run_dense(a: DenseArgs) -> Result<()> {
     let start = Instant::now();
+    a.probe.check()?;
     let listed = eval::check_label_meanings(&[&a.sets.train, &a.sets.val])?;
     let mut model = a.common.load(ModelKind::Encoder)?;
     let feed = a.common.feed();

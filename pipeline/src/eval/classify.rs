@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use droppos_model::onnx::classifier_io;
 use serde::Serialize;
 
-use super::{for_each_batch, model_image_size, FeedConfig, Need};
+use super::{for_each_batch_in, model_image_size, FeedConfig, Need};
 use crate::ort_runtime::{Input, OrtModel};
 
 /// Classification accuracy.
@@ -119,17 +119,32 @@ pub fn class_count(model: &OrtModel) -> Result<usize> {
     }
 }
 
-/// Runs the classifier over `dirs` and scores it.
+/// Runs the classifier over `dirs` (whose manifests list `listed` classes) and scores it.
 pub fn classify(
     model: &mut OrtModel,
     dirs: &[PathBuf],
+    listed: usize,
     feed: &FeedConfig,
 ) -> Result<ClassifyResult> {
     let img = model_image_size(model)?;
     let classes = class_count(model)?;
+    let set = super::open_shards(dirs)?;
+    super::check_columns(&set, dirs, Need::ClassLabels)?;
+    // Labels index the manifests' class list and logits the model's: with another number of
+    // classes the two orders cannot be the same (a subset of ImageNet's folders sharded without
+    // `--classes` numbers its classes 0..k), and the scores would mean nothing.
+    if listed > 0 && listed != classes {
+        bail!(
+            "the shards in {} list {listed} classes but the classifier predicts {classes}: labels \
+             must index the model's classes, so shard the images with the model's class list \
+             (e.g. `shard imagenet --classes` with the {classes} class ids in the model's order)",
+            super::display_dirs(dirs)
+        );
+    }
     let mut counter = TopKCounter::new(classes);
     let what = format!("classify {}", super::display_dirs(dirs));
-    for_each_batch(
+    for_each_batch_in(
+        &set,
         dirs,
         img,
         feed,

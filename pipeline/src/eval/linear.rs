@@ -88,7 +88,7 @@ impl LinearProbe {
         }
         .build(&vs, cfg.lr)?;
         let mut final_loss = f64::NAN;
-        for _ in 0..cfg.epochs {
+        for epoch in 0..cfg.epochs {
             let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
             let mut total = 0.0;
             let mut start = 0;
@@ -102,6 +102,14 @@ impl LinearProbe {
                 start += len;
             }
             final_loss = total / n as f64;
+            // Scoring a diverged probe would report chance as a result.
+            if !final_loss.is_finite() {
+                bail!(
+                    "the probe's training loss became {final_loss} in epoch {epoch}: lower --lr \
+                     (it is {})",
+                    cfg.lr
+                );
+            }
         }
         Ok(Self {
             _vs: vs,

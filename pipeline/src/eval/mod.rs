@@ -118,7 +118,7 @@ pub enum Need {
     PatchLabels,
 }
 
-fn check_columns(set: &ShardSet, dirs: &[PathBuf], need: Need) -> Result<()> {
+pub fn check_columns(set: &ShardSet, dirs: &[PathBuf], need: Need) -> Result<()> {
     let cols = set.columns();
     match need {
         Need::ClassLabels if !cols.label => bail!(
@@ -150,7 +150,7 @@ pub fn progress_bar(len: u64, what: &str, enabled: bool) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }
-    let pb = ProgressBar::new(len);
+    let pb = crate::progress::bar(Some(len));
     pb.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -179,11 +179,15 @@ pub fn for_each_batch(
     what: &str,
     f: impl FnMut(&[f32], BatchView<'_>) -> Result<()>,
 ) -> Result<u64> {
-    let set = Arc::new(
-        ShardSet::open(dirs, false)
-            .with_context(|| format!("opening shards {}", display_dirs(dirs)))?,
-    );
+    let set = open_shards(dirs)?;
     for_each_batch_in(&set, dirs, img_size, feed, need, what, f)
+}
+
+/// Opens `dirs` as one shard set, in manifest order.
+pub fn open_shards(dirs: &[PathBuf]) -> Result<Arc<ShardSet>> {
+    Ok(Arc::new(ShardSet::open(dirs, false).with_context(
+        || format!("opening shards {}", display_dirs(dirs)),
+    )?))
 }
 
 /// [`for_each_batch`] over a shard set already open (`dirs` names it in messages), for callers
@@ -198,14 +202,16 @@ pub fn for_each_batch_in(
     mut f: impl FnMut(&[f32], BatchView<'_>) -> Result<()>,
 ) -> Result<u64> {
     check_columns(set, dirs, need)?;
-    let mut cfg = LoaderConfig::eval(img_size, feed.batch_size);
+    let total = feed
+        .limit
+        .map_or(set.num_samples(), |l| l.min(set.num_samples()));
+    // The loader allocates whole batches: no larger than the images there are.
+    let batch_size = feed.batch_size.min(total.max(1) as usize);
+    let mut cfg = LoaderConfig::eval(img_size, batch_size);
     cfg.pixel_format = PixelFormat::F32Normalized;
     cfg.threads = feed.loader_threads.max(1);
     let loader = Loader::new(set.clone(), cfg)
         .with_context(|| format!("the model's {img_size}px input and {}", display_dirs(dirs)))?;
-    let total = feed
-        .limit
-        .map_or(set.num_samples(), |l| l.min(set.num_samples()));
     let pb = progress_bar(total, what, feed.progress);
     let per = 3 * img_size * img_size;
     let mut seen = 0u64;
