@@ -160,6 +160,68 @@ def step_flops(size, patch, img, batch, dec_dim=512, dec_depth=2, mask_ratio=0.7
     return batch * (guide + pe + enc + dec + pe + 2 * (enc + dec))
 
 
+def step_matmuls(size, patch, img, batch, dec_dim=512, dec_depth=2, dec_heads=16, mask_ratio=0.75):
+    """Every matrix product of one step as (count, m, k, n) for an [m,k] @ [k,n] product: each
+    linear layer's forward, and in the masked pass its two backward products (dX = dY W,
+    dW = dY^T X); the attention products per head; the patch embedding as a [tokens, 3p^2] @
+    [3p^2, D] product (its backward only dW: the images need no gradient)."""
+    d, depth, heads = SIZES[size]
+    L = (img // patch) ** 2
+    k = int(L * (1 - mask_ratio))
+    pix = 3 * patch * patch
+    out = []
+
+    def linear(m, i, o, grad):
+        out.append((1, m, i, o))
+        if grad:
+            out.append((1, m, o, i))  # dX
+            out.append((1, o, m, i))  # dW
+
+    def blocks(t, w, h, nblocks, grad):
+        m = batch * t
+        hd = w // h
+        for _ in range(nblocks):
+            linear(m, w, 3 * w, grad)
+            linear(m, w, w, grad)
+            linear(m, w, 4 * w, grad)
+            linear(m, 4 * w, w, grad)
+            # q k^T and attn v, per (image, head); backward: 2 products for each
+            out.append((batch * h, t, hd, t))
+            out.append((batch * h, t, t, hd))
+            if grad:
+                out.extend([(batch * h, t, t, hd), (batch * h, hd, t, t), (batch * h, t, hd, t), (batch * h, t, t, hd)])
+
+    out.append((1, batch * L, pix, d))  # guide's patch embedding
+    blocks(L + 1, d, heads, depth, False)  # the guide pass
+    out.append((1, batch * L, pix, d))  # the masked pass's patch embedding (all patches, then gathered)
+    out.append((1, d, batch * L, pix))  # its dW
+    blocks(k + 1, d, heads, depth, True)
+    linear(batch * (k + 1), d, dec_dim, True)
+    blocks(k + 1, dec_dim, dec_heads, dec_depth, True)
+    linear(batch * (k + 1), dec_dim, L, True)
+    return out
+
+
+def gemm_floor(args):
+    """Wall time of the step's matrix products alone (each timed on its own in libtorch with
+    `--threads` threads, best of 5 after a warm-up): what no implementation running these
+    products in fp32 with these kernels can go below."""
+    torch.set_num_threads(args.threads)
+    total, flop = 0.0, 0
+    for count, m, k, n in step_matmuls(args.size, args.patch, args.img, args.batch):
+        a, b = torch.randn(count, m, k), torch.randn(count, k, n)
+        f = (lambda: torch.mm(a[0], b[0])) if count == 1 else (lambda: torch.bmm(a, b))
+        f()
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t)
+        total += best
+        flop += 2 * count * m * k * n
+    return total, flop
+
+
 def python_bench(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -237,6 +299,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: bf16 autocast + TF32, fused AdamW, both sides)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="device peak for MFU (default on CUDA: 989.4, the H100/H200 dense bf16 peak)")
+    ap.add_argument("--gemm-floor", action="store_true",
+                    help="also time the step's matrix products alone (CPU): the floor under any fp32 step with these kernels")
     args = ap.parse_args()
     if args.peak_tflops is None and args.device.startswith("cuda"):
         args.peak_tflops = 989.4
@@ -260,6 +324,11 @@ def main():
         result["pytorch_mfu"] = round(flops / pmed / 1e12 / args.peak_tflops, 4)
     if mem:
         result["pytorch_memory"] = {k: round(v, 1) for k, v in mem.items()}
+    if args.gemm_floor:
+        floor, mm_flop = gemm_floor(args)
+        result["gemm_floor_ms"] = round(floor * 1e3, 1)
+        result["gemm_floor_tflop"] = round(mm_flop / 1e12, 6)
+        result["gemm_floor_over_pytorch"] = round(floor / pmed, 3)
     if rs:
         rmed = statistics.median(rs)
         result["ours_median_ms"] = round(rmed * 1e3, 2)

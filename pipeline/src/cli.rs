@@ -28,6 +28,50 @@ impl<C: Subcommand> Cli<C> {
     }
 }
 
+/// The error `main` returns: printed as `Error: ...` with its causes, like anyhow's, but
+/// without the causes a message above already quotes (our typed errors put their source's text
+/// into their own message, so anyhow's list repeated each OS error once more).
+pub struct Report(anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Report {
+    fn from(e: E) -> Self {
+        Report(e.into())
+    }
+}
+
+impl std::fmt::Debug for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let causes = distinct_causes(&self.0);
+        write!(f, "{}", causes[0])?;
+        if causes.len() > 1 {
+            write!(f, "\n\nCaused by:")?;
+            for (i, c) in causes[1..].iter().enumerate() {
+                if causes.len() > 2 {
+                    write!(f, "\n    {i}: {c}")?;
+                } else {
+                    write!(f, "\n    {c}")?;
+                }
+            }
+        }
+        let bt = self.0.backtrace();
+        if bt.status() == std::backtrace::BacktraceStatus::Captured {
+            write!(f, "\n\nStack backtrace:\n{bt}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The error's chain of messages, dropping each one an earlier message already contains.
+fn distinct_causes(e: &anyhow::Error) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for m in e.chain().map(|c| c.to_string()) {
+        if !out.iter().any(|o| o.contains(&m)) {
+            out.push(m);
+        }
+    }
+    out
+}
+
 /// A closed output pipe (`droppos-pipeline shard ... | head -1`) ends the process quietly, as
 /// it does other command-line tools, instead of a panic in `println!` (Rust ignores SIGPIPE by
 /// default). Everything a command writes to disk is crash-safe, so this loses nothing.
@@ -56,5 +100,36 @@ impl From<OnErrorArg> for OnError {
             OnErrorArg::Skip => OnError::Skip,
             OnErrorArg::Fail => OnError::Fail,
         }
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn causes_quoted_above_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let typed = droppos_shards::ShardError::io("/x/manifest.json", io);
+        let e = Err::<(), _>(typed).context("verify /x failed").unwrap_err();
+        // (RUST_BACKTRACE may add a backtrace after the causes)
+        let shown = |r: Report| {
+            let text = format!("{r:?}");
+            text.split("\n\nStack backtrace:")
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let text = shown(Report(e));
+        assert_eq!(
+            text,
+            "verify /x failed\n\nCaused by:\n    /x/manifest.json: No such file"
+        );
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(
+            shown(Report(e)),
+            "outer\n\nCaused by:\n    0: middle\n    1: inner"
+        );
     }
 }

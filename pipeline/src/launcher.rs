@@ -20,6 +20,7 @@ mod bench_store_floor;
 mod cli;
 mod logging;
 mod malloc;
+mod progress;
 #[path = "commands/shard.rs"]
 mod shard;
 #[path = "commands/stats.rs"]
@@ -93,13 +94,13 @@ fn runs_here(args: &[OsString]) -> bool {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<(), cli::Report> {
     malloc::tune();
     let args: Vec<OsString> = std::env::args_os().collect();
     if !runs_here(&args) {
-        return exec_torch(&args);
+        return Ok(exec_torch(&args)?);
     }
-    match cli::Cli::<Command>::command_from(&args) {
+    Ok(match cli::Cli::<Command>::command_from(&args) {
         Command::Shard(a) => shard::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Stats(a) => stats::run(a),
@@ -107,7 +108,7 @@ fn main() -> Result<()> {
         Command::Bench(Bench::JpegDecode(a)) => bench_jpeg::run(a),
         Command::Bench(Bench::Sha256(a)) => bench_sha256::run(a),
         Command::Bench(Bench::StoreFloor(a)) => bench_store_floor::run(a),
-    }
+    }?)
 }
 
 fn exec_torch(args: &[OsString]) -> Result<()> {

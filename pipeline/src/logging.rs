@@ -1,6 +1,8 @@
 //! Human-readable logs go to stderr through `tracing`; machine-readable metrics are written as
 //! JSON lines by the commands themselves, so the two never mix.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 pub fn init(filter: &str) {
@@ -10,5 +12,7 @@ pub fn init(filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colour codes only on a terminal: a log file or a Slurm log gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

@@ -7,6 +7,7 @@ mod eval;
 mod logging;
 mod malloc;
 mod ort_runtime;
+mod progress;
 mod train;
 
 #[cfg(test)]
@@ -54,18 +55,20 @@ enum Command {
     Plot(commands::plot::Args),
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<(), cli::Report> {
     malloc::tune();
-    match cli::Cli::<Command>::command_from(std::env::args_os()) {
-        Command::Doctor(args) => commands::doctor::run(args),
-        Command::Bench(args) => commands::bench::run(args),
-        Command::Export(args) => commands::export::run(args),
-        Command::Eval(args) => commands::eval::run(args),
-        Command::Shard(args) => commands::shard::run(args),
-        Command::Verify(args) => commands::verify::run(args),
-        Command::Stats(args) => commands::stats::run(args),
-        Command::Plot(args) => commands::plot::run(args),
-        Command::Train(args) => commands::train::run(args),
-        Command::Finetune(args) => commands::finetune::run(args),
-    }
+    Ok(
+        match cli::Cli::<Command>::command_from(std::env::args_os()) {
+            Command::Doctor(args) => commands::doctor::run(args),
+            Command::Bench(args) => commands::bench::run(args),
+            Command::Export(args) => commands::export::run(args),
+            Command::Eval(args) => commands::eval::run(args),
+            Command::Shard(args) => commands::shard::run(args),
+            Command::Verify(args) => commands::verify::run(args),
+            Command::Stats(args) => commands::stats::run(args),
+            Command::Plot(args) => commands::plot::run(args),
+            Command::Train(args) => commands::train::run(args),
+            Command::Finetune(args) => commands::finetune::run(args),
+        }?,
+    )
 }

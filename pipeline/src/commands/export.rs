@@ -49,11 +49,13 @@ pub enum ExternalArg {
 }
 
 #[derive(clap::Args, Debug)]
+// One of the two is needed; the group makes clap's message name both.
+#[command(group(clap::ArgGroup::new("source").required(true).args(["checkpoint", "config"])))]
 pub struct Args {
     /// safetensors checkpoint with reference (timm / DropPos) parameter names, or a training
     /// checkpoint folder (`RUN/checkpoints/step-N`, its `model.safetensors` is read), or a run
     /// folder (its newest checkpoint). With --random-init only its config metadata is used.
-    #[arg(long, required_unless_present = "config")]
+    #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Export a freshly initialised model (the trainer's initialisation, seeded by --seed)
     /// instead of trained weights; the architecture comes from --checkpoint's config metadata or
@@ -349,9 +351,10 @@ pub fn build(
 /// class-token row (`class_token=False` or `no_embed_class=True`).
 fn not_grid_plus_cls(dims: &[i64]) -> anyhow::Error {
     anyhow::anyhow!(
-        "pos_embed {dims:?} is not a square grid plus a class-token row: timm models built with \
-         class_token=False or no_embed_class=True are not supported (the graphs' `cls` output is \
-         the class token)"
+        "pos_embed {dims:?} is not a square grid plus a class-token row: models with a \
+         non-square image size, or timm models built with class_token=False or \
+         no_embed_class=True, are not supported (the graphs take square images and their `cls` \
+         output is the class token)"
     )
 }
 
@@ -511,8 +514,12 @@ pub fn run(args: Args) -> Result<()> {
         seconds: start.elapsed().as_secs_f64(),
     };
     tracing::info!(
-        "exported {:?} to {} ({:.1} MB) in {:.2} s",
-        report.what,
+        "exported the {} to {} ({:.1} MB) in {:.2} s",
+        match report.what {
+            What::Encoder => "encoder",
+            What::Droppos => "DropPos position model",
+            What::Classifier => "classifier",
+        },
         report.out.display(),
         (report.bytes + report.external_data_bytes) as f64 / 1e6,
         report.seconds

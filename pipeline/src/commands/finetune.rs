@@ -557,7 +557,9 @@ pub fn run(args: Args) -> Result<()> {
     let pb = if args.quiet {
         ProgressBar::hidden()
     } else {
-        let pb = ProgressBar::new((iters * args.epochs.saturating_sub(start_epoch)) as u64);
+        let pb = crate::progress::bar(Some(
+            (iters * args.epochs.saturating_sub(start_epoch)) as u64,
+        ));
         pb.set_style(
             ProgressStyle::with_template(
                 "finetune [{bar:30}] {pos}/{len} steps {per_sec} eta {eta} {msg}",
@@ -577,7 +579,7 @@ pub fn run(args: Args) -> Result<()> {
         sched.lr,
         placement.describe()
     );
-    let mut last = json!({});
+    let mut last = serde_json::Value::Null;
     let meta = HashMap::from([("config".to_string(), serde_json::to_string(model.config())?)]);
     let stop_at = args
         .stop_after_epochs

@@ -299,7 +299,7 @@ fn write(listing: &Listing, common: &Common, start: Instant) -> Result<()> {
     let bar = if common.quiet {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(0)
+        crate::progress::bar(Some(0))
     };
     bar.set_style(
         ProgressStyle::with_template(

@@ -181,20 +181,23 @@ pub fn run(args: Args) -> Result<()> {
         report["shard_bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
         m.classes.len()
     );
-    let fmt = |v: &Value| -> String {
+    let fmt_with = |v: &Value, decimals: usize| -> String {
         ["min", "p5", "median", "p95", "max", "mean"]
             .iter()
             .map(|k| {
                 format!(
                     "{k} {}",
-                    v[k].as_f64().map_or("-".into(), |x| format!("{x:.1}"))
+                    v[k].as_f64()
+                        .map_or("-".into(), |x| format!("{x:.decimals$}"))
                 )
             })
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let fmt = |v: &Value| fmt_with(v, 1);
     println!("width:           {}", fmt(&report["width"]));
     println!("height:          {}", fmt(&report["height"]));
+    println!("aspect (w/h):    {}", fmt_with(&report["aspect"], 2));
     println!("bytes per image: {}", fmt(&report["bytes_per_image"]));
     if !per_class.is_empty() {
         let counts: Vec<u64> = per_class

@@ -219,9 +219,10 @@ fn print_accuracy_summary(run_dir: &std::path::Path, positions: i64) -> Result<(
     };
     let first = mean(&metrics[..window]);
     let last = mean(&metrics[metrics.len() - window..]);
+    let steps = if window == 1 { "step" } else { "steps" };
     println!(
-        "position accuracy (acc1): {first:.3} over the first {window} steps -> {last:.3} over the \
-         last {window}; chance 1/{positions} = {:.4}",
+        "position accuracy (acc1): {first:.3} over the first {window} {steps} -> {last:.3} over \
+         the last {window}; chance 1/{positions} = {:.4}",
         1.0 / positions as f64
     );
     Ok(())

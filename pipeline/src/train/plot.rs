@@ -29,7 +29,7 @@ struct Panel<'a> {
     title: &'a str,
     points: Vec<(f64, f64)>,
     smooth: bool,
-    hline: Option<(f64, &'a str)>,
+    hline: Option<(f64, String)>,
 }
 
 /// Draws loss, acc1 and lr against the step into `out`. `chance` (1/L) is drawn on the acc1 panel.
@@ -55,7 +55,16 @@ pub fn render(metrics: &[StepMetrics], chance: Option<f64>, out: &Path) -> Resul
             title: "accuracy (acc1)",
             points: series(|m| m.acc1),
             smooth: true,
-            hline: chance.map(|c| (c, "chance 1/l")),
+            hline: chance.map(|c| {
+                // 1/L for the position task: name L when it is a whole number.
+                let l = (1.0 / c).round();
+                let label = if ((1.0 / l) - c).abs() < 1e-12 {
+                    format!("chance 1/{l} ({c:.4})")
+                } else {
+                    format!("chance {c:.4}")
+                };
+                (c, label)
+            }),
         },
         Panel {
             title: "learning rate",
@@ -74,7 +83,12 @@ pub fn render(metrics: &[StepMetrics], chance: Option<f64>, out: &Path) -> Resul
 
 fn draw_panel(img: &mut RgbImage, y0: u32, p: &Panel<'_>) {
     let (x_lo, x_hi) = bounds(p.points.iter().map(|q| q.0));
-    let (mut y_lo, mut y_hi) = bounds(p.points.iter().map(|q| q.1).chain(p.hline.map(|h| h.0)));
+    let (mut y_lo, mut y_hi) = bounds(
+        p.points
+            .iter()
+            .map(|q| q.1)
+            .chain(p.hline.as_ref().map(|h| h.0)),
+    );
     if y_lo > 0.0 && y_lo < 0.5 * y_hi {
         y_lo = 0.0; // anchor positive series at zero when that costs little
     }
@@ -118,7 +132,8 @@ fn draw_panel(img: &mut RgbImage, y0: u32, p: &Panel<'_>) {
         BLACK,
     );
 
-    if let Some((v, label)) = p.hline {
+    if let Some((v, label)) = &p.hline {
+        let (v, label) = (*v, label.as_str());
         let y = y_of(v).round() as i64;
         let mut x = LEFT as i64;
         while x < (WIDTH - RIGHT) as i64 {
@@ -128,7 +143,8 @@ fn draw_panel(img: &mut RgbImage, y0: u32, p: &Panel<'_>) {
         text(
             img,
             (WIDTH - RIGHT) as i64 - text_width(label) as i64,
-            y - 18,
+            // Below the line: a learning curve ends above chance.
+            y + 6,
             label,
             CHANCE,
         );

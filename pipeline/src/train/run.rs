@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use droppos_model::schedule::{self, CosineSchedule};
 use droppos_model::trainer::{Checkpoint, CheckpointStore, SampleNoise, TrainState};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::collective::Collective;
 use super::device::{memory_mib, Placement};
@@ -229,7 +229,7 @@ pub fn train(
                 let path = save(&state, task, "interrupted")?;
                 tracing::warn!(
                     step = state.step,
-                    checkpoint = ?path,
+                    checkpoint = %path.as_deref().map_or("none".into(), |p| p.display().to_string()),
                     "stopped by signal; continue with --resume"
                 );
                 return Ok(Outcome::Interrupted {
@@ -380,7 +380,7 @@ fn progress_bar(show: bool, total: u64, at: u64) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    let bar = crate::progress::bar(Some(total));
     bar.set_style(
         ProgressStyle::with_template(
             "{elapsed_precise} [{bar:30}] {pos}/{len} steps (eta {eta}) {msg}",
