@@ -788,6 +788,15 @@ fn decode_walked(
     {
         return decode_jpeg_turbo(bytes, info, min_short);
     }
+    if info.format == ImageFormat::Jpeg && info.bit_depth != 8 {
+        // Neither decoder here reads 12/16-bit JPEG samples, and neither does Pillow (so no
+        // torchvision pipeline trains on such files): say so rather than "corrupt".
+        return Err(ImageRejection::UnsupportedFormat(if info.bit_depth == 12 {
+            "12-bit JPEG (Pillow cannot open it either)"
+        } else {
+            "JPEG with samples other than 8 bits (Pillow cannot open it either)"
+        }));
+    }
     decode_generic(bytes, info)
 }
 
@@ -987,6 +996,12 @@ pub fn prepare_image(
     }
     let (ow, oh) = (info.width, info.height);
     if let Some((tw, th)) = resize_target(&info, policy) {
+        if tw.max(th) > 65_500 {
+            return Err(ImageRejection::ResizedTooLong {
+                width: tw,
+                height: th,
+            });
+        }
         let plain_jpeg = info.format == ImageFormat::Jpeg && info.is_storable_as_is();
         if info.format == ImageFormat::Jpeg {
             check_jpeg_structure(&bytes)?;
@@ -1308,6 +1323,44 @@ mod tests {
             let rgb = as_rgb(got);
             assert_eq!(rgb, want.data, "{name}");
         }
+    }
+
+    /// A resize whose longer side would exceed JPEG's limit is named as such, not "corrupt".
+    #[test]
+    fn resizes_beyond_the_jpeg_side_limit_are_named() {
+        let tall = Pixels {
+            width: 100,
+            height: 120_000,
+            channels: 1,
+            data: vec![128; 100 * 120_000],
+        };
+        let png = encode_png(&tall).unwrap();
+        let policy = ImagePolicy {
+            resize_short_side: Some(64),
+            ..ImagePolicy::default()
+        };
+        let e = prepare_image(png, &policy).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ImageRejection::ResizedTooLong {
+                    width: 64,
+                    height: 76_800
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    /// A 12-bit JPEG (made by libjpeg-turbo's cjpeg) is an unsupported format, not "corrupt".
+    #[test]
+    fn twelve_bit_jpeg_is_unsupported() {
+        let src = fixture("shards/gray12.jpg");
+        let e = prepare_image(src, &ImagePolicy::default()).unwrap_err();
+        assert!(
+            matches!(e, ImageRejection::UnsupportedFormat(f) if f.starts_with("12-bit JPEG")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub enum ImageRejection {
         format: &'static str,
         detail: String,
     },
+    /// `--resize-short-side` would give a side longer than a JPEG can hold (65,500 pixels).
+    #[error("resized to {width}x{height}, beyond JPEG's 65,500-pixel side limit (keep original bytes or choose a smaller --resize-short-side)")]
+    ResizedTooLong { width: u32, height: u32 },
     /// The header claims more pixels than allowed; refused before any pixel buffer is allocated.
     #[error("image too large: header claims {width}x{height} = {pixels} pixels, limit {limit} (possible decompression bomb)")]
     TooLarge {

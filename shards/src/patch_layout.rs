@@ -120,12 +120,23 @@ pub fn rle_from_string(s: &str) -> Result<Vec<u32>, String> {
     Ok(counts)
 }
 
-/// pycocotools `rleFrPoly`: RLE counts (column-major) of one polygon in an `h`×`w` image.
-pub fn rle_from_polygon(xy: &[f64], h: u32, w: u32) -> Vec<u32> {
+/// The most edge points (at 1/5 pixel) one polygon may make, which pycocotools allocates all
+/// of: 2^24 (a perimeter of 3.3 million pixels, 256 MB of points). Real annotations stay in
+/// the thousands; beyond this a coordinate lies absurdly far outside its image, and a run's
+/// memory would follow it (a 1e9 coordinate asked for tens of GB).
+const MAX_POLYGON_POINTS: i64 = 1 << 24;
+
+/// pycocotools `rleFrPoly`: RLE counts (column-major) of one polygon in an `h`×`w` image; an
+/// error for coordinates that are not finite or whose edges would exceed
+/// [`MAX_POLYGON_POINTS`].
+pub fn rle_from_polygon(xy: &[f64], h: u32, w: u32) -> Result<Vec<u32>, String> {
     let k = xy.len() / 2;
     let (h, w) = (h as i64, w as i64);
     if k == 0 {
-        return vec![(h * w) as u32];
+        return Ok(vec![(h * w) as u32]);
+    }
+    if let Some(c) = xy.iter().find(|c| !c.is_finite() || c.abs() > 1e9) {
+        return Err(format!("polygon coordinate {c} is out of range"));
     }
     let scale = 5.0f64;
     let mut x: Vec<i64> = (0..k).map(|j| (scale * xy[2 * j] + 0.5) as i64).collect();
@@ -134,8 +145,18 @@ pub fn rle_from_polygon(xy: &[f64], h: u32, w: u32) -> Vec<u32> {
         .collect();
     x.push(x[0]);
     y.push(y[0]);
-    let mut u = Vec::new();
-    let mut v = Vec::new();
+    // pycocotools' point count, before anything is allocated for the points.
+    let m: i64 = (0..k)
+        .map(|j| (x[j + 1] - x[j]).abs().max((y[j + 1] - y[j]).abs()) + 1)
+        .sum();
+    if m > MAX_POLYGON_POINTS {
+        return Err(format!(
+            "polygon perimeter of {} px is far beyond its {w}x{h} image (coordinates out of range?)",
+            m / 5
+        ));
+    }
+    let mut u = Vec::with_capacity(m as usize);
+    let mut v = Vec::with_capacity(m as usize);
     for j in 0..k {
         let (mut xs, mut xe, mut ys, mut ye) = (x[j], x[j + 1], y[j], y[j + 1]);
         let dx = (xe - xs).abs();
@@ -221,7 +242,7 @@ pub fn rle_from_polygon(xy: &[f64], h: u32, w: u32) -> Vec<u32> {
             }
         }
     }
-    b
+    Ok(b)
 }
 
 /// Sets `mask[y * w + x] = true` for the foreground runs of column-major RLE counts.
@@ -248,9 +269,12 @@ fn paint_rle(counts: &[u32], h: u32, w: u32, out: &mut [bool]) {
 pub fn annotation_mask(seg: &Segmentation, h: u32, w: u32) -> Result<Vec<bool>, String> {
     let mut mask = vec![false; h as usize * w as usize];
     match seg {
+        // pycocotools' `frPyObjects` refuses a list whose first polygon has 4 numbers or fewer
+        // (it means 4 as a box but then fails on the list); `frPoly` draws every other list,
+        // short polygons included. Such lists are drawn as polygons here too, as frPoly would.
         Segmentation::Polygons(polys) => {
             for poly in polys {
-                paint_rle(&rle_from_polygon(poly, h, w), h, w, &mut mask);
+                paint_rle(&rle_from_polygon(poly, h, w)?, h, w, &mut mask);
             }
         }
         Segmentation::Rle { size, counts } => {
@@ -360,11 +384,39 @@ mod tests {
     #[test]
     fn rectangle_polygon_covers_expected_pixels() {
         // Square from (1,1) to (3,3) in a 5x5 image: pycocotools marks pixels 1..=2.
-        let rle = rle_from_polygon(&[1.0, 1.0, 3.0, 1.0, 3.0, 3.0, 1.0, 3.0], 5, 5);
+        let rle = rle_from_polygon(&[1.0, 1.0, 3.0, 1.0, 3.0, 3.0, 1.0, 3.0], 5, 5).unwrap();
         let mut m = vec![false; 25];
         paint_rle(&rle, 5, 5, &mut m);
         let on: Vec<(usize, usize)> = (0..25).filter(|&i| m[i]).map(|i| (i / 5, i % 5)).collect();
         assert_eq!(on, vec![(1, 1), (1, 2), (2, 1), (2, 2)]);
+    }
+
+    /// A polygon reaching absurdly far outside the image is refused before its points are
+    /// allocated (a 1e9 coordinate took tens of GB); large real ones and short polygons after
+    /// the first are drawn as pycocotools draws them (pixel counts from pycocotools 2.0.11).
+    #[test]
+    fn far_coordinates_are_refused_and_short_polygons_drawn() {
+        for c in [1e9, 1e30, f64::NAN] {
+            let far = Segmentation::Polygons(vec![vec![0.0, 0.0, c, 0.0, 0.0, c]]);
+            let e = annotation_mask(&far, 12, 8).unwrap_err();
+            assert!(e.contains("out of range"), "{e}");
+        }
+        let on = |seg: Segmentation, h, w| {
+            annotation_mask(&seg, h, w)
+                .unwrap()
+                .iter()
+                .filter(|&&b| b)
+                .count()
+        };
+        let near = Segmentation::Polygons(vec![vec![-50.0, -50.0, 500.0, -50.0, 500.0, 500.0]]);
+        assert_eq!(on(near, 12, 8), 28);
+        let square = vec![1.0, 1.0, 3.0, 1.0, 3.0, 3.0, 1.0, 3.0];
+        for short in [vec![1.0, 1.0], vec![2.0, 2.0, 4.0, 4.0]] {
+            assert_eq!(
+                on(Segmentation::Polygons(vec![square.clone(), short]), 5, 5),
+                4
+            );
+        }
     }
 
     #[test]

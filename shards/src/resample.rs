@@ -1327,17 +1327,28 @@ unsafe fn vertical_fast_avx2(
 /// Nearest-neighbour resize of a one-channel view (for label masks): output pixel (x, y) takes
 /// the source pixel under its centre, `floor(x0 + (x + 0.5) · scale)`.
 pub fn resize_nearest(src: View<'_>, out_w: usize, out_h: usize, out: &mut [u8]) {
-    assert_eq!(out.len(), out_w * out_h * src.channels);
+    resize_nearest_window(src, (out_w, out_h), (0, 0, out_w, out_h), out);
+}
+
+/// The window `(x0, y0, w, h)` of [`resize_nearest`] to `full` = (width, height), written as a
+/// `w`x`h` image without making the rest (an evaluation centre crop of an extreme panorama).
+pub fn resize_nearest_window(
+    src: View<'_>,
+    full: (usize, usize),
+    (x0, y0, w, h): (usize, usize, usize, usize),
+    out: &mut [u8],
+) {
+    assert_eq!(out.len(), w * h * src.channels);
     let c = src.channels;
-    let sx = src.width as f64 / out_w as f64;
-    let sy = src.height as f64 / out_h as f64;
-    let xs: Vec<usize> = (0..out_w)
+    let sx = src.width as f64 / full.0 as f64;
+    let sy = src.height as f64 / full.1 as f64;
+    let xs: Vec<usize> = (x0..x0 + w)
         .map(|x| (((x as f64 + 0.5) * sx) as usize).min(src.width - 1))
         .collect();
-    for y in 0..out_h {
+    for (oy, y) in (y0..y0 + h).enumerate() {
         let srow = src.row((((y as f64 + 0.5) * sy) as usize).min(src.height - 1));
         for (x, &ix) in xs.iter().enumerate() {
-            let o = (y * out_w + x) * c;
+            let o = (oy * w + x) * c;
             out[o..o + c].copy_from_slice(&srow[ix * c..ix * c + c]);
         }
     }

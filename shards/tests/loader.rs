@@ -967,3 +967,94 @@ fn folders_of_different_datasets_mix_on_their_common_columns() {
     // Without patch labels in common the grids do not matter.
     assert!(ShardSet::open(&[a, c], true).is_ok());
 }
+
+/// An extreme panorama's evaluation crop is resized straight from its box in the source rather
+/// than from a whole resize (a 1x12000 image made a 256x3,072,000 one, GBs per decode thread):
+/// the pixels stay within a grey level of the whole resize + centre crop that torchvision
+/// computes, and the mask is the same pixels exactly, flipped or not.
+#[test]
+fn eval_crop_of_a_panorama_matches_the_whole_resize() {
+    use droppos_shards::loader::transform::eval_geometry;
+    use droppos_shards::resample::{
+        mirror_rows, resize_box, resize_nearest, Filter, ResizeOpts, Scratch, View,
+    };
+    let (w, h, size) = (30usize, 1500usize, 32usize);
+    let rgb = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let (x, y) = (x as usize, y as usize);
+        image::Rgb([
+            ((x * 37 + y * 3) % 256) as u8,
+            ((y * 7) % 251) as u8,
+            ((x * y) % 253) as u8,
+        ])
+    });
+    let mask = image::GrayImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Luma([((x / 4 + y / 9) % 150) as u8])
+    });
+    let png = |img: image::DynamicImage| {
+        let mut b = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png)
+            .unwrap();
+        b
+    };
+    let (img_png, mask_png) = (
+        png(image::DynamicImage::ImageRgb8(rgb.clone())),
+        png(image::DynamicImage::ImageLuma8(mask.clone())),
+    );
+    let ((rw, rh), ec) = eval_geometry(w, h, size);
+    assert!(rw * rh > 16 * size * size, "takes the direct path");
+    let mut full = vec![0u8; rw * rh * 3];
+    resize_box(
+        View::new(rgb.as_raw(), w, h, 3),
+        [0.0, 0.0, w as f32, h as f32],
+        rw,
+        rh,
+        ResizeOpts::exact(Filter::Bicubic),
+        &mut full,
+        &mut Scratch::default(),
+    );
+    let mut full_mask = vec![0u8; rw * rh];
+    resize_nearest(View::new(mask.as_raw(), w, h, 1), rw, rh, &mut full_mask);
+    let crop = |data: &[u8], c: usize| -> Vec<u8> {
+        (ec.i..ec.i + size)
+            .flat_map(|y| data[(y * rw + ec.j) * c..(y * rw + ec.j + size) * c].to_vec())
+            .collect()
+    };
+    let cfg = transform_cfg(true, size, false, Precision::Exact);
+    let mut wk = Worker::new().unwrap();
+    let hdr = wk.header(&img_png).unwrap();
+    for flip in [false, true] {
+        let mut out = vec![0u8; 3 * size * size];
+        let mut mo = vec![0u8; size * size];
+        wk.process_geometry(
+            &cfg,
+            SampleIn {
+                image: &img_png,
+                mask: Some(&mask_png),
+                patch_labels: None,
+            },
+            &hdr,
+            CropBox { i: 0, j: 0, h, w },
+            flip,
+            None,
+            SampleOut {
+                image: ImageSlot::U8(&mut out),
+                mask: Some(&mut mo),
+                patch_labels: None,
+            },
+        )
+        .unwrap();
+        let (mut want, mut want_mask) = (crop(&full, 3), crop(&full_mask, 1));
+        if flip {
+            mirror_rows(&mut want, size, 3);
+            mirror_rows(&mut want_mask, size, 1);
+        }
+        let plane = size * size;
+        let hwc: Vec<u8> = (0..plane)
+            .flat_map(|p| (0..3).map(move |c| (p, c)))
+            .map(|(p, c)| out[c * plane + p])
+            .collect();
+        let (mean, max) = diff(&hwc, &want);
+        assert!(max <= 1, "flip {flip}: mean {mean}, max {max}");
+        assert_eq!(mo, want_mask, "flip {flip}");
+    }
+}

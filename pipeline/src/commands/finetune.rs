@@ -603,7 +603,7 @@ pub fn run(args: Args) -> Result<()> {
                 loss: lv,
                 acc1,
                 lr,
-                sigma: 0.0,
+                sigma: None,
                 images_per_s: n as f64 / secs,
                 step_time_s: secs,
                 device_mem_mib: crate::train::device::memory_mib(device),

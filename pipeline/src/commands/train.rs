@@ -125,6 +125,8 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let world = collective.world();
+    // The data first: a wrong --data fails before anything is written into the run folder.
+    let mut source = LoaderSource::open(&args.data, &recipe, placement.device, world)?;
     // Rank 0 writes the folder: it alone holds the lock, for the whole run.
     let _lock = if world.rank == 0 {
         crate::train::run_lock::lock_run_dir(run_dir)?
@@ -151,7 +153,6 @@ pub fn run(args: Args) -> Result<()> {
     // starts from rank 0's values, as under DDP, and they are compared again at the end.
     let weights: Vec<_> = task.model_tensors().into_iter().map(|(_, t)| t).collect();
     collective.broadcast_weights(&weights)?;
-    let mut source = LoaderSource::open(&args.data, &recipe, placement.device, world)?;
     let ctx = TrainContext {
         recipe: &recipe,
         run_dir,

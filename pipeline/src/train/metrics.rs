@@ -22,7 +22,9 @@ pub struct StepMetrics {
     /// in pre-training, training top-1 in fine-tuning.
     pub acc1: f64,
     pub lr: f64,
-    pub sigma: f64,
+    /// Label-smoothing σ of the position targets (pre-training only; absent in fine-tuning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma: Option<f64>,
     /// Images per second over all ranks for this step.
     pub images_per_s: f64,
     pub step_time_s: f64,
@@ -111,7 +113,7 @@ mod tests {
             loss: 1.0 / step as f64,
             acc1: 0.1,
             lr: 1e-3,
-            sigma: 1.0,
+            sigma: Some(1.0),
             images_per_s: 100.0,
             step_time_s: 0.1,
             device_mem_mib: 12.0,

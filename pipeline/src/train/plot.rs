@@ -346,7 +346,7 @@ mod tests {
             loss,
             acc1,
             lr,
-            sigma: 1.0,
+            sigma: Some(1.0),
             images_per_s: 1.0,
             step_time_s: 1.0,
             device_mem_mib: 1.0,

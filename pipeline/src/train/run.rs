@@ -325,7 +325,7 @@ pub fn train(
                         loss: step_loss,
                         acc1,
                         lr,
-                        sigma,
+                        sigma: Some(sigma),
                         images_per_s: images_per_step / dt,
                         step_time_s: dt,
                         device_mem_mib: memory_mib(ctx.placement.device),

@@ -509,7 +509,7 @@ fn metrics_lines_carry_every_field() {
         // Step i starts at epoch (i / 2) + (i % 2) / 2.
         let epoch = (i / 2) as f64 + (i % 2) as f64 * 0.5;
         assert_eq!(line.lr, lr_at(epoch, peak, &r));
-        assert_eq!(line.sigma, sigma_at((i / 2) as u64, &r));
+        assert_eq!(line.sigma, Some(sigma_at((i / 2) as u64, &r)));
     }
     assert_eq!(m[0].lr, 0.0); // warmup starts at 0 as in the reference
     assert_eq!(m.last().unwrap().epoch, 3.0);

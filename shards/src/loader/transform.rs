@@ -129,6 +129,10 @@ pub fn central_fallback(width: usize, height: usize, p: &RrcParams) -> CropBox {
     }
 }
 
+/// Above this many times the crop's area, an evaluation resize is not made whole (see
+/// `process_geometry`): aspect ratios beyond ~12:1.
+const DIRECT_EVAL_AREA: usize = 16;
+
 /// Evaluation geometry: the shorter side is resized to `int(size / 0.875)` and the centre
 /// `size × size` is kept. Returns the resized dimensions and the crop inside them.
 pub fn eval_geometry(width: usize, height: usize, size: usize) -> ((usize, usize), CropBox) {
@@ -239,7 +243,8 @@ mod tests {
 use super::batch::{write_f32, write_u8};
 use super::decode::{DecodeError, Decoded, Decoder, Header};
 use super::resample::{
-    mirror_rows, resize_box, resize_nearest, Filter, Precision, ResizeOpts, Scratch, View,
+    mirror_rows, resize_box, resize_nearest, resize_nearest_window, Filter, Precision, ResizeOpts,
+    Scratch, View,
 };
 
 /// Which augmentation to apply.
@@ -343,7 +348,6 @@ pub struct Worker {
     scratch: Scratch,
     resized: Vec<u8>,
     resized2: Vec<u8>,
-    mask_out: Vec<u8>,
     randaug_scratch: Vec<u8>,
 }
 
@@ -355,7 +359,6 @@ impl Worker {
             scratch: Scratch::default(),
             resized: Vec::new(),
             resized2: Vec::new(),
-            mask_out: Vec::new(),
             randaug_scratch: Vec::new(),
         })
     }
@@ -465,33 +468,67 @@ impl Worker {
         }
         let c = d.channels;
         let view = View::new(&d.pixels, d.width, d.height, c);
-        self.resized.resize(rw * rh * c, 0);
+        // An evaluation resize far larger than its crop (an extreme panorama: 1x12000 px made a
+        // 256x3,072,000 image) is not made whole: the centre crop is resized straight from its
+        // box in the source, Pillow's box resize, whose filter centres are those of the full
+        // resize up to the float rounding of the box. Ordinary images keep the exact path.
+        let direct = eval_crop.filter(|_| rw * rh > DIRECT_EVAL_AREA * s * s);
+        let (ow, oh) = if direct.is_some() { (s, s) } else { (rw, rh) };
+        self.resized.resize(ow * oh * c, 0);
         // The flip is folded into the resize (mirrored output columns) except after an eval
         // centre crop, which need not be symmetric.
         let opts = ResizeOpts {
             filter: Filter::Bicubic,
             precision: cfg.resample,
-            mirror: flip && eval_crop.is_none(),
+            mirror: flip && (eval_crop.is_none() || direct.is_some()),
             pairs_of: None,
+        };
+        // The part of the source to resize, in source pixels.
+        let src_box = match direct {
+            None => [
+                cb.j as f64,
+                cb.i as f64,
+                (cb.j + cb.w) as f64,
+                (cb.i + cb.h) as f64,
+            ],
+            Some(ec) => {
+                let (fx, fy) = (cb.w as f64 / rw as f64, cb.h as f64 / rh as f64);
+                [
+                    cb.j as f64 + ec.j as f64 * fx,
+                    cb.i as f64 + ec.i as f64 * fy,
+                    cb.j as f64 + (ec.j + s) as f64 * fx,
+                    cb.i as f64 + (ec.i + s) as f64 * fy,
+                ]
+            }
         };
         let (src, bx) = if d.denom == 1 {
             // Pillow semantics: crop, then resize the crop.
             let sub = view.crop(cb.j - d.x0, cb.i - d.y0, cb.w, cb.h);
-            (sub, [0.0, 0.0, cb.w as f32, cb.h as f32])
+            let (j, i) = (cb.j as f64, cb.i as f64);
+            let bx = src_box;
+            (
+                sub,
+                [
+                    (bx[0] - j) as f32,
+                    (bx[1] - i) as f32,
+                    (bx[2] - j) as f32,
+                    (bx[3] - i) as f32,
+                ],
+            )
         } else {
-            // The crop box in the scaled grid; the resampler reads around it within the region.
+            // The box in the scaled grid; the resampler reads around it within the region.
             let f = d.denom as f64;
             let bx = [
-                (cb.j as f64 / f - d.x0 as f64) as f32,
-                (cb.i as f64 / f - d.y0 as f64) as f32,
-                ((cb.j + cb.w) as f64 / f - d.x0 as f64) as f32,
-                ((cb.i + cb.h) as f64 / f - d.y0 as f64) as f32,
+                (src_box[0] / f - d.x0 as f64) as f32,
+                (src_box[1] / f - d.y0 as f64) as f32,
+                (src_box[2] / f - d.x0 as f64) as f32,
+                (src_box[3] / f - d.y0 as f64) as f32,
             ];
             (view, bx)
         };
-        resize_box(src, bx, rw, rh, opts, &mut self.resized, &mut self.scratch);
+        resize_box(src, bx, ow, oh, opts, &mut self.resized, &mut self.scratch);
         // The final S×S pixels (interleaved, c channels).
-        let fin: &mut Vec<u8> = if let Some(ec) = eval_crop {
+        let fin: &mut Vec<u8> = if let Some(ec) = eval_crop.filter(|_| direct.is_none()) {
             self.resized2.resize(s * s * c, 0);
             let v = View::new(&self.resized, rw, rh, c).crop(ec.j, ec.i, ec.w, ec.h);
             for y in 0..s {
@@ -543,19 +580,10 @@ impl Worker {
                 )));
             }
             let mv = View::new(m.as_raw(), hdr.width, hdr.height, 1);
-            let (sub, mw, mh) = match eval_crop {
-                None => (mv.crop(cb.j, cb.i, cb.w, cb.h), s, s),
-                Some(_) => (mv, rw, rh),
-            };
-            self.mask_out.resize(mw * mh, 0);
-            resize_nearest(sub, mw, mh, &mut self.mask_out);
-            if let Some(ec) = eval_crop {
-                let v = View::new(&self.mask_out, mw, mh, 1).crop(ec.j, ec.i, s, s);
-                for y in 0..s {
-                    mo[y * s..(y + 1) * s].copy_from_slice(&v.data[y * v.stride..y * v.stride + s]);
-                }
-            } else {
-                mo.copy_from_slice(&self.mask_out);
+            match eval_crop {
+                None => resize_nearest(mv.crop(cb.j, cb.i, cb.w, cb.h), s, s, mo),
+                // Only the crop of the full nearest resize: the same pixels, without the rest.
+                Some(ec) => resize_nearest_window(mv, (rw, rh), (ec.j, ec.i, s, s), mo),
             }
             if flip {
                 mirror_rows(mo, s, 1);
