@@ -149,7 +149,14 @@ pub fn load(path: impl AsRef<Path>) -> Result<(NamedTensors, HashMap<String, Str
                 format!("{name}: unsupported dtype {:?}", view.dtype()),
             )
         })?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        // A zero-sized tensor passes safetensors' size check whatever its other dims say:
+        // bound each dim (libtorch rejects > 2^62 with a C++ trace) and the element count.
+        let shape: Vec<i64> = view
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d).ok().filter(|&d| d < 1 << 40))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ck_err(path, format!("{name}: shape {:?} is absurd", view.shape())))?;
         out.push((name, Tensor::f_from_data_size(view.data(), &shape, kind)?));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));

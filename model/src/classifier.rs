@@ -86,9 +86,10 @@ impl ClassifierConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.encoder.validate()?;
-        if self.num_classes <= 0 {
+        // Bounded so that the head's allocation cannot fail inside libtorch (a panic there).
+        if self.num_classes <= 0 || self.num_classes > 1 << 21 {
             return Err(ModelError::Config(format!(
-                "num_classes must be positive, got {}",
+                "num_classes must be in 1..=2097152, got {}",
                 self.num_classes
             )));
         }

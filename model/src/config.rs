@@ -173,6 +173,23 @@ impl VitConfig {
         if self.in_chans <= 0 || self.depth < 0 {
             return err(format!("in_chans {} / depth {}", self.in_chans, self.depth));
         }
+        // Far beyond any ViT (huge is 1280-d x 32 blocks at 224 px), and small enough that
+        // building the model cannot ask libtorch for an allocation it refuses (tch panics).
+        for (what, v, max) in [
+            ("img_size", self.img_size, 1 << 14),
+            ("in_chans", self.in_chans, 64),
+            ("depth", self.depth, 1024),
+            ("embed_dim", self.embed_dim, 1 << 14),
+            (
+                "mlp hidden width (embed_dim x mlp_ratio)",
+                self.mlp_hidden(),
+                1 << 16,
+            ),
+        ] {
+            if v > max {
+                return err(format!("{what} {v} is beyond {max}"));
+            }
+        }
         check_heads("encoder", self.embed_dim, self.num_heads)?;
         if self.embed_dim % 4 != 0 {
             return err(format!(
@@ -386,6 +403,15 @@ impl DropPosConfig {
         self.encoder.validate()?;
         let d = &self.decoder;
         check_heads("decoder", d.embed_dim, d.num_heads)?;
+        if d.embed_dim > 1 << 14
+            || d.depth > 1024
+            || mlp_hidden(d.embed_dim, self.encoder.mlp_ratio) > 1 << 16
+        {
+            return Err(ModelError::Config(format!(
+                "decoder width {} / depth {} beyond 16384 / 1024 (or its MLP beyond 65536 wide)",
+                d.embed_dim, d.depth
+            )));
+        }
         if d.depth < 0 || (self.multi_task && d.embed_dim % 4 != 0) {
             return Err(ModelError::Config(format!(
                 "decoder depth {} / width {} (multi_task needs a width divisible by 4)",
@@ -430,5 +456,42 @@ impl DropPosConfig {
             return Err(ModelError::Config("pos_weight must be finite".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sizes no ViT has, which libtorch would refuse to allocate inside tch's panicking
+    /// constructors, are configuration errors.
+    #[test]
+    fn absurd_sizes_are_refused() {
+        let base = VitConfig::from_name("vit_tiny_patch16_224").unwrap();
+        base.validate().unwrap();
+        let wide = VitConfig {
+            embed_dim: 1_000_000_000,
+            num_heads: 1,
+            ..base.clone()
+        };
+        assert!(wide
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("embed_dim"));
+        let mlp = VitConfig {
+            mlp_ratio: 1e12,
+            ..base.clone()
+        };
+        assert!(mlp
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("mlp hidden"));
+        let big = VitConfig {
+            img_size: 1 << 20,
+            ..base
+        };
+        assert!(big.validate().unwrap_err().to_string().contains("img_size"));
     }
 }

@@ -28,6 +28,25 @@ impl<C: Subcommand> Cli<C> {
     }
 }
 
+/// The most threads a command-line or recipe count may ask for.
+pub const MAX_THREADS: usize = 1024;
+
+/// clap value parser of a thread count: 0..=[`MAX_THREADS`] (0 means the default where an
+/// option says so). A mistyped 100000 started that many threads and hung.
+pub fn thread_count(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if n > MAX_THREADS {
+        return Err(format!("at most {MAX_THREADS}"));
+    }
+    Ok(n)
+}
+
+/// [`thread_count`] as libtorch's `i32`.
+#[allow(dead_code)] // the torch binary's commands only; the launcher shares this module
+pub fn thread_count_i32(s: &str) -> Result<i32, String> {
+    thread_count(s).map(|n| n as i32)
+}
+
 /// The error `main` returns: printed as `Error: ...` with its causes, like anyhow's, but
 /// without the causes a message above already quotes (our typed errors put their source's text
 /// into their own message, so anyhow's list repeated each OS error once more).
@@ -61,10 +80,21 @@ impl std::fmt::Debug for Report {
     }
 }
 
+/// A libtorch error's message without the C++ stack trace it carries (`Exception raised
+/// from ...` and `frame #N: ...` lines), which says nothing to a user.
+fn without_cxx_trace(m: &str) -> String {
+    let cut = ["\nException raised from", "\nframe #0"]
+        .iter()
+        .filter_map(|p| m.find(p))
+        .min()
+        .unwrap_or(m.len());
+    m[..cut].trim_end().to_string()
+}
+
 /// The error's chain of messages, dropping each one an earlier message already contains.
 fn distinct_causes(e: &anyhow::Error) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for m in e.chain().map(|c| c.to_string()) {
+    for m in e.chain().map(|c| without_cxx_trace(&c.to_string())) {
         if !out.iter().any(|o| o.contains(&m)) {
             out.push(m);
         }
@@ -125,6 +155,13 @@ mod report_tests {
         assert_eq!(
             text,
             "verify /x failed\n\nCaused by:\n    /x/manifest.json: No such file"
+        );
+        let torch =
+            "Internal torch error: bad size\nException raised from f at x.cpp:1\nframe #0: g";
+        let e = anyhow::anyhow!("{torch}").context("reading w.safetensors");
+        assert_eq!(
+            shown(Report(e)),
+            "reading w.safetensors\n\nCaused by:\n    Internal torch error: bad size"
         );
         let e = anyhow::anyhow!("inner").context("middle").context("outer");
         assert_eq!(

@@ -293,6 +293,15 @@ impl Recipe {
                 bail!("{name} must be a finite number, got {v}");
             }
         }
+        // A mistyped count would start that many threads (100,000 hung the machine).
+        for (name, v) in [
+            ("runtime.threads", self.runtime.threads),
+            ("data.workers", self.data.workers),
+        ] {
+            if v > crate::cli::MAX_THREADS as u64 {
+                bail!("{name} {v} is beyond {}", crate::cli::MAX_THREADS);
+            }
+        }
         let m = &self.model;
         for (name, v) in [
             ("model.img_size", m.img_size),

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{bin, data_root, run_ok};
+use common::{bin, data_root, fails_with, run_ok};
 
 fn shard_all(tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let d = data_root();
@@ -379,5 +379,32 @@ fn bench_store_floor_reports_the_sum_of_read_write_and_hash() {
         std::fs::read_dir(tmp.path()).unwrap().count(),
         0,
         "scratch file left"
+    );
+}
+
+/// Thread counts far beyond any machine are refused by the parser (100,000 started that many
+/// threads and hung), in the data commands and the torch binary's alike.
+#[test]
+fn absurd_thread_counts_are_refused() {
+    let d = data_root();
+    fails_with(
+        bin()
+            .args(["shard", "imagenet", "--threads", "100000", "--root"])
+            .arg(d.join("imagenet/train"))
+            .args(["--out", "/nonexistent/never-written"]),
+        "at most 1024",
+    );
+    fails_with(
+        bin().args([
+            "eval",
+            "knn",
+            "--loader-threads",
+            "100000",
+            "--model",
+            "m.onnx",
+            "--train",
+            "t",
+        ]),
+        "at most 1024",
     );
 }

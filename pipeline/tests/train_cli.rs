@@ -127,6 +127,21 @@ fn resumed_training_equals_uninterrupted_training() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--resume"), "{err}");
+
+    // A checkpoint whose step disagrees with its epoch and position (an edited state.json; a
+    // step of u64::MAX wrapped to 0 and the run lost its newest checkpoints) is refused.
+    let newest = checkpoints(&split).pop().unwrap().join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&newest).unwrap()).unwrap();
+    state["step"] = u64::MAX.into();
+    std::fs::write(&newest, serde_json::to_vec(&state).unwrap()).unwrap();
+    let out = train_cmd(&data, &split, &["train.epochs=3"])
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("position is inconsistent"), "{err}");
 }
 
 #[cfg(unix)]

@@ -162,10 +162,15 @@ impl Manifest {
         let text = std::fs::read_to_string(&file).map_err(|e| ShardError::io(&file, e))?;
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ShardError::manifest(&file, e.to_string()))?;
-        let found = value
-            .get("format_version")
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| ShardError::manifest(&file, "missing format_version"))?;
+        let found = match value.get("format_version") {
+            None => return Err(ShardError::manifest(&file, "missing format_version")),
+            Some(v) => v.as_u64().filter(|&v| v >= 1).ok_or_else(|| {
+                ShardError::manifest(
+                    &file,
+                    format!("format_version {v} is not a version (1, 2, ...)"),
+                )
+            })?,
+        };
         if found > FORMAT_VERSION as u64 {
             return Err(ShardError::FormatVersion {
                 path: file,
@@ -190,7 +195,15 @@ impl Manifest {
                 ));
             }
         }
-        let rows: u64 = m.shards.iter().map(|s| s.rows).sum();
+        if m.patch_size == 0 {
+            return Err(ShardError::manifest(&file, "patch_size is 0"));
+        }
+        // Checked: row counts near u64::MAX would wrap into a plausible total.
+        let rows = m
+            .shards
+            .iter()
+            .try_fold(0u64, |t, s| t.checked_add(s.rows))
+            .ok_or_else(|| ShardError::manifest(&file, "the shards' row counts overflow"))?;
         if rows != m.num_rows {
             return Err(ShardError::manifest(
                 &file,

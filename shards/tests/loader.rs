@@ -1058,3 +1058,38 @@ fn eval_crop_of_a_panorama_matches_the_whole_resize() {
         assert_eq!(mo, want_mask, "flip {flip}");
     }
 }
+
+/// Sizes whose buffers could not be allocated, and thread or queue counts far beyond a machine,
+/// are configuration errors (they aborted the process or started 100,000 threads).
+#[test]
+fn absurd_sizes_and_counts_are_configuration_errors() {
+    let (_tmp, set) = dataset(4, None);
+    let huge_batch = LoaderConfig {
+        batch_size: 1_000_000_000_000,
+        ..small_cfg()
+    };
+    let huge_size = LoaderConfig {
+        size: 100_000,
+        ..small_cfg()
+    };
+    let many_threads = LoaderConfig {
+        threads: 100_000,
+        ..small_cfg()
+    };
+    let deep_queue = LoaderConfig {
+        prefetch: 1_000_000_000_000,
+        ..small_cfg()
+    };
+    for (cfg, needle) in [
+        (huge_batch, "GB"),
+        (huge_size, "GB"),
+        (many_threads, "at most 1024"),
+        (deep_queue, "at most 1024"),
+    ] {
+        let e = Loader::new(set.clone(), cfg).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(e, LoaderError::Config(_)) && e.to_string().contains(needle),
+            "{e}"
+        );
+    }
+}

@@ -867,3 +867,36 @@ fn merge_checks_shards_in_a_shared_folder() {
     assert!(e.contains("shard-000001"), "{e}");
     assert!(!out.join("manifest.json").exists());
 }
+
+/// Manifest fields that would crash or mislead a reader are refused when it is loaded: a
+/// patch size of 0 (a division by zero in `verify --decode`), row counts that overflow into a
+/// plausible total, a format_version of 0 or of another type.
+#[test]
+fn manifests_with_impossible_numbers_are_refused() {
+    use droppos_shards::manifest::Manifest;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    write(&imagenet_train(), &out, |_| {});
+    let path = out.join(droppos_shards::MANIFEST_FILE);
+    let original: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    type Change = fn(&mut serde_json::Value);
+    let cases: [(&str, Change); 4] = [
+        ("patch_size is 0", |m| m["patch_size"] = 0.into()),
+        ("overflow", |m| {
+            let mut extra = m["shards"][0].clone();
+            extra["file"] = "shard-000009.parquet".into();
+            extra["rows"] = u64::MAX.into();
+            m["shards"].as_array_mut().unwrap().push(extra);
+        }),
+        ("format_version 0", |m| m["format_version"] = 0.into()),
+        ("format_version \"1\"", |m| m["format_version"] = "1".into()),
+    ];
+    for (needle, change) in cases {
+        let mut m = original.clone();
+        change(&mut m);
+        std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        let e = Manifest::load(&out).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+}

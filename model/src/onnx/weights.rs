@@ -85,7 +85,9 @@ impl Weights {
 
     /// Every tensor of a safetensors file (any float dtype, converted to fp32).
     pub fn load_safetensors(path: &Path) -> Result<Self, OnnxError> {
-        let named = Tensor::read_safetensors(path)
+        // The checkpoint reader bounds shapes (a zero-sized tensor with absurd dims reached
+        // libtorch, whose refusal carried a C++ stack trace).
+        let (named, _) = crate::checkpoint::load(path)
             .map_err(|e| OnnxError::Tch(format!("reading {}: {e}", path.display())))?;
         Self::from_named_tensors(named.iter().map(|(n, t)| (n.clone(), t)))
     }

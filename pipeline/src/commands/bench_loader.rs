@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     /// Decode threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::thread_count)]
     threads: Option<usize>,
     /// Output side S.
     #[arg(long, default_value_t = 224)]

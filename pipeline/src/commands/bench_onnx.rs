@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     pub batch: i64,
     /// Threads for both engines (ONNX Runtime intra-op, libtorch intra-op).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::cli::thread_count)]
     pub threads: usize,
     /// Timed batches per engine (the median is reported), after one warm-up batch.
     #[arg(long, default_value_t = 5)]

@@ -45,10 +45,10 @@ pub struct Common {
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// ONNX Runtime intra-op threads (0: ONNX Runtime's choice).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::cli::thread_count)]
     pub threads: usize,
     /// Loader decode threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::cli::thread_count)]
     pub loader_threads: usize,
     /// Use at most this many images of each shard set (manifest order).
     #[arg(long)]
@@ -345,8 +345,12 @@ fn run_knn(a: KnnArgs) -> Result<()> {
             x: &q.cls,
             labels: y,
         });
-    // The label space is the manifests' class list, or what the labels reach beyond it.
-    let classes = eval::num_classes(&ytr, yq.as_deref().unwrap_or(&[])).max(listed);
+    // The label space is the manifests' class list.
+    let classes = eval::label_space(
+        listed,
+        eval::num_classes(&ytr, yq.as_deref().unwrap_or(&[])),
+        "the labels",
+    )?;
     let r = knn::knn_classify(bank, q, train.dim, classes, &cfg);
     let summary = format!(
         "knn (k={}, T={}{}): top-1 {:.4}  top-5 {:.4}  ({} queries, {} in the memory bank)",
@@ -374,11 +378,14 @@ fn run_linear(a: LinearArgs) -> Result<()> {
     let train = eval::extract_features(&mut model, &a.sets.train, &feed, Need::ClassLabels)?;
     let val = eval::extract_features(&mut model, &a.sets.val, &feed, Need::ClassLabels)?;
     // A head over the manifests' whole class list (as the MAE protocol's 1000-way probe).
-    let classes = eval::num_classes(
-        &eval::class_indices(&train.labels),
-        &eval::class_indices(&val.labels),
-    )
-    .max(listed);
+    let classes = eval::label_space(
+        listed,
+        eval::num_classes(
+            &eval::class_indices(&train.labels),
+            &eval::class_indices(&val.labels),
+        ),
+        "the labels",
+    )?;
     let r = linear::linear_probe(
         &train.cls,
         &train.labels,
@@ -455,18 +462,22 @@ fn run_dense(a: DenseArgs) -> Result<()> {
     let train = eval::extract_features(&mut model, &a.sets.train, &feed, Need::PatchLabels)?;
     let val = eval::extract_features(&mut model, &a.sets.val, &feed, Need::PatchLabels)?;
     let keep = |l: i32| l >= 0 && !a.ignore_label.contains(&l);
-    let classes = train
+    let max_kept = train
         .patch_labels
         .iter()
         .chain(&val.patch_labels)
         .copied()
         .filter(|&l| keep(l))
-        .max()
-        // Patch labels are class index + 1 (0 = background / other).
-        .map_or(0, |m| (m as usize + 1).max(listed + 1));
-    if classes == 0 {
+        .max();
+    let Some(max_kept) = max_kept else {
         bail!("every patch label is ignored or missing");
-    }
+    };
+    // Patch labels are class index + 1 (0 = background / other): listed + 1 values.
+    let classes = eval::label_space(
+        if listed > 0 { listed + 1 } else { 0 },
+        max_kept as usize + 1,
+        "the patch labels",
+    )?;
     let idx =
         eval::dense::sample_indices(&train.patch_labels, keep, a.max_train_patches, a.probe.seed);
     let (xtr, ytr) = eval::dense::gather(&train, &idx);

@@ -123,10 +123,10 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// libtorch intra-op threads (0: libtorch's default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::cli::thread_count_i32)]
     pub threads: i32,
     /// Loader decode threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::cli::thread_count)]
     pub workers: usize,
     /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
     #[arg(long, default_value = "auto")]

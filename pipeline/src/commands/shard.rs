@@ -122,7 +122,7 @@ struct Common {
     #[arg(long)]
     no_shuffle: bool,
     /// Worker threads (default: all cores). The output bytes do not depend on it.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::thread_count)]
     threads: Option<usize>,
     /// Split the work over N machines/processes (each writes a disjoint set of shards).
     #[arg(long, default_value_t = 1)]

@@ -146,6 +146,32 @@ pub fn num_classes(a: &[usize], b: &[usize]) -> usize {
     a.iter().chain(b).max().map_or(0, |m| m + 1)
 }
 
+/// Most classes a label space may have when the manifests list none (the scores allocate per
+/// class, the dense confusion matrix per class pair).
+const MAX_UNLISTED_CLASSES: usize = 1 << 16;
+
+/// The label space of an evaluation: the manifests' class list (`listed`), which every label
+/// (`needed` = the largest + 1) must fall in; without a list, what the labels reach, bounded. A
+/// label beyond the list is a shard that does not match its manifest (it would also size the
+/// scores' buffers: 2^31 asked for tens of GB).
+pub fn label_space(listed: usize, needed: usize, what: &str) -> Result<usize> {
+    if listed > 0 && needed > listed {
+        bail!(
+            "{what} reach class {} but the manifests list {listed} classes; the shards do not \
+             match their manifest (`verify --decode` names the rows)",
+            needed - 1
+        );
+    }
+    if listed == 0 && needed > MAX_UNLISTED_CLASSES {
+        bail!(
+            "{what} reach class {} and the manifests list no classes; refusing a label space \
+             beyond {MAX_UNLISTED_CLASSES}",
+            needed - 1
+        );
+    }
+    Ok(listed.max(needed))
+}
+
 pub fn progress_bar(len: u64, what: &str, enabled: bool) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
@@ -355,4 +381,22 @@ pub fn extract_features(
         Ok(())
     })?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Labels beyond the manifests' class list are an error, not a label space sized by them
+    /// (2^31 asked for tens of GB); without a list the labels decide, bounded.
+    #[test]
+    fn label_space_is_the_class_list() {
+        assert_eq!(label_space(1000, 5, "labels").unwrap(), 1000);
+        assert!(label_space(1000, 1001, "labels")
+            .unwrap_err()
+            .to_string()
+            .contains("reach class 1000 but the manifests list 1000"));
+        assert_eq!(label_space(0, 7, "labels").unwrap(), 7);
+        assert!(label_space(0, 1 << 31, "labels").is_err());
+    }
 }

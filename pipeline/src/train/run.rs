@@ -168,6 +168,26 @@ pub fn train(
             state.epoch
         );
     }
+    // The position must be one this data and batch plan produce: an edited or corrupted
+    // state.json (a step of u64::MAX wrapped to 0 and lost the run's newest checkpoints).
+    let expected_step = state
+        .epoch
+        .checked_mul(ep.steps)
+        .and_then(|s| s.checked_add(state.samples_in_epoch / samples_per_step));
+    if ctx.resume.is_some()
+        && (state.samples_in_epoch / samples_per_step > ep.steps
+            || expected_step != Some(state.step))
+    {
+        bail!(
+            "the checkpoint's position is inconsistent: step {} at epoch {} + {} samples, while \
+             this data gives {} steps of {samples_per_step} samples per epoch; was its state.json \
+             edited?",
+            state.step,
+            state.epoch,
+            state.samples_in_epoch,
+            ep.steps
+        );
+    }
     // Undecodable samples skipped since the last metrics line (all ranks).
     let mut skipped_since_line = 0u64;
     let mut metrics = if writer {

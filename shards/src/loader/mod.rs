@@ -160,6 +160,24 @@ impl LoaderConfig {
                 "batch size and image size must be positive".into(),
             ));
         }
+        // What one batch buffer takes (f32 is the larger format): refused beyond 64 GiB, and
+        // the counts of queued batches and threads bounded, so that a mistyped number is an
+        // error here rather than an aborted allocation or 100,000 threads later.
+        let batch_bytes = (self.batch_size as u128) * 3 * (self.size as u128).pow(2) * 4;
+        if self.size > 1 << 14 || batch_bytes > 1 << 36 {
+            return Err(LoaderError::Config(format!(
+                "a batch of {} images at {} px needs {:.1} GB; lower the batch size or image size",
+                self.batch_size,
+                self.size,
+                batch_bytes as f64 / 1e9
+            )));
+        }
+        if self.prefetch > 1024 || self.threads > 1024 {
+            return Err(LoaderError::Config(format!(
+                "prefetch {} / threads {}: at most 1024 each",
+                self.prefetch, self.threads
+            )));
+        }
         if self.world == 0 || self.rank >= self.world {
             return Err(LoaderError::Config(format!(
                 "rank {} out of world size {}",
