@@ -372,6 +372,14 @@ impl Recipe {
         if d.sigma < 0.0 {
             bail!("droppos.sigma must be >= 0, got {}", d.sigma);
         }
+        // exp(-d²/σ²) of a tiny σ is 0/0 on the map's diagonal: NaN targets, whose NaN loss
+        // would then be blamed on the learning rate.
+        if d.sigma > 0.0 && d.sigma < 1e-3 {
+            bail!(
+                "droppos.sigma {} is too small to smooth anything; use 0 for no smoothing",
+                d.sigma
+            );
+        }
         let o = &self.optim;
         if o.blr <= 0.0 || o.min_lr < 0.0 || o.weight_decay < 0.0 || o.clip_grad < 0.0 {
             bail!("optim: blr must be > 0 and min_lr, weight_decay, clip_grad >= 0");
@@ -720,6 +728,8 @@ mod tests {
                 "{set}: {e}"
             );
         }
+        let e = err(&["droppos.sigma=1e-300"]);
+        assert!(e.contains("use 0 for no smoothing"), "{e}");
         for eps in ["optim.eps=0", "optim.eps=-1"] {
             let e = err(&[eps]);
             assert!(e.contains("optim.eps must be > 0"), "{eps}: {e}");

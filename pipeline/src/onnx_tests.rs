@@ -450,6 +450,13 @@ fn export_command_reads_checkpoints() {
     export::run(export_args(&ckpt, What::Encoder, &out, 3, 20)).unwrap();
     assert!(out.is_file());
     assert!(!dir.path().join("sub/enc.onnx.data").exists());
+    // A checkpoint holding a NaN is refused, naming the tensor.
+    let mut named = named;
+    named[0].1 = named[0].1.fill(f64::NAN);
+    let bad = dir.path().join("nan.safetensors");
+    tch::Tensor::write_safetensors(&named, &bad).unwrap();
+    let err = export::load_checkpoint(&bad).map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("non-finite"), "{err}");
 }
 
 /// timm classifiers (class-token pooling after `norm`; mean pooling + `fc_norm` without `norm`)

@@ -220,6 +220,11 @@ pub fn load_checkpoint(path: &Path) -> Result<(Weights, ArchHints)> {
     let mut weights = Weights::new();
     for name in raw.names() {
         let t = raw.get(name)?.clone();
+        // A NaN/inf weight (a diverged run saved by another tool) would export a model whose
+        // every output is NaN, and the evaluations would score it as chance.
+        if let Some(v) = t.data.iter().find(|v| !v.is_finite()) {
+            bail!("{}: {name} holds a non-finite value ({v})", path.display());
+        }
         weights.insert(name.strip_prefix("module.").unwrap_or(name), t);
     }
     onnx::check_supported(&weights).with_context(ctx)?;
