@@ -128,6 +128,14 @@ fn resumed_training_equals_uninterrupted_training() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--resume"), "{err}");
 
+    // A wrong --data fails before the run folder is made.
+    let nowhere = tmp.path().join("never-made");
+    let out = train_cmd(&tmp.path().join("no-data"), &nowhere, &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!nowhere.exists());
+
     // A checkpoint whose step disagrees with its epoch and position (an edited state.json; a
     // step of u64::MAX wrapped to 0 and the run lost its newest checkpoints) is refused.
     let newest = checkpoints(&split).pop().unwrap().join("state.json");

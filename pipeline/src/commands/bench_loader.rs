@@ -51,7 +51,9 @@ pub struct Args {
     /// Turn off DCT-domain downscaling of large crops.
     #[arg(long)]
     no_dct: bool,
-    /// Pillow's own resampling arithmetic (its exact bytes) instead of the 16-bit fast one.
+    /// Pillow's own resampling arithmetic (its exact bytes) instead of the 16-bit fast one
+    /// (evaluation crops of panoramas beyond ~12:1 are resized from their box: within a grey
+    /// level, not byte-exact).
     #[arg(long)]
     pillow_exact: bool,
     /// Skip the sha256 check of the shards (it reads each shard once more).

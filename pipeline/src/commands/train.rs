@@ -68,7 +68,6 @@ pub enum DistBackend {
 pub fn run(args: Args) -> Result<()> {
     let recipe = Recipe::load(&args.config, &args.set)?;
     let run_dir = &args.output;
-    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let has_checkpoints = !CheckpointStore::new(run_dir).list()?.is_empty();
     if has_checkpoints && !args.resume {
         bail!(
@@ -129,6 +128,8 @@ pub fn run(args: Args) -> Result<()> {
     let mut source = LoaderSource::open(&args.data, &recipe, placement.device, world)?;
     // Rank 0 writes the folder: it alone holds the lock, for the whole run.
     let _lock = if world.rank == 0 {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
         crate::train::run_lock::lock_run_dir(run_dir)?
     } else {
         None
