@@ -41,12 +41,6 @@ pub fn thread_count(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
-/// [`thread_count`] as libtorch's `i32`.
-#[allow(dead_code)] // the torch binary's commands only; the launcher shares this module
-pub fn thread_count_i32(s: &str) -> Result<i32, String> {
-    thread_count(s).map(|n| n as i32)
-}
-
 /// The error `main` returns: printed as `Error: ...` with its causes, like anyhow's, but
 /// without the causes a message above already quotes (our typed errors put their source's text
 /// into their own message, so anyhow's list repeated each OS error once more).

@@ -123,8 +123,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// libtorch intra-op threads (0: libtorch's default).
-    #[arg(long, default_value_t = 0, value_parser = crate::cli::thread_count_i32)]
-    pub threads: i32,
+    #[arg(long, default_value_t = 0, value_parser = crate::cli::thread_count)]
+    pub threads: usize,
     /// Loader decode threads.
     #[arg(long, default_value_t = 2, value_parser = crate::cli::thread_count)]
     pub workers: usize,
@@ -484,7 +484,7 @@ pub fn run(args: Args) -> Result<()> {
     let rt = crate::config::RuntimeConfig {
         device: args.device.clone(),
         precision: args.precision.clone(),
-        threads: args.threads.max(0) as u64,
+        threads: args.threads as u64,
         ..crate::config::RuntimeConfig::default()
     };
     let placement = crate::train::device::Placement::resolve(&rt, 0)?;

@@ -501,31 +501,20 @@ impl Worker {
                 ]
             }
         };
-        let (src, bx) = if d.denom == 1 {
-            // Pillow semantics: crop, then resize the crop.
+        // The box in the view's grid: Pillow semantics at full scale (crop, then resize the
+        // crop); in the DCT-scaled grid the resampler reads around it within the region.
+        let (src, f, x0, y0) = if d.denom == 1 {
             let sub = view.crop(cb.j - d.x0, cb.i - d.y0, cb.w, cb.h);
-            let (j, i) = (cb.j as f64, cb.i as f64);
-            let bx = src_box;
-            (
-                sub,
-                [
-                    (bx[0] - j) as f32,
-                    (bx[1] - i) as f32,
-                    (bx[2] - j) as f32,
-                    (bx[3] - i) as f32,
-                ],
-            )
+            (sub, 1.0, cb.j, cb.i)
         } else {
-            // The box in the scaled grid; the resampler reads around it within the region.
-            let f = d.denom as f64;
-            let bx = [
-                (src_box[0] / f - d.x0 as f64) as f32,
-                (src_box[1] / f - d.y0 as f64) as f32,
-                (src_box[2] / f - d.x0 as f64) as f32,
-                (src_box[3] / f - d.y0 as f64) as f32,
-            ];
-            (view, bx)
+            (view, d.denom as f64, d.x0, d.y0)
         };
+        let bx = [
+            (src_box[0] / f - x0 as f64) as f32,
+            (src_box[1] / f - y0 as f64) as f32,
+            (src_box[2] / f - x0 as f64) as f32,
+            (src_box[3] / f - y0 as f64) as f32,
+        ];
         resize_box(src, bx, ow, oh, opts, &mut self.resized, &mut self.scratch);
         // The final S×S pixels (interleaved, c channels).
         let fin: &mut Vec<u8> = if let Some(ec) = eval_crop.filter(|_| direct.is_none()) {
